@@ -1,0 +1,53 @@
+"""Provider status callbacks: verify the provider's signature, record, answer fast."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel
+
+from app.auth.dependencies import get_runtime
+from app.cascade import service
+from app.errors import PROBLEM_RESPONSES, MalformedBody, NotFound, Unauthorized
+from app.runtime import Runtime, utcnow
+from providers.base import InvalidSignature, MalformedCallback, ProviderCallback
+from providers.registry import UnknownProvider
+
+router = APIRouter(prefix="/v1/providers", tags=["providers"], responses=PROBLEM_RESPONSES)
+
+
+class CallbackReceipt(BaseModel):
+    received: int
+    applied: int
+
+
+@router.post(
+    "/{provider}/status",
+    summary="Delivery-status callback from a provider (signed with the provider's own scheme)",
+)
+async def provider_status(
+    provider: str, request: Request, runtime: Runtime = Depends(get_runtime)
+) -> CallbackReceipt:
+    try:
+        adapter = runtime.providers.for_callbacks(provider)
+    except UnknownProvider:
+        raise NotFound(f"no provider {provider!r}") from None
+    query = f"?{request.url.query}" if request.url.query else ""
+    callback = ProviderCallback(
+        method=request.method,
+        # Signatures cover the URL the provider called: our public URL, not the socket's.
+        url=f"{runtime.settings.callback_base}{request.url.path}{query}",
+        headers=dict(request.headers),
+        body=await request.body(),
+        query=dict(request.query_params),
+    )
+    try:
+        updates = await adapter.parse_status(callback)
+    except InvalidSignature as exc:
+        raise Unauthorized(f"provider signature rejected: {exc}") from None
+    except MalformedCallback as exc:
+        raise MalformedBody(str(exc)) from None
+    applied = 0
+    for update in updates:
+        async with runtime.transaction() as tx:
+            applied += await service.record_status(tx, adapter.name, update, utcnow())
+    return CallbackReceipt(received=len(updates), applied=applied)

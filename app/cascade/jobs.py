@@ -1,0 +1,63 @@
+"""The arq jobs that drive cascades. Each one is idempotent: running it twice sends once."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+
+from app.cascade import service
+from app.ids import from_public
+from app.runtime import Runtime, utcnow
+from providers.base import ProviderError, SendResult, TransientProviderError
+
+log = structlog.get_logger()
+
+
+def _runtime(ctx: dict[str, Any]) -> Runtime:
+    runtime: Runtime = ctx["runtime"]
+    return runtime
+
+
+async def send_step(ctx: dict[str, Any], message_id: str, step: int) -> None:
+    rt = _runtime(ctx)
+    uid = from_public("msg", message_id)
+    if uid is None:
+        return
+    async with rt.transaction() as tx:
+        plan = await service.begin_send(tx, rt.providers, rt.settings, uid, step, utcnow())
+    if plan is None:
+        return
+    structlog.contextvars.bind_contextvars(
+        message_id=message_id, attempt=plan.outbound.attempt_id, provider=plan.provider.name
+    )
+    result: SendResult | TransientProviderError
+    try:
+        result = await plan.provider.send(plan.outbound)
+    except TransientProviderError as exc:
+        result = exc
+    except (ProviderError, OSError, TimeoutError) as exc:
+        # An adapter that failed in an unclassified way: treat as transient, retry in window.
+        log.warning("provider_send_error", error=repr(exc))
+        result = TransientProviderError("provider_error", repr(exc)[:200])
+    async with rt.transaction() as tx:
+        await service.record_send_result(tx, rt.settings, plan, result, utcnow())
+    log.info("step_sent", step=step, result=type(result).__name__)
+    structlog.contextvars.unbind_contextvars("message_id", "attempt", "provider")
+
+
+async def step_deadline(ctx: dict[str, Any], message_id: str, step: int) -> None:
+    rt = _runtime(ctx)
+    uid = from_public("msg", message_id)
+    if uid is None:
+        return
+    async with rt.transaction() as tx:
+        await service.expire_step(tx, uid, step, utcnow())
+
+
+async def sweep(ctx: dict[str, Any]) -> None:
+    rt = _runtime(ctx)
+    async with rt.transaction() as tx:
+        result = await service.sweep(tx, utcnow(), rt.settings.sweep_grace)
+    if result.steps or result.deadlines:
+        log.info("swept", steps=result.steps, deadlines=result.deadlines)

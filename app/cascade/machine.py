@@ -1,0 +1,171 @@
+"""The cascade state machine: pure decisions, no I/O.
+
+Given where a message and one of its attempts stand, and a signal about that attempt,
+`decide` says what the attempt and the message become and whether the next step starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class MessageStatus(StrEnum):
+    ACCEPTED = "accepted"
+    QUEUED = "queued"
+    SENDING = "sending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+    EXPIRED = "expired"
+    CANCELLED = "cancelled"
+    SUPPRESSED = "suppressed"
+
+
+class AttemptStatus(StrEnum):
+    PENDING = "pending"
+    SENDING = "sending"
+    SENT = "sent"
+    DELIVERED = "delivered"
+    READ = "read"
+    FAILED = "failed"
+    REJECTED = "rejected"
+    EXPIRED = "expired"
+
+
+class SuccessOn(StrEnum):
+    ACCEPTED = "accepted"
+    DELIVERED = "delivered"
+    READ = "read"
+
+
+class Signal(StrEnum):
+    ACCEPTED = "accepted"  # the provider took the send
+    REJECTED = "rejected"  # the provider refused it for good
+    SENT = "sent"  # receipt: handed on by the provider
+    DELIVERED = "delivered"  # receipt: on the device / in the mailbox
+    READ = "read"
+    FAILED = "failed"  # receipt: failed / undelivered / bounced
+    TIMEOUT = "timeout"  # no success before the step's deadline
+    RETRIES_EXHAUSTED = "retries_exhausted"  # transient errors until the window closed
+
+
+FINAL_MESSAGE = frozenset(
+    {
+        MessageStatus.DELIVERED,
+        MessageStatus.FAILED,
+        MessageStatus.EXPIRED,
+        MessageStatus.CANCELLED,
+        MessageStatus.SUPPRESSED,
+    }
+)
+UNSUCCESSFUL_ATTEMPT = frozenset(
+    {AttemptStatus.FAILED, AttemptStatus.REJECTED, AttemptStatus.EXPIRED}
+)
+OPEN_ATTEMPT = frozenset({AttemptStatus.PENDING, AttemptStatus.SENDING, AttemptStatus.SENT})
+
+_PROGRESS = {
+    AttemptStatus.PENDING: 0,
+    AttemptStatus.SENDING: 1,
+    AttemptStatus.SENT: 2,
+    AttemptStatus.DELIVERED: 3,
+    AttemptStatus.READ: 4,
+}
+_SUCCESS_THRESHOLD = {SuccessOn.ACCEPTED: 2, SuccessOn.DELIVERED: 3, SuccessOn.READ: 4}
+_POSITIVE = {
+    Signal.ACCEPTED: AttemptStatus.SENT,
+    Signal.SENT: AttemptStatus.SENT,
+    Signal.DELIVERED: AttemptStatus.DELIVERED,
+    Signal.READ: AttemptStatus.READ,
+}
+_NEGATIVE = {
+    Signal.REJECTED: AttemptStatus.REJECTED,
+    Signal.FAILED: AttemptStatus.FAILED,
+    Signal.TIMEOUT: AttemptStatus.EXPIRED,
+    Signal.RETRIES_EXHAUSTED: AttemptStatus.FAILED,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class StepView:
+    message_status: MessageStatus
+    current_step: int
+    step_count: int
+    step: int
+    attempt_status: AttemptStatus
+    success_on: SuccessOn
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    attempt_status: AttemptStatus
+    message_status: MessageStatus
+    delivered_step: int | None = None
+    next_step: int | None = None
+
+    def changes(self, view: StepView) -> bool:
+        return (
+            self.attempt_status != view.attempt_status
+            or self.message_status != view.message_status
+            or self.next_step is not None
+        )
+
+
+def is_success(status: AttemptStatus, success_on: SuccessOn) -> bool:
+    return _PROGRESS.get(status, -1) >= _SUCCESS_THRESHOLD[success_on]
+
+
+def next_attempt_status(current: AttemptStatus, signal: Signal) -> AttemptStatus:
+    """Attempt statuses only move forward; a failure never overwrites a delivery."""
+    if signal in _POSITIVE:
+        target = _POSITIVE[signal]
+        if current in UNSUCCESSFUL_ATTEMPT:
+            # A late receipt after the step was given up: only real deliveries count.
+            return target if signal in (Signal.DELIVERED, Signal.READ) else current
+        return target if _PROGRESS[target] > _PROGRESS[current] else current
+    if current in OPEN_ATTEMPT:
+        return _NEGATIVE[signal]
+    return current
+
+
+def decide(view: StepView, signal: Signal) -> Decision:
+    attempt = next_attempt_status(view.attempt_status, signal)
+    if (
+        signal is Signal.TIMEOUT
+        and view.attempt_status in (AttemptStatus.DELIVERED,)
+        and not (is_success(view.attempt_status, view.success_on))
+    ):
+        # Delivered but the step wanted `read`: the window closed without it.
+        attempt = AttemptStatus.EXPIRED
+    message = view.message_status
+
+    newly_successful = is_success(attempt, view.success_on) and not is_success(
+        view.attempt_status, view.success_on
+    )
+    if newly_successful and message not in (
+        MessageStatus.DELIVERED,
+        MessageStatus.CANCELLED,
+        MessageStatus.SUPPRESSED,
+    ):
+        return Decision(attempt, MessageStatus.DELIVERED, delivered_step=view.step)
+
+    newly_unsuccessful = (
+        attempt in UNSUCCESSFUL_ATTEMPT and view.attempt_status not in UNSUCCESSFUL_ATTEMPT
+    )
+    if newly_unsuccessful and view.step == view.current_step and message not in FINAL_MESSAGE:
+        if view.step + 1 < view.step_count:
+            return Decision(attempt, MessageStatus.SENDING, next_step=view.step + 1)
+        return Decision(attempt, MessageStatus.FAILED)
+    return Decision(attempt, message)
+
+
+def retry_delay(
+    tries: int, retry_after: float | None, base: float, cap: float, jitter: float
+) -> float:
+    """Exponential backoff for transient provider errors; the provider's Retry-After wins.
+
+    `jitter` in [0, 1) is supplied by the caller so the function stays deterministic.
+    """
+    if retry_after is not None:
+        return max(0.0, retry_after)
+    backoff: float = base * 2.0 ** max(0, tries - 1)
+    return min(cap, backoff) * (0.5 + jitter / 2)

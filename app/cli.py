@@ -1,0 +1,248 @@
+"""The `cascade` command: run the service, manage keys, inspect the spec."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.panel import Panel
+
+from app import embedded, migrate
+from app.auth.service import ALL_SCOPES, Scope, ensure_tenant, issue_key, key_exists
+from app.db import create_engine
+from app.logs import configure_logging
+from app.runtime import Runtime, utcnow
+from app.settings import Settings
+
+cli = typer.Typer(help="Cascade: message delivery with channel cascades.", no_args_is_help=True)
+keys_cli = typer.Typer(help="API keys.", no_args_is_help=True)
+cli.add_typer(keys_cli, name="keys")
+console = Console()
+
+ROOT = Path(__file__).resolve().parent.parent
+SPEC_PATH = ROOT / "openapi" / "openapi.json"
+
+
+def _resolved(settings: Settings) -> tuple[Settings, embedded.EmbeddedServers]:
+    servers = embedded.start_embedded(
+        settings.data_dir, database_url=settings.database_url, redis_url=settings.redis_url
+    )
+    return (
+        settings.model_copy(
+            update={"database_url": servers.database_url, "redis_url": servers.redis_url}
+        ),
+        servers,
+    )
+
+
+async def _ensure_key(settings: Settings, tenant: str, candidate: str | None) -> str:
+    """`candidate` if it is a known key, else a new key (adopting `candidate` when given)."""
+    engine = create_engine(settings.database_url or "", 1)
+    pepper = settings.api_key_pepper.get_secret_value()
+    try:
+        async with engine.begin() as conn:
+            tenant_id = await ensure_tenant(conn, tenant, utcnow())
+            if candidate and await key_exists(conn, pepper, candidate):
+                return candidate
+            issued = await issue_key(conn, pepper, tenant_id, "dev", utcnow(), key=candidate)
+    finally:
+        await engine.dispose()
+    return issued.key
+
+
+def _dev_key(settings: Settings, given: str | None, key_file: Path) -> str:
+    """The dev tenant's key: CASCADE_API_KEY, else the one kept under the data dir."""
+    stored = key_file.read_text().strip() if key_file.exists() else None
+    key = asyncio.run(_ensure_key(settings, "dev", given or stored))
+    if not given and key != stored:
+        key_file.write_text(key + "\n")
+        key_file.chmod(0o600)
+    return key
+
+
+@cli.command()
+def dev(
+    port: Annotated[int, typer.Option(help="API port.")] = 8000,
+    host: Annotated[str, typer.Option(help="API bind address.")] = "127.0.0.1",
+    data_dir: Annotated[Path, typer.Option(help="Embedded servers' data.")] = Path(".cascade"),
+) -> None:
+    """Everything on one machine: embedded Postgres + Redis, migrations, API, worker, sandbox."""
+    configure_logging()
+    public_url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    settings = Settings(data_dir=data_dir, public_url=public_url)
+    settings, servers = _resolved(settings)
+    assert settings.database_url and settings.redis_url
+    migrate.upgrade(settings.database_url)
+    key = _dev_key(settings, os.environ.get("CASCADE_API_KEY"), data_dir / "dev-api-key")
+    env = {
+        **os.environ,
+        "CASCADE_DATABASE_URL": settings.database_url,
+        "CASCADE_REDIS_URL": settings.redis_url,
+        "CASCADE_PUBLIC_URL": public_url,
+        "CASCADE_DATA_DIR": str(data_dir),
+    }
+    children = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "app.main:create_app",
+                "--factory",
+                "--host",
+                host,
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+                "--no-access-log",
+            ],
+            env=env,
+        ),
+        subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], env=env),
+    ]
+    console.print(
+        Panel.fit(
+            f"[bold]Cascade dev[/] is running on [cyan]{public_url}[/]\n\n"
+            f"API key:   [green]{key}[/]\n"
+            f"Postgres:  {settings.database_url}\nRedis:     {settings.redis_url}\n"
+            f"Providers: sandbox for push, messenger, sms, email\n\n"
+            f"Try a cascade that falls over from push to SMS:\n"
+            f"  curl -s {public_url}/v1/messages -H 'Authorization: Bearer {key}' \\\n"
+            f'    -H \'Content-Type: application/json\' -d \'{{"category": "transactional",\n'
+            f'    "to": {{"push_token": "device-silent", "phone": "+48600100200"}},\n'
+            f'    "content": {{"text": "Your code is 4711"}},\n'
+            f'    "cascade": [{{"channel": "push", "timeout": 3}}, {{"channel": "sms"}}]}}\'\n'
+            f"  curl -s {public_url}/v1/messages/<id> -H 'Authorization: Bearer {key}'\n\n"
+            f"Ctrl-C stops everything.",
+            title="cascade",
+        )
+    )
+    try:
+        while all(child.poll() is None for child in children):
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        for child in children:
+            try:
+                child.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        servers.stop()
+        console.print("stopped")
+
+
+@cli.command()
+def api(
+    port: Annotated[int, typer.Option()] = 8000,
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    workers: Annotated[int, typer.Option(help="API processes.")] = 1,
+) -> None:
+    """Run the HTTP API (uvicorn)."""
+    import uvicorn
+
+    uvicorn.run(
+        "app.main:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level="warning",
+        access_log=False,
+    )
+
+
+@cli.command()
+def worker() -> None:
+    """Run the arq workers (one per traffic category) and the sweeper."""
+    from app.worker import serve
+
+    configure_logging()
+    settings, servers = _resolved(Settings())
+    try:
+        asyncio.run(serve(lambda: Runtime.start(settings)))
+    finally:
+        servers.stop()
+
+
+@cli.command(name="migrate")
+def migrate_command() -> None:
+    """Apply database migrations."""
+    settings, servers = _resolved(Settings())
+    try:
+        migrate.upgrade(settings.database_url or "")
+    finally:
+        servers.stop()
+    console.print("migrated")
+
+
+@cli.command()
+def openapi(
+    check: Annotated[bool, typer.Option(help="Fail if the file differs.")] = False,
+) -> None:
+    """Write (or check) openapi/openapi.json from the app."""
+    from app.main import create_app
+
+    spec = json.dumps(create_app(Settings()).openapi(), indent=2, sort_keys=True) + "\n"
+    if check:
+        if not SPEC_PATH.exists() or SPEC_PATH.read_text() != spec:
+            console.print("openapi/openapi.json is out of date: run `cascade openapi`")
+            raise typer.Exit(1)
+        return
+    SPEC_PATH.parent.mkdir(exist_ok=True)
+    SPEC_PATH.write_text(spec)
+    console.print(f"wrote {SPEC_PATH}")
+
+
+@keys_cli.command("create")
+def keys_create(
+    tenant: Annotated[str, typer.Option(help="Tenant name (created if new).")],
+    name: Annotated[str, typer.Option(help="A label for the key.")] = "default",
+    scopes: Annotated[str, typer.Option(help="Comma-separated: send,read,admin.")] = "send,read",
+) -> None:
+    """Create an API key; it is shown once."""
+    settings, servers = _resolved(Settings())
+    wanted = frozenset(Scope(s.strip()) for s in scopes.split(",") if s.strip()) or ALL_SCOPES
+
+    async def create() -> str:
+        engine = create_engine(settings.database_url or "", 1)
+        try:
+            async with engine.begin() as conn:
+                tenant_id = await ensure_tenant(conn, tenant, utcnow())
+                issued = await issue_key(
+                    conn,
+                    settings.api_key_pepper.get_secret_value(),
+                    tenant_id,
+                    name,
+                    utcnow(),
+                    wanted,
+                )
+        finally:
+            await engine.dispose()
+        return issued.key
+
+    try:
+        console.print(asyncio.run(create()))
+    finally:
+        servers.stop()
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""The ledger schema as SQLAlchemy Core tables (the migrations are the source of truth)."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    ARRAY,
+    BigInteger,
+    Column,
+    DateTime,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    MetaData,
+    Table,
+    Text,
+    Uuid,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+
+metadata = MetaData()
+
+tenants = Table(
+    "tenants",
+    metadata,
+    Column("id", Uuid, primary_key=True),
+    Column("name", Text, nullable=False, unique=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", Uuid, primary_key=True),
+    Column("tenant_id", Uuid, ForeignKey("tenants.id"), nullable=False),
+    Column("name", Text, nullable=False),
+    Column("key_hash", LargeBinary, nullable=False, unique=True),
+    Column("key_prefix", Text, nullable=False),
+    Column("scopes", ARRAY(Text), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("revoked_at", DateTime(timezone=True)),
+)
+
+# LIST-partitioned by category: primary key (id, category).
+messages = Table(
+    "messages",
+    metadata,
+    Column("id", Uuid, primary_key=True),
+    Column("category", Text, primary_key=True),
+    Column("tenant_id", Uuid, nullable=False),
+    Column("status", Text, nullable=False),
+    Column("recipient", JSONB, nullable=False),
+    Column("content", JSONB, nullable=False),
+    Column("cascade", JSONB, nullable=False),
+    Column("metadata", JSONB, nullable=False),
+    Column("current_step", Integer, nullable=False),
+    Column("delivered_step", Integer),
+    Column("delivered_channel", Text),
+    Column("seq", Integer, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("completed_at", DateTime(timezone=True)),
+)
+
+attempts = Table(
+    "attempts",
+    metadata,
+    Column("id", Uuid, primary_key=True),
+    Column("message_id", Uuid, nullable=False),
+    Column("category", Text, nullable=False),
+    Column("step", Integer, nullable=False),
+    Column("channel", Text, nullable=False),
+    Column("provider", Text, nullable=False),
+    Column("status", Text, nullable=False),
+    Column("provider_message_id", Text),
+    Column("error_code", Text),
+    Column("error_detail", Text),
+    Column("tries", Integer, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("sent_at", DateTime(timezone=True)),
+    Column("completed_at", DateTime(timezone=True)),
+    Column("deadline_at", DateTime(timezone=True), nullable=False),
+)
+
+events = Table(
+    "events",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("message_id", Uuid, nullable=False),
+    Column("category", Text, nullable=False),
+    Column("tenant_id", Uuid, nullable=False),
+    Column("seq", Integer, nullable=False),
+    Column("attempt_id", Uuid),
+    Column("step", Integer),
+    Column("status", Text, nullable=False),
+    Column("source", Text, nullable=False),
+    Column("detail", JSONB),
+    Column("dedupe_key", Text, unique=True),
+    Column("at", DateTime(timezone=True), nullable=False),
+)
+
+idempotency_keys = Table(
+    "idempotency_keys",
+    metadata,
+    Column("tenant_id", Uuid, primary_key=True),
+    Column("key", Text, primary_key=True),
+    Column("request_hash", LargeBinary, nullable=False),
+    Column("message_id", Uuid, nullable=False),
+    Column("response", JSONB, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)

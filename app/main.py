@@ -1,0 +1,147 @@
+"""Builds the FastAPI app: routers, middleware, error mapping, lifespan."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app import embedded
+from app.cascade.endpoints import router as provider_router
+from app.errors import PayloadTooLarge, install_error_handlers, problem_response
+from app.logs import configure_logging
+from app.messages.endpoints import router as messages_router
+from app.runtime import Runtime
+from app.settings import Settings
+
+API_DESCRIPTION = """\
+One REST API to notify a customer through a **channel cascade** (push → messenger → SMS →
+email): the worker tries each step's provider in order and falls over to the next step when
+the provider refuses, reports failure, or sends no success receipt within the step's timeout.
+
+Errors are RFC 9457 `application/problem+json` with `type`, `title`, `status`, `detail`
+and `errors[]` (`path`, `message`, `type`).
+"""
+
+
+class BodySizeLimit:
+    """Refuses bodies over `limit` bytes with 413 before the app parses them."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await self._refuse(scope, receive, send)
+            return
+        if declared is not None:
+            await self.app(scope, receive, send)
+            return
+        # No length given (chunked): read it all, bounded, then replay it to the app.
+        chunks: list[bytes] = []
+        size = 0
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                await self._refuse(scope, receive, send)
+                return
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        error = PayloadTooLarge(f"bodies are limited to {self.limit} bytes")
+        await problem_response(error.problem())(scope, receive, send)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    configure_logging()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        servers = None
+        resolved = settings
+        if not settings.database_url or not settings.redis_url:
+            servers = embedded.start_embedded(
+                settings.data_dir,
+                database_url=settings.database_url,
+                redis_url=settings.redis_url,
+            )
+            resolved = settings.model_copy(
+                update={"database_url": servers.database_url, "redis_url": servers.redis_url}
+            )
+        runtime = await Runtime.start(resolved)
+        app.state.runtime = runtime
+        try:
+            yield
+        finally:
+            await runtime.close()
+            if servers is not None:
+                servers.stop()
+
+    app = FastAPI(
+        title="Cascade",
+        version="0.1.0",
+        description=API_DESCRIPTION,
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.include_router(messages_router)
+    app.include_router(provider_router)
+
+    @app.get("/healthz", tags=["health"], summary="The process is up")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get(
+        "/readyz",
+        tags=["health"],
+        summary="Postgres and Redis answer",
+        responses={503: {"description": "A dependency is down"}},
+    )
+    async def readyz() -> JSONResponse:
+        runtime: Runtime = app.state.runtime
+        checks: dict[str, Any] = {}
+        try:
+            async with runtime.engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+            checks["postgres"] = "ok"
+        except Exception as exc:  # readiness reports any failure, it never raises
+            checks["postgres"] = f"error: {type(exc).__name__}"
+        try:
+            await runtime.redis.ping()
+            checks["redis"] = "ok"
+        except Exception as exc:
+            checks["redis"] = f"error: {type(exc).__name__}"
+        ready = all(v == "ok" for v in checks.values())
+        return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+
+    app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
+    return app

@@ -1,0 +1,138 @@
+"""The API's message shapes (pydantic at the edge only)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+import phonenumbers
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    EmailStr,
+    Field,
+    StringConstraints,
+)
+
+from app.cascade.machine import AttemptStatus, MessageStatus, SuccessOn
+from providers.base import Category, Channel
+
+
+def _e164(value: str) -> str:
+    try:
+        number = phonenumbers.parse(value, None)
+    except phonenumbers.NumberParseException as exc:
+        raise ValueError(f"not an E.164 phone number: {exc}") from None
+    if not value.startswith("+") or not phonenumbers.is_valid_number(number):
+        raise ValueError("not a valid E.164 phone number (e.g. +48600100200)")
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+
+Phone = Annotated[str, StringConstraints(max_length=20), AfterValidator(_e164)]
+Token = Annotated[str, StringConstraints(min_length=1, max_length=4096, strip_whitespace=True)]
+ShortId = Annotated[str, StringConstraints(pattern=r"^-?[0-9A-Za-z_=+/.-]{1,64}$")]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RecipientIn(Strict):
+    push_token: Token | None = None
+    phone: Phone | None = None
+    email: EmailStr | None = None
+    whatsapp: Phone | None = None
+    telegram_chat_id: ShortId | None = None
+    viber_id: ShortId | None = None
+
+
+class ContentIn(Strict):
+    text: Annotated[str, StringConstraints(max_length=10_000)] | None = None
+    subject: Annotated[str, StringConstraints(max_length=500)] | None = None
+    html: Annotated[str, StringConstraints(max_length=100_000)] | None = None
+    title: Annotated[str, StringConstraints(max_length=500)] | None = None
+
+
+class CascadeStepIn(Strict):
+    channel: Channel
+    provider: Annotated[str, StringConstraints(pattern=r"^[a-z0-9_-]{1,40}$")] | None = None
+    timeout: Annotated[int, Field(ge=1, le=7 * 24 * 3600)] | None = Field(
+        default=None, description="Seconds to wait for success before falling over."
+    )
+    success_on: SuccessOn | None = Field(
+        default=None, description="What counts as success for this step (per-channel default)."
+    )
+
+
+MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+MetadataValue = Annotated[str, StringConstraints(max_length=512)]
+
+
+class SendMessageRequest(Strict):
+    category: Category
+    to: RecipientIn
+    content: ContentIn
+    cascade: Annotated[list[CascadeStepIn], Field(min_length=1, max_length=8)]
+    metadata: Annotated[dict[MetadataKey, MetadataValue], Field(max_length=32)] = {}
+
+
+class AcceptedMessage(BaseModel):
+    id: str = Field(examples=["msg_0193a5b2c3d47e8f9a0b1c2d3e4f5a6b"])
+    status: MessageStatus
+    category: Category
+    created_at: datetime
+
+
+class ErrorView(BaseModel):
+    code: str
+    detail: str | None = None
+
+
+class AttemptView(BaseModel):
+    id: str
+    step: int
+    channel: Channel
+    provider: str
+    status: AttemptStatus
+    provider_message_id: str | None
+    error: ErrorView | None
+    tries: int
+    created_at: datetime
+    sent_at: datetime | None
+    completed_at: datetime | None
+    deadline_at: datetime
+
+
+class EventView(BaseModel):
+    seq: int
+    at: datetime
+    status: str
+    source: str
+    attempt: str | None
+    step: int | None
+    detail: dict[str, Any] | None = None
+
+
+class CascadeStepView(BaseModel):
+    channel: Channel
+    provider: str
+    timeout: int
+    success_on: SuccessOn
+
+
+class MessageView(BaseModel):
+    id: str
+    category: Category
+    status: MessageStatus
+    delivered_channel: Channel | None
+    delivered_step: int | None
+    current_step: int
+    to: dict[str, str]
+    cascade: list[CascadeStepView]
+    metadata: dict[str, str]
+    created_at: datetime
+    updated_at: datetime
+    completed_at: datetime | None
+    attempts: list[AttemptView]
+    events: list[EventView]

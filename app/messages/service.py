@@ -1,0 +1,225 @@
+"""Accepting and looking up messages."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import orjson
+from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+from app.cascade.machine import MessageStatus, SuccessOn
+from app.db import Transaction
+from app.errors import Conflict, FieldError, InvalidRequest, NotFound
+from app.ids import from_public, new_id, to_public
+from app.ledger import repository as ledger
+from app.ledger.tables import idempotency_keys
+from app.messages.schemas import (
+    AcceptedMessage,
+    AttemptView,
+    CascadeStepView,
+    ErrorView,
+    EventView,
+    MessageView,
+    SendMessageRequest,
+)
+from app.queue import send_step_job
+from app.settings import Settings
+from providers.base import Channel, Recipient
+from providers.registry import ProviderRegistry, UnknownProvider
+
+DEFAULT_SUCCESS_ON = {
+    Channel.PUSH: SuccessOn.DELIVERED,
+    Channel.MESSENGER: SuccessOn.DELIVERED,
+    Channel.SMS: SuccessOn.DELIVERED,
+    Channel.EMAIL: SuccessOn.ACCEPTED,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Acceptance:
+    message: AcceptedMessage
+    replayed: bool
+
+
+def resolve_cascade(
+    request: SendMessageRequest, registry: ProviderRegistry, settings: Settings
+) -> list[dict[str, Any]]:
+    """Fill in providers, timeouts and success rules; every step must be sendable."""
+    to = Recipient(**request.to.model_dump())
+    content = request.content
+    steps: list[dict[str, Any]] = []
+    errors: list[FieldError] = []
+    for index, step in enumerate(request.cascade):
+        path = f"body.cascade[{index}]"
+        try:
+            provider = registry.get(step.channel, step.provider)
+        except UnknownProvider as exc:
+            errors.append(
+                FieldError(path=f"{path}.provider", message=str(exc), type="unknown_provider")
+            )
+            continue
+        if provider.address(to) is None:
+            errors.append(
+                FieldError(
+                    path=f"{path}.channel",
+                    message=f"`to` has no address for the {step.channel.value} channel"
+                    f" (provider {provider.name})",
+                    type="missing_address",
+                )
+            )
+        if not _has_body(step.channel, content.text, content.html, content.title):
+            errors.append(
+                FieldError(
+                    path="body.content",
+                    message=f"no content for the {step.channel.value} channel",
+                    type="missing_content",
+                )
+            )
+        steps.append(
+            {
+                "channel": step.channel.value,
+                "provider": provider.name,
+                "timeout": step.timeout or settings.default_timeouts[step.channel],
+                "success_on": (step.success_on or DEFAULT_SUCCESS_ON[step.channel]).value,
+            }
+        )
+    if errors:
+        raise InvalidRequest(detail="the cascade cannot be sent as given", errors=errors)
+    return steps
+
+
+def _has_body(channel: Channel, text: str | None, html: str | None, title: str | None) -> bool:
+    if channel is Channel.EMAIL:
+        return bool(text or html)
+    if channel is Channel.PUSH:
+        return bool(text or title)
+    return bool(text)
+
+
+def request_fingerprint(request: SendMessageRequest) -> bytes:
+    canonical = orjson.dumps(request.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(canonical).digest()
+
+
+async def accept_message(
+    tx: Transaction,
+    tenant_id: uuid.UUID,
+    request: SendMessageRequest,
+    idempotency_key: str | None,
+    registry: ProviderRegistry,
+    settings: Settings,
+    at: datetime,
+) -> Acceptance:
+    cascade = resolve_cascade(request, registry, settings)
+    message_id = new_id()
+    accepted = AcceptedMessage(
+        id=to_public("msg", message_id),
+        status=MessageStatus.ACCEPTED,
+        category=request.category,
+        created_at=at,
+    )
+    if idempotency_key is not None:
+        fingerprint = request_fingerprint(request)
+        claimed = await tx.conn.execute(
+            pg_insert(idempotency_keys)
+            .values(
+                tenant_id=tenant_id,
+                key=idempotency_key,
+                request_hash=fingerprint,
+                message_id=message_id,
+                response=accepted.model_dump(mode="json"),
+                created_at=at,
+            )
+            .on_conflict_do_nothing()
+            .returning(idempotency_keys.c.key)
+        )
+        if claimed.first() is None:
+            # A concurrent duplicate waits on the unique index, then sees the committed row.
+            row = (
+                await tx.conn.execute(
+                    select(idempotency_keys.c.request_hash, idempotency_keys.c.response).where(
+                        idempotency_keys.c.tenant_id == tenant_id,
+                        idempotency_keys.c.key == idempotency_key,
+                    )
+                )
+            ).one()
+            if row.request_hash != fingerprint:
+                raise Conflict("this Idempotency-Key was used with a different request body")
+            return Acceptance(AcceptedMessage.model_validate(row.response), replayed=True)
+
+    await ledger.insert_accepted_message(
+        tx.conn,
+        {
+            "id": message_id,
+            "category": request.category.value,
+            "tenant_id": tenant_id,
+            "status": MessageStatus.ACCEPTED.value,
+            "recipient": request.to.model_dump(exclude_none=True),
+            "content": request.content.model_dump(exclude_none=True),
+            "cascade": cascade,
+            "metadata": request.metadata,
+            "current_step": 0,
+            "seq": 1,
+            "created_at": at,
+            "updated_at": at,
+        },
+    )
+    tx.enqueue_after_commit(send_step_job(accepted.id, request.category, 0))
+    return Acceptance(accepted, replayed=False)
+
+
+async def get_message_view(tx: Transaction, tenant_id: uuid.UUID, public_id: str) -> MessageView:
+    message_id = from_public("msg", public_id)
+    message = await ledger.get_message(tx.conn, message_id, tenant_id) if message_id else None
+    if message is None:
+        raise NotFound(f"no message {public_id}")
+    attempts = await ledger.list_attempts(tx.conn, message.id)
+    events = await ledger.list_events(tx.conn, message.id)
+    return MessageView(
+        id=public_id,
+        category=message.category,
+        status=message.status,
+        delivered_channel=message.delivered_channel,
+        delivered_step=message.delivered_step,
+        current_step=message.current_step,
+        to=message.recipient,
+        cascade=[CascadeStepView.model_validate(step) for step in message.cascade],
+        metadata=message.metadata,
+        created_at=message.created_at,
+        updated_at=message.updated_at,
+        completed_at=message.completed_at,
+        attempts=[
+            AttemptView(
+                id=to_public("att", a.id),
+                step=a.step,
+                channel=Channel(a.channel),
+                provider=a.provider,
+                status=a.status,
+                provider_message_id=a.provider_message_id,
+                error=ErrorView(code=a.error_code, detail=a.error_detail) if a.error_code else None,
+                tries=a.tries,
+                created_at=a.created_at,
+                sent_at=a.sent_at,
+                completed_at=a.completed_at,
+                deadline_at=a.deadline_at,
+            )
+            for a in attempts
+        ],
+        events=[
+            EventView(
+                seq=e["seq"],
+                at=e["at"],
+                status=e["status"],
+                source=e["source"],
+                attempt=to_public("att", e["attempt_id"]) if e["attempt_id"] else None,
+                step=e["step"],
+                detail=e["detail"],
+            )
+            for e in events
+        ],
+    )

@@ -1,0 +1,64 @@
+"""All configuration, from `CASCADE_*` environment variables (or a `.env` file)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from providers.base import Category, Channel
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CASCADE_", env_file=".env", extra="ignore")
+
+    # No URL means: start the embedded servers under `data_dir`.
+    database_url: str | None = None
+    redis_url: str | None = None
+    data_dir: Path = Path(".cascade")
+
+    # Where providers reach us (status callbacks are built from it).
+    public_url: str = "http://127.0.0.1:8000"
+
+    # Hashing pepper for API keys: a leaked table alone does not yield usable keys.
+    api_key_pepper: SecretStr = SecretStr("cascade-dev-pepper")
+    sandbox_secret: SecretStr = SecretStr("cascade-sandbox-dev-secret")
+    sandbox_delay: timedelta = timedelta(milliseconds=150)
+
+    default_timeouts: dict[Channel, int] = Field(
+        default_factory=lambda: {
+            Channel.PUSH: 30,
+            Channel.MESSENGER: 60,
+            Channel.SMS: 120,
+            Channel.EMAIL: 300,
+        }
+    )
+    default_providers: dict[Channel, str] = Field(
+        default_factory=lambda: {channel: "sandbox" for channel in Channel}
+    )
+    max_body_bytes: int = 256 * 1024
+    max_cascade_steps: int = 8
+
+    # Worker: concurrent jobs per category queue; transactional gets the largest share.
+    worker_concurrency: dict[Category, int] = Field(
+        default_factory=lambda: {
+            Category.TRANSACTIONAL: 40,
+            Category.SERVICE: 20,
+            Category.MARKETING: 20,
+        }
+    )
+    worker_poll_delay: float = 0.05
+    # A message untouched this long in a non-final state is re-enqueued by the sweeper.
+    sweep_grace: timedelta = timedelta(seconds=30)
+    sweep_interval_seconds: int = 10
+    retry_base_delay: float = 0.2
+    retry_max_delay: float = 30.0
+
+    db_pool_size: int = 10
+
+    @cached_property
+    def callback_base(self) -> str:
+        return self.public_url.rstrip("/")

@@ -1,0 +1,181 @@
+"""The one interface every provider adapter implements.
+
+An adapter turns an `OutboundMessage` into the provider's wire request and classifies
+the answer: `Accepted`, `Rejected` (permanent: fall over now) or raises
+`TransientProviderError` (retry inside the step window). Status callbacks come back
+through `parse_status`, which verifies the provider's own signature on the raw bytes
+before it reads anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Protocol, runtime_checkable
+
+
+class Channel(StrEnum):
+    PUSH = "push"
+    MESSENGER = "messenger"
+    SMS = "sms"
+    EMAIL = "email"
+
+
+class Category(StrEnum):
+    TRANSACTIONAL = "transactional"
+    SERVICE = "service"
+    MARKETING = "marketing"
+
+
+class ReceiptStatus(StrEnum):
+    """What a provider can tell us about one attempt after the send."""
+
+    SENT = "sent"
+    DELIVERED = "delivered"
+    READ = "read"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class Recipient:
+    push_token: str | None = None
+    phone: str | None = None
+    email: str | None = None
+    whatsapp: str | None = None
+    telegram_chat_id: str | None = None
+    viber_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Content:
+    text: str | None = None
+    subject: str | None = None
+    html: str | None = None
+    title: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundMessage:
+    """One send of one cascade step.
+
+    `attempt_id` is unique per (message, step): adapters pass it to the provider as the
+    client reference / idempotency key where the API takes one, so a retried send is
+    not a second message. `try_number` counts transient retries of this attempt (0 first).
+    """
+
+    message_id: str
+    attempt_id: str
+    category: Category
+    channel: Channel
+    address: str
+    content: Content
+    timeout_seconds: int
+    try_number: int = 0
+    status_callback_url: str | None = None
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    provider_message_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    code: str
+    detail: str
+
+
+SendResult = Accepted | Rejected
+
+
+class ProviderError(Exception):
+    """Base of the errors an adapter raises."""
+
+
+class TransientProviderError(ProviderError):
+    """429, 5xx, timeouts: the same send may succeed later, inside the step window.
+
+    `provider_fault` is False when the error is about the recipient rather than the
+    provider (it must not trip a circuit breaker).
+    """
+
+    def __init__(
+        self,
+        code: str,
+        detail: str = "",
+        *,
+        retry_after: float | None = None,
+        provider_fault: bool = True,
+    ) -> None:
+        super().__init__(f"{code}: {detail}" if detail else code)
+        self.code = code
+        self.detail = detail
+        self.retry_after = retry_after
+        self.provider_fault = provider_fault
+
+
+class InvalidSignature(ProviderError):
+    """A callback whose signature does not verify: refused with 401, never applied."""
+
+
+class MalformedCallback(ProviderError):
+    """A callback that verifies but cannot be understood: refused with 400."""
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderCallback:
+    """An inbound HTTP request from a provider, as received (raw bytes kept for signatures)."""
+
+    method: str
+    url: str
+    headers: Mapping[str, str]
+    body: bytes
+    query: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class StatusUpdate:
+    """One status a provider reported for one of our sends.
+
+    Either `attempt_id` (when the provider echoes our reference) or
+    `provider_message_id` identifies the attempt. `event_id` is the provider's own id
+    for this report (or a stable digest of it) so the same report twice is applied once.
+    """
+
+    status: ReceiptStatus
+    event_id: str
+    provider_message_id: str | None = None
+    attempt_id: str | None = None
+    error_code: str | None = None
+    error_detail: str | None = None
+    occurred_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CallbackReply:
+    """What to answer a provider request that is not a status report (e.g. a handshake)."""
+
+    status_code: int
+    body: str
+    media_type: str = "text/plain"
+
+
+@runtime_checkable
+class Provider(Protocol):
+    name: str
+    channel: Channel
+
+    def address(self, to: Recipient) -> str | None:
+        """The recipient address this provider sends to, or None when `to` lacks it."""
+        ...
+
+    async def send(self, message: OutboundMessage) -> SendResult: ...
+
+    async def parse_status(self, callback: ProviderCallback) -> list[StatusUpdate]:
+        """Verify the callback's signature and return the status updates it carries."""
+        ...
+
+    async def aclose(self) -> None: ...

@@ -1,0 +1,187 @@
+"""Sandbox providers for every channel: watch a cascade fall over without any account.
+
+The outcome is chosen by the recipient address's ending (phone numbers and numeric ids
+by their last two digits, emails by the local part, push tokens by the token):
+
+    01 / reject  rejected at send            02 / fail    accepted, then a failure receipt
+    03 / silent  accepted, never a receipt   04 / flaky   two transient errors, then delivered
+    anything else: accepted, then a delivered receipt after `delay_seconds`
+
+Receipts come back through the same public path a real provider uses,
+`POST /v1/providers/sandbox/status`, signed `X-Sandbox-Signature: t=<unix>,v1=<hex>`
+with HMAC-SHA256(secret, "<t>." + body).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import time
+from enum import Enum
+
+import httpx
+import orjson
+import structlog
+from pydantic import BaseModel, SecretStr
+
+from providers.base import (
+    Accepted,
+    Channel,
+    InvalidSignature,
+    MalformedCallback,
+    OutboundMessage,
+    ProviderCallback,
+    ReceiptStatus,
+    Recipient,
+    Rejected,
+    SendResult,
+    StatusUpdate,
+    TransientProviderError,
+)
+
+SIGNATURE_HEADER = "x-sandbox-signature"
+SIGNATURE_TOLERANCE_SECONDS = 300
+FLAKY_FAILURES = 2
+
+log = structlog.get_logger()
+
+
+class Outcome(Enum):
+    DELIVER = "deliver"
+    REJECT = "reject"
+    FAIL = "fail"
+    SILENT = "silent"
+    FLAKY = "flaky"
+
+
+_ENDINGS = {
+    "01": Outcome.REJECT,
+    "reject": Outcome.REJECT,
+    "02": Outcome.FAIL,
+    "fail": Outcome.FAIL,
+    "03": Outcome.SILENT,
+    "silent": Outcome.SILENT,
+    "04": Outcome.FLAKY,
+    "flaky": Outcome.FLAKY,
+}
+
+
+def outcome_for(address: str) -> Outcome:
+    local = address.split("@", 1)[0] if "@" in address else address
+    for ending, outcome in _ENDINGS.items():
+        if local.endswith(ending):
+            return outcome
+    return Outcome.DELIVER
+
+
+def sign(secret: str, body: bytes, timestamp: int) -> str:
+    digest = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256)
+    return f"t={timestamp},v1={digest.hexdigest()}"
+
+
+class SandboxConfig(BaseModel):
+    name: str = "sandbox"
+    callback_url: str
+    secret: SecretStr
+    delay_seconds: float = 0.15
+
+
+class SandboxProvider:
+    def __init__(
+        self, channel: Channel, config: SandboxConfig, *, http: httpx.AsyncClient | None = None
+    ) -> None:
+        self.name = config.name
+        self.channel = channel
+        self._config = config
+        self._http = http or httpx.AsyncClient(timeout=5.0)
+        self._owns_http = http is None
+        self._receipts: set[asyncio.Task[None]] = set()
+
+    def address(self, to: Recipient) -> str | None:
+        match self.channel:
+            case Channel.PUSH:
+                return to.push_token
+            case Channel.SMS:
+                return to.phone
+            case Channel.EMAIL:
+                return to.email
+            case Channel.MESSENGER:
+                return to.whatsapp or to.telegram_chat_id or to.viber_id
+
+    async def send(self, message: OutboundMessage) -> SendResult:
+        outcome = outcome_for(message.address)
+        if outcome is Outcome.REJECT:
+            return Rejected("sandbox:rejected", f"{message.address} is a rejecting test address")
+        if outcome is Outcome.FLAKY and message.try_number < FLAKY_FAILURES:
+            raise TransientProviderError("sandbox:unavailable", "flaky test address", retry_after=0)
+        provider_message_id = f"sbx_{message.attempt_id}"
+        receipt = {Outcome.FAIL: ReceiptStatus.FAILED, Outcome.SILENT: None}.get(
+            outcome, ReceiptStatus.DELIVERED
+        )
+        if receipt is not None:
+            task = asyncio.create_task(self._send_receipt(message, provider_message_id, receipt))
+            self._receipts.add(task)
+            task.add_done_callback(self._receipts.discard)
+        return Accepted(provider_message_id)
+
+    async def _send_receipt(
+        self, message: OutboundMessage, provider_message_id: str, status: ReceiptStatus
+    ) -> None:
+        await asyncio.sleep(self._config.delay_seconds)
+        payload: dict[str, str] = {
+            "event_id": f"{provider_message_id}:{status.value}",
+            "attempt_id": message.attempt_id,
+            "provider_message_id": provider_message_id,
+            "status": status.value,
+        }
+        if status is ReceiptStatus.FAILED:
+            payload["error_code"] = "sandbox:undeliverable"
+            payload["error_detail"] = "the sandbox address reports failure"
+        body = orjson.dumps(payload)
+        signature = sign(self._config.secret.get_secret_value(), body, int(time.time()))
+        try:
+            await self._http.post(
+                self._config.callback_url,
+                content=body,
+                headers={"content-type": "application/json", SIGNATURE_HEADER: signature},
+            )
+        except httpx.HTTPError as exc:
+            # Like a real provider whose DLR never arrives: the step times out.
+            log.warning("sandbox_receipt_failed", error=repr(exc))
+
+    async def parse_status(self, callback: ProviderCallback) -> list[StatusUpdate]:
+        self._verify(callback)
+        try:
+            data = orjson.loads(callback.body)
+            return [
+                StatusUpdate(
+                    status=ReceiptStatus(data["status"]),
+                    event_id=str(data["event_id"]),
+                    provider_message_id=data.get("provider_message_id"),
+                    attempt_id=data.get("attempt_id"),
+                    error_code=data.get("error_code"),
+                    error_detail=data.get("error_detail"),
+                )
+            ]
+        except (orjson.JSONDecodeError, KeyError, ValueError, TypeError) as exc:
+            raise MalformedCallback(f"not a sandbox status report: {exc}") from exc
+
+    def _verify(self, callback: ProviderCallback) -> None:
+        header = {k.lower(): v for k, v in callback.headers.items()}.get(SIGNATURE_HEADER, "")
+        parts = dict(part.split("=", 1) for part in header.split(",") if "=" in part)
+        try:
+            timestamp = int(parts["t"])
+        except (KeyError, ValueError):
+            raise InvalidSignature("missing or malformed X-Sandbox-Signature") from None
+        if abs(time.time() - timestamp) > SIGNATURE_TOLERANCE_SECONDS:
+            raise InvalidSignature("signature timestamp outside the tolerance")
+        expected = sign(self._config.secret.get_secret_value(), callback.body, timestamp)
+        if not hmac.compare_digest(expected, header):
+            raise InvalidSignature("signature does not match")
+
+    async def aclose(self) -> None:
+        if self._receipts:
+            await asyncio.wait(set(self._receipts), timeout=5)
+        if self._owns_http:
+            await self._http.aclose()
