@@ -69,6 +69,24 @@ def _dev_key(settings: Settings, given: str | None, key_file: Path) -> str:
     return key
 
 
+def dev_example_curl(base_url: str, key: str) -> str:
+    body = (
+        '{"category": "transactional", '
+        '"to": {"push_token": "device-silent", "phone": "+48600100200"}, '
+        '"content": {"text": "Your code is 4711"}, '
+        '"cascade": [{"channel": "push", "timeout": 3}, {"channel": "sms"}]}'
+    )
+    return (
+        f"curl -s {base_url}/v1/messages -H 'Authorization: Bearer {key}' "
+        f"-H 'Content-Type: application/json' -d '{body}'\n"
+        f"curl -s {base_url}/v1/messages/<id> -H 'Authorization: Bearer {key}'"
+    )
+
+
+def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 @cli.command()
 def dev(
     port: Annotated[int, typer.Option(help="API port.")] = 8000,
@@ -115,18 +133,16 @@ def dev(
             f"[bold]Cascade dev[/] is running on [cyan]{public_url}[/]\n\n"
             f"API key:   [green]{key}[/]\n"
             f"Postgres:  {settings.database_url}\nRedis:     {settings.redis_url}\n"
-            f"Providers: sandbox for push, messenger, sms, email\n\n"
-            f"Try a cascade that falls over from push to SMS:\n"
-            f"  curl -s {public_url}/v1/messages -H 'Authorization: Bearer {key}' \\\n"
-            f'    -H \'Content-Type: application/json\' -d \'{{"category": "transactional",\n'
-            f'    "to": {{"push_token": "device-silent", "phone": "+48600100200"}},\n'
-            f'    "content": {{"text": "Your code is 4711"}},\n'
-            f'    "cascade": [{{"channel": "push", "timeout": 3}}, {{"channel": "sms"}}]}}\'\n'
-            f"  curl -s {public_url}/v1/messages/<id> -H 'Authorization: Bearer {key}'\n\n"
-            f"Ctrl-C stops everything.",
+            "Providers: sandbox for push, messenger, sms, email\n"
+            "Ctrl-C stops everything.",
             title="cascade",
         )
     )
+    # Printed outside the panel so it copies as one working command.
+    console.print("Watch a cascade fall over from push (silent device) to SMS:", style="bold")
+    console.print(dev_example_curl(public_url, key), soft_wrap=True, highlight=False)
+    # `kill`/`timeout` send SIGTERM: stop as cleanly as on Ctrl-C.
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         while all(child.poll() is None for child in children):
             time.sleep(0.5)

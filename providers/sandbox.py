@@ -18,6 +18,7 @@ import asyncio
 import hashlib
 import hmac
 import time
+from collections import Counter
 from enum import Enum
 
 import httpx
@@ -97,6 +98,8 @@ class SandboxProvider:
         self._http = http or httpx.AsyncClient(timeout=5.0)
         self._owns_http = http is None
         self._receipts: set[asyncio.Task[None]] = set()
+        # Sends per attempt id, as a real provider would count submissions (tests read it).
+        self.submissions: Counter[str] = Counter()
 
     def address(self, to: Recipient) -> str | None:
         match self.channel:
@@ -111,6 +114,7 @@ class SandboxProvider:
 
     async def send(self, message: OutboundMessage) -> SendResult:
         outcome = outcome_for(message.address)
+        self.submissions[message.attempt_id] += 1
         if outcome is Outcome.REJECT:
             return Rejected("sandbox:rejected", f"{message.address} is a rejecting test address")
         if outcome is Outcome.FLAKY and message.try_number < FLAKY_FAILURES:

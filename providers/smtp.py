@@ -18,6 +18,7 @@ import email.policy
 import hashlib
 import hmac
 import re
+import ssl
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from email.message import EmailMessage, Message
@@ -50,6 +51,7 @@ ATTEMPT_HEADER = "X-Cascade-Attempt"
 _ATTEMPT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _VERP_LOCAL_PART = re.compile(r"bounce\+(?P<attempt>[A-Za-z0-9][A-Za-z0-9._-]*)", re.IGNORECASE)
 _DSN_STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
+_AUTH_REQUIRED = 530
 # Refusals at RCPT that are about the mailbox (busy, full), not about the relay.
 _RECIPIENT_LEVEL_4XX = frozenset({450, 452})
 # Where a DSN can say which envelope sender it was returned to.
@@ -104,6 +106,8 @@ class SmtpProvider:
             raise ValueError(f"attempt id {message.attempt_id!r} is not dot-atom text")
         if not (message.content.text or message.content.html):
             return Rejected("smtp:no_content", "the message has neither text nor html")
+        if not _is_one_mailbox(message.address):
+            return Rejected("smtp:invalid_address", "the address is not one mailbox")
         composed = self._compose(message)
         config = self._config
         try:
@@ -133,11 +137,10 @@ class SmtpProvider:
             raise TransientProviderError(f"smtp:{exc.code}", exc.message) from exc
         except aiosmtplib.SMTPResponseException as exc:  # MAIL FROM, DATA
             return _classify_reply(exc.code, exc.message, at_recipient=False)
-        except aiosmtplib.SMTPNotSupported as exc:  # e.g. STARTTLS required but not offered
+        except aiosmtplib.SMTPNotSupported as exc:  # e.g. SMTPUTF8 needed but not offered
             raise TransientProviderError("smtp:not_supported", exc.message) from exc
-        except (aiosmtplib.SMTPException, OSError) as exc:  # connect, timeout, disconnect
-            code = "smtp:timeout" if isinstance(exc, TimeoutError) else "smtp:connection"
-            raise TransientProviderError(code, str(exc)) from exc
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            raise TransientProviderError(_failure_code(exc), str(exc)) from exc
         return Accepted(str(composed["Message-ID"]))
 
     async def parse_status(self, callback: ProviderCallback) -> list[StatusUpdate]:
@@ -187,7 +190,7 @@ class SmtpProvider:
         composed["To"] = message.address
         if self._config.reply_to:
             composed["Reply-To"] = self._config.reply_to
-        subject = content.subject or content.title
+        subject = " ".join((content.subject or content.title or "").split())
         if subject:
             composed["Subject"] = subject
         composed["Date"] = format_datetime(datetime.now(UTC))
@@ -233,10 +236,22 @@ class SmtpProvider:
 
 
 def _classify_reply(code: int, text: str, *, at_recipient: bool) -> SendResult:
+    if code == _AUTH_REQUIRED:  # we sent no credentials: the relay's setup, like a 401
+        raise TransientProviderError(f"smtp:{code}", text)
     if 500 <= code < 600:
         return Rejected(f"smtp:{code}", text)
     recipient_level = at_recipient and code in _RECIPIENT_LEVEL_4XX
     raise TransientProviderError(f"smtp:{code}", text, provider_fault=not recipient_level)
+
+
+def _failure_code(exc: Exception) -> str:
+    if isinstance(exc, TimeoutError):
+        return "smtp:timeout"
+    if isinstance(exc, ssl.SSLError) or isinstance(exc.__cause__, ssl.SSLError):
+        return "smtp:tls"
+    if isinstance(exc, OSError):  # refused, reset, disconnected (aiosmtplib's are OSErrors)
+        return "smtp:connection"
+    return "smtp:protocol"  # e.g. STARTTLS or AUTH required but not offered
 
 
 def _status_update(
@@ -316,6 +331,15 @@ def _date(value: object) -> datetime | None:
 
 def _domain(address: str) -> str:
     return parseaddr(address)[1].rpartition("@")[2] or "localhost"
+
+
+def _is_one_mailbox(address: str) -> bool:
+    """One bare addr-spec: no display name, no list, no CR/LF to smuggle in headers."""
+    return (
+        "@" in address
+        and not any(c in address for c in "\r\n")
+        and getaddresses([address]) == [("", address)]
+    )
 
 
 def _header(headers: Mapping[str, str], name: str) -> str | None:

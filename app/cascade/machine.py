@@ -148,8 +148,12 @@ def decide(view: StepView, signal: Signal) -> Decision:
     ):
         return Decision(attempt, MessageStatus.DELIVERED, delivered_step=view.step)
 
+    # A failure after success (an email bounce after the relay's 250) is recorded on the
+    # attempt but never falls over: the message may already be in the customer's hands.
     newly_unsuccessful = (
-        attempt in UNSUCCESSFUL_ATTEMPT and view.attempt_status not in UNSUCCESSFUL_ATTEMPT
+        attempt in UNSUCCESSFUL_ATTEMPT
+        and view.attempt_status not in UNSUCCESSFUL_ATTEMPT
+        and not is_success(view.attempt_status, view.success_on)
     )
     if newly_unsuccessful and view.step == view.current_step and message not in FINAL_MESSAGE:
         if view.step + 1 < view.step_count:

@@ -79,7 +79,9 @@ async def provider(
     await provider.aclose()
 
 
-def push(token: str, *, timeout_seconds: int = 60, content: Content | None = None) -> OutboundMessage:
+def push(
+    token: str, *, timeout_seconds: int = 60, content: Content | None = None
+) -> OutboundMessage:
     return OutboundMessage(
         message_id="msg-01",
         attempt_id="att-01",

@@ -6,6 +6,8 @@ import base64
 import hashlib
 import socket
 from collections.abc import AsyncIterator, Mapping
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
 from urllib.parse import urlencode
 
 import httpx
@@ -29,7 +31,7 @@ from providers.base import (
     StatusUpdate,
     TransientProviderError,
 )
-from providers.twilio import TwilioConfig, TwilioProvider
+from providers.twilio import TwilioConfig, TwilioProvider, classify_send_response
 from tests.simulators.twilio import (
     CallbackReceiver,
     ReceivedCallback,
@@ -322,6 +324,62 @@ async def test_a_shared_http_client_is_left_open(twilio: TwilioSimulator) -> Non
         await adapter.aclose()
 
         assert not http.is_closed
+
+
+def twilio_answer(
+    http_status: int, /, headers: Mapping[str, str] | None = None, **body: object
+) -> httpx.Response:
+    """An answer in Twilio's error shape, for the classification rules the simulator never hits."""
+    return httpx.Response(http_status, headers=headers, json=body)
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "expected"),
+    [("7", 7.0), ("-3", 0.0), ("inf", None), ("soon", None)],
+)
+def test_retry_after_in_seconds_is_honoured_when_sensible(
+    retry_after: str, expected: float | None
+) -> None:
+    answer = twilio_answer(429, {"Retry-After": retry_after}, code=20429, message="Too Many")
+
+    with pytest.raises(TransientProviderError) as raised:
+        classify_send_response(answer)
+
+    assert raised.value.retry_after == expected
+
+
+def test_retry_after_as_an_http_date_is_honoured() -> None:
+    in_a_minute = format_datetime(datetime.now(UTC) + timedelta(seconds=60), usegmt=True)
+    answer = twilio_answer(503, {"Retry-After": in_a_minute}, code=20503, message="Unavailable")
+
+    with pytest.raises(TransientProviderError) as raised:
+        classify_send_response(answer)
+
+    assert raised.value.retry_after is not None
+    assert 50 <= raised.value.retry_after <= 60
+
+
+def test_full_sender_queue_is_transient_not_the_recipients_fault() -> None:
+    answer = twilio_answer(400, code=21611, message="queue full", status=400)
+
+    with pytest.raises(TransientProviderError) as raised:
+        classify_send_response(answer)
+
+    assert raised.value.code == "twilio:21611"
+    assert raised.value.provider_fault
+
+
+def test_unknown_client_error_is_rejected_with_its_code() -> None:
+    answer = twilio_answer(404, code=20404, message="not found", status=404)
+
+    assert classify_send_response(answer) == Rejected(code="twilio:20404", detail="not found")
+
+
+def test_success_without_a_message_sid_is_a_transient_provider_fault() -> None:
+    with pytest.raises(TransientProviderError) as raised:
+        classify_send_response(httpx.Response(201, text="<html>proxy</html>"))
+
+    assert raised.value.code == "twilio:bad_response"
 
 
 # Status callbacks

@@ -202,7 +202,7 @@ class TwilioSimulator:
                         methods=["POST"],
                     )
                 ],
-                exception_handlers={404: self._not_found, 405: self._not_found},
+                exception_handlers={404: self._not_found},
             )
         )
 
@@ -241,7 +241,7 @@ class TwilioSimulator:
 
     async def wait_for_status_reports(self) -> None:
         """Wait until every status callback scheduled so far has been POSTed."""
-        pending = [task for task in self._reporting if not task.cancelled()]
+        pending = [task for task in self._reporting if not task.cancelling()]
         async with asyncio.timeout(STATUS_REPORTS_TIMEOUT_SECONDS):
             await asyncio.gather(*pending)
 

@@ -1,0 +1,138 @@
+"""The cascade's decisions, exhaustively, with no I/O."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from app.cascade.machine import (
+    FINAL_MESSAGE,
+    UNSUCCESSFUL_ATTEMPT,
+    AttemptStatus,
+    Decision,
+    MessageStatus,
+    Signal,
+    StepView,
+    SuccessOn,
+    decide,
+    is_success,
+    retry_delay,
+)
+
+
+def view(
+    attempt: AttemptStatus = AttemptStatus.SENT,
+    *,
+    message: MessageStatus = MessageStatus.SENDING,
+    step: int = 0,
+    current: int = 0,
+    steps: int = 3,
+    success_on: SuccessOn = SuccessOn.DELIVERED,
+) -> StepView:
+    return StepView(message, current, steps, step, attempt, success_on)
+
+
+def test_delivery_receipt_delivers_the_message() -> None:
+    assert decide(view(), Signal.DELIVERED) == Decision(
+        AttemptStatus.DELIVERED, MessageStatus.DELIVERED, delivered_step=0
+    )
+
+
+def test_acceptance_is_success_when_the_step_says_so() -> None:
+    decision = decide(view(AttemptStatus.SENDING, success_on=SuccessOn.ACCEPTED), Signal.ACCEPTED)
+    assert decision.message_status is MessageStatus.DELIVERED
+
+
+def test_acceptance_alone_waits_for_a_receipt() -> None:
+    decision = decide(view(AttemptStatus.SENDING), Signal.ACCEPTED)
+    assert decision == Decision(AttemptStatus.SENT, MessageStatus.SENDING)
+
+
+@pytest.mark.parametrize(
+    ("signal", "attempt"),
+    [
+        (Signal.REJECTED, AttemptStatus.REJECTED),
+        (Signal.FAILED, AttemptStatus.FAILED),
+        (Signal.TIMEOUT, AttemptStatus.EXPIRED),
+        (Signal.RETRIES_EXHAUSTED, AttemptStatus.FAILED),
+    ],
+)
+def test_each_failover_trigger_starts_the_next_step(signal: Signal, attempt: AttemptStatus) -> None:
+    assert decide(view(), signal) == Decision(attempt, MessageStatus.SENDING, next_step=1)
+
+
+def test_failure_on_the_last_step_fails_the_message() -> None:
+    decision = decide(view(step=2, current=2), Signal.FAILED)
+    assert decision == Decision(AttemptStatus.FAILED, MessageStatus.FAILED)
+
+
+def test_failure_after_delivery_changes_nothing() -> None:
+    state = view(AttemptStatus.DELIVERED, message=MessageStatus.DELIVERED)
+    assert not decide(state, Signal.FAILED).changes(state)
+
+
+def test_late_delivery_of_an_earlier_step_delivers_without_resending() -> None:
+    state = view(AttemptStatus.EXPIRED, step=0, current=1)
+    decision = decide(state, Signal.DELIVERED)
+    assert decision == Decision(AttemptStatus.DELIVERED, MessageStatus.DELIVERED, delivered_step=0)
+    assert decision.next_step is None
+
+
+def test_failure_of_an_earlier_step_does_not_fall_over_again() -> None:
+    state = view(AttemptStatus.SENT, step=0, current=1)
+    decision = decide(state, Signal.FAILED)
+    assert decision.next_step is None
+    assert decision.message_status is MessageStatus.SENDING
+
+
+def test_read_after_delivery_is_recorded_on_the_attempt_only() -> None:
+    state = view(AttemptStatus.DELIVERED, message=MessageStatus.DELIVERED)
+    assert decide(state, Signal.READ) == Decision(AttemptStatus.READ, MessageStatus.DELIVERED)
+
+
+def test_delivered_but_unread_times_out_when_read_was_required() -> None:
+    state = view(AttemptStatus.DELIVERED, success_on=SuccessOn.READ)
+    assert decide(state, Signal.TIMEOUT).next_step == 1
+
+
+def test_retry_delay_backs_off_and_honours_retry_after() -> None:
+    assert retry_delay(1, None, 1.0, 30.0, 1.0) == 1.0
+    assert retry_delay(3, None, 1.0, 30.0, 1.0) == 4.0
+    assert retry_delay(20, None, 1.0, 30.0, 1.0) == 30.0
+    assert retry_delay(1, None, 1.0, 30.0, 0.0) == 0.5
+    assert retry_delay(5, 7.0, 1.0, 30.0, 0.3) == 7.0
+
+
+attempts = st.sampled_from(list(AttemptStatus))
+messages = st.sampled_from(list(MessageStatus))
+signals = st.sampled_from(list(Signal))
+success_rules = st.sampled_from(list(SuccessOn))
+
+
+@given(attempts, messages, signals, success_rules, st.integers(0, 3), st.integers(0, 3))
+def test_invariants(
+    attempt: AttemptStatus,
+    message: MessageStatus,
+    signal: Signal,
+    success_on: SuccessOn,
+    step: int,
+    current: int,
+) -> None:
+    state = StepView(message, current, 4, step, attempt, success_on)
+    decision = decide(state, signal)
+
+    # A delivered message stays delivered.
+    if message is MessageStatus.DELIVERED:
+        assert decision.message_status is MessageStatus.DELIVERED
+    # Only the current step of an unfinished message can start the next step.
+    if decision.next_step is not None:
+        assert step == current and message not in FINAL_MESSAGE
+        assert decision.next_step == step + 1 < 4
+        assert decision.attempt_status in UNSUCCESSFUL_ATTEMPT
+    # A successful attempt never falls over, whatever arrives after it.
+    if is_success(attempt, success_on):
+        assert decision.next_step is None
+    # Cancelled and suppressed messages are never revived.
+    if message in (MessageStatus.CANCELLED, MessageStatus.SUPPRESSED):
+        assert decision.message_status is message
