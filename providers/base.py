@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 
 class Channel(StrEnum):
@@ -39,6 +39,15 @@ class ReceiptStatus(StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class WebPushSubscription:
+    """A browser's PushSubscription (RFC 8030 endpoint + RFC 8291 keys, base64url)."""
+
+    endpoint: str
+    p256dh: str
+    auth: str
+
+
+@dataclass(frozen=True, slots=True)
 class Recipient:
     push_token: str | None = None
     phone: str | None = None
@@ -46,6 +55,20 @@ class Recipient:
     whatsapp: str | None = None
     telegram_chat_id: str | None = None
     viber_id: str | None = None
+    web_push: WebPushSubscription | None = None
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> Recipient:
+        """From the stored / API form, where `web_push` is `{endpoint, keys: {p256dh, auth}}`."""
+        fields = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        web_push = fields.pop("web_push", None)
+        subscription = None
+        if web_push:
+            keys = web_push.get("keys", web_push)
+            subscription = WebPushSubscription(
+                endpoint=web_push["endpoint"], p256dh=keys["p256dh"], auth=keys["auth"]
+            )
+        return cls(**fields, web_push=subscription)
 
 
 @dataclass(frozen=True, slots=True)

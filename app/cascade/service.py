@@ -224,7 +224,7 @@ async def begin_send(
         # Already handed to the provider (or finished): sending again could duplicate it.
         return None
 
-    address = provider.address(Recipient(**message.recipient)) if provider else None
+    address = provider.address(Recipient.from_mapping(message.recipient)) if provider else None
     if provider is None or address is None:
         error = config_error if provider is None else Error("no_address", f"no {channel} address")
         await apply_signal(

@@ -38,6 +38,19 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class WebPushKeys(Strict):
+    p256dh: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{20,200}={0,2}$")]
+    auth: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{8,64}={0,2}$")]
+
+
+class WebPushSubscriptionIn(Strict):
+    """A browser PushSubscription as `PushSubscription.toJSON()` gives it."""
+
+    endpoint: Annotated[str, StringConstraints(pattern=r"^https://", max_length=2048)]
+    keys: WebPushKeys
+    expirationTime: int | None = None  # the browser's own field name
+
+
 class RecipientIn(Strict):
     push_token: Token | None = None
     phone: Phone | None = None
@@ -45,6 +58,7 @@ class RecipientIn(Strict):
     whatsapp: Phone | None = None
     telegram_chat_id: ShortId | None = None
     viber_id: ShortId | None = None
+    web_push: WebPushSubscriptionIn | None = None
 
 
 class ContentIn(Strict):
@@ -128,7 +142,7 @@ class MessageView(BaseModel):
     delivered_channel: Channel | None
     delivered_step: int | None
     current_step: int
-    to: dict[str, str]
+    to: dict[str, Any]
     cascade: list[CascadeStepView]
     metadata: dict[str, str]
     created_at: datetime

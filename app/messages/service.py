@@ -50,7 +50,7 @@ def resolve_cascade(
     request: SendMessageRequest, registry: ProviderRegistry, settings: Settings
 ) -> list[dict[str, Any]]:
     """Fill in providers, timeouts and success rules; every step must be sendable."""
-    to = Recipient(**request.to.model_dump())
+    to = Recipient.from_mapping(request.to.model_dump(exclude_none=True))
     content = request.content
     steps: list[dict[str, Any]] = []
     errors: list[FieldError] = []
