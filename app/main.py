@@ -16,6 +16,7 @@ from app.cascade.endpoints import router as provider_router
 from app.errors import PayloadTooLarge, install_error_handlers, problem_response
 from app.logs import configure_logging
 from app.messages.endpoints import router as messages_router
+from app.messages.receipts import router as receipts_router
 from app.runtime import Runtime
 from app.settings import Settings
 
@@ -114,6 +115,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_error_handlers(app)
     app.include_router(messages_router)
+    app.include_router(receipts_router)
     app.include_router(provider_router)
 
     @app.get("/healthz", tags=["health"], summary="The process is up")

@@ -14,23 +14,49 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app.db import Transaction, create_engine, transaction
 from app.queue import JobQueue
 from app.settings import Settings
-from providers.base import Channel, Provider
+from providers.accounts import (
+    AdapterContext,
+    ProviderAccount,
+    StatusSink,
+    load_accounts,
+)
+from providers.base import StatusUpdate
 from providers.registry import ProviderRegistry
-from providers.sandbox import SandboxConfig, SandboxProvider
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def build_providers(settings: Settings, http: httpx.AsyncClient) -> ProviderRegistry:
-    sandbox = SandboxConfig(
-        callback_url=f"{settings.callback_base}/v1/providers/sandbox/status",
-        secret=settings.sandbox_secret,
-        delay_seconds=settings.sandbox_delay.total_seconds(),
+def provider_accounts(settings: Settings) -> list[ProviderAccount]:
+    accounts = load_accounts(settings.providers, settings.providers_file)
+    if settings.sandbox_enabled and not any(a.name == "sandbox" for a in accounts):
+        sandbox = {
+            "callback_url": f"{settings.callback_base}/v1/providers/sandbox/status",
+            "secret": settings.sandbox_secret.get_secret_value(),
+            "delay_seconds": settings.sandbox_delay.total_seconds(),
+        }
+        accounts.append(ProviderAccount(type="sandbox", name="sandbox", config=sandbox))
+    return accounts
+
+
+def build_providers(
+    settings: Settings, http: httpx.AsyncClient, on_status: StatusSink | None = None
+) -> ProviderRegistry:
+    return ProviderRegistry.from_accounts(
+        provider_accounts(settings), settings.default_providers, AdapterContext(http, on_status)
     )
-    providers: list[Provider] = [SandboxProvider(ch, sandbox, http=http) for ch in Channel]
-    return ProviderRegistry(providers, settings.default_providers)
+
+
+def _status_sink(engine: AsyncEngine, queue: JobQueue) -> StatusSink:
+    """Where adapters whose receipts arrive on their own connection (SMPP) report them."""
+    from app.cascade.service import record_status
+
+    async def record(provider_name: str, update: StatusUpdate) -> None:
+        async with transaction(engine, queue) as tx:
+            await record_status(tx, provider_name, update, utcnow())
+
+    return record
 
 
 def redis_settings(url: str) -> RedisSettings:
@@ -55,13 +81,14 @@ class Runtime:
             raise RuntimeError("Runtime needs CASCADE_DATABASE_URL and CASCADE_REDIS_URL resolved")
         engine = create_engine(settings.database_url, settings.db_pool_size)
         redis = await create_pool(redis_settings(settings.redis_url))
+        queue = JobQueue(redis)
         http = httpx.AsyncClient(timeout=10.0)
         return cls(
             settings=settings,
             engine=engine,
             redis=redis,
-            queue=JobQueue(redis),
-            providers=build_providers(settings, http),
+            queue=queue,
+            providers=build_providers(settings, http, _status_sink(engine, queue)),
             http=http,
         )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -39,6 +40,10 @@ class Settings(BaseSettings):
     default_providers: dict[Channel, str] = Field(
         default_factory=lambda: {channel: "sandbox" for channel in Channel}
     )
+    # Provider accounts (see providers/accounts.py): JSON here, or a TOML file.
+    providers: list[dict[str, Any]] = []
+    providers_file: Path | None = None
+    sandbox_enabled: bool = True
     max_body_bytes: int = 256 * 1024
     max_cascade_steps: int = 8
 

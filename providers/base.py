@@ -86,6 +86,8 @@ class OutboundMessage:
     `attempt_id` is unique per (message, step): adapters pass it to the provider as the
     client reference / idempotency key where the API takes one, so a retried send is
     not a second message. `try_number` counts transient retries of this attempt (0 first).
+    `web_push` carries the whole subscription: `address` is only its endpoint, and the
+    payload must be encrypted to the subscription's keys (RFC 8291).
     """
 
     message_id: str
@@ -97,7 +99,10 @@ class OutboundMessage:
     timeout_seconds: int
     try_number: int = 0
     status_callback_url: str | None = None
+    # Push only: lets the app confirm delivery at POST /v1/messages/{id}/receipts.
+    receipt_token: str | None = None
     metadata: Mapping[str, str] = field(default_factory=dict)
+    web_push: WebPushSubscription | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +189,13 @@ class CallbackReply:
     status_code: int
     body: str
     media_type: str = "text/plain"
+
+
+@runtime_checkable
+class SubscriptionHandshake(Protocol):
+    """Providers that verify a callback URL with a GET challenge (WhatsApp's `hub.challenge`)."""
+
+    def verify_subscription(self, query: Mapping[str, str]) -> str | None: ...
 
 
 @runtime_checkable

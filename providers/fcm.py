@@ -224,9 +224,13 @@ def _request_body(message: OutboundMessage) -> dict[str, Any]:
         for key, value in (("title", content.title or content.subject), ("body", content.text))
         if value
     }
+    data = {"message_id": message.message_id, "attempt_id": message.attempt_id}
+    if message.receipt_token:
+        # The app posts it back to confirm delivery: FCM itself reports none.
+        data["receipt_token"] = message.receipt_token
     fcm_message: dict[str, Any] = {
         "token": message.address,
-        "data": {"message_id": message.message_id, "attempt_id": message.attempt_id},
+        "data": data,
         "android": {"ttl": f"{ttl}s"},
         "apns": {"headers": {"apns-expiration": str(int(time.time()) + ttl)}},
         "webpush": {"headers": {"TTL": str(ttl)}},

@@ -1,45 +1,85 @@
-"""Which provider sends a step: looked up by (channel, name), with a default per channel."""
+"""Which provider account sends a step.
+
+A cascade step names a provider by route (an account's alias, or its type) or by account
+name; among the accounts that match, one dedicated to the message's category wins over a
+general one. Callbacks arrive per account name.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 
-from providers.base import Channel, Provider
+from providers.accounts import AdapterContext, ProviderAccount, build_adapters
+from providers.base import Category, Channel, Provider
 
 
 class UnknownProvider(LookupError):
     pass
 
 
+@dataclass(frozen=True, slots=True)
+class Route:
+    provider: Provider
+    account: ProviderAccount
+
+
 class ProviderRegistry:
-    def __init__(self, providers: Iterable[Provider], defaults: Mapping[Channel, str]) -> None:
-        self._by_key: dict[tuple[Channel, str], Provider] = {}
-        self._by_name: dict[str, Provider] = {}
-        for provider in providers:
-            self._by_key[(provider.channel, provider.name)] = provider
-            self._by_name.setdefault(provider.name, provider)
+    def __init__(self, routes: Iterable[Route], defaults: Mapping[Channel, str]) -> None:
+        self._routes = list(routes)
+        self._by_name: dict[str, Route] = {}
+        for route in self._routes:
+            self._by_name.setdefault(route.provider.name, route)
         self._defaults = dict(defaults)
 
-    def get(self, channel: Channel, name: str | None = None) -> Provider:
-        key = (channel, name or self._defaults.get(channel, ""))
-        try:
-            return self._by_key[key]
-        except KeyError:
-            raise UnknownProvider(f"no provider {key[1]!r} for channel {channel.value}") from None
+    @classmethod
+    def from_accounts(
+        cls,
+        accounts: Iterable[ProviderAccount],
+        defaults: Mapping[Channel, str],
+        context: AdapterContext,
+    ) -> ProviderRegistry:
+        routes = [
+            Route(provider, account)
+            for account in accounts
+            for provider in build_adapters(account, context)
+        ]
+        return cls(routes, defaults)
+
+    def route(self, channel: Channel, ref: str | None, category: Category) -> Route:
+        """The account for a step: `ref` (or the channel default) narrowed by category."""
+        wanted = ref or self._defaults.get(channel, "")
+        candidates = [
+            r
+            for r in self._routes
+            if r.provider.channel == channel and wanted in (r.provider.name, r.account.route)
+        ]
+        for route in candidates:
+            if route.account.categories and category in route.account.categories:
+                return route
+        for route in candidates:
+            if route.account.serves(category):
+                return route
+        raise UnknownProvider(
+            f"no provider {wanted!r} for channel {channel.value} and category {category.value}"
+        )
+
+    def get(self, channel: Channel, ref: str | None, category: Category) -> Provider:
+        return self.route(channel, ref, category).provider
+
+    def account(self, name: str) -> ProviderAccount:
+        return self._by_name[name].account
 
     def for_callbacks(self, name: str) -> Provider:
         """The provider whose status callbacks arrive at `/v1/providers/{name}/status`."""
         try:
-            return self._by_name[name]
+            return self._by_name[name].provider
         except KeyError:
             raise UnknownProvider(f"no provider {name!r}") from None
 
-    def names(self, channel: Channel) -> list[str]:
-        return sorted(name for ch, name in self._by_key if ch == channel)
-
-    def __iter__(self) -> Iterator[Provider]:
-        return iter(self._by_key.values())
+    def __iter__(self) -> Iterator[Route]:
+        return iter(self._routes)
 
     async def aclose(self) -> None:
-        for provider in self._by_key.values():
-            await provider.aclose()
+        for route in self._routes:
+            await route.provider.aclose()

@@ -118,7 +118,10 @@ class SandboxProvider:
         if outcome is Outcome.REJECT:
             return Rejected("sandbox:rejected", f"{message.address} is a rejecting test address")
         if outcome is Outcome.FLAKY and message.try_number < FLAKY_FAILURES:
-            raise TransientProviderError("sandbox:unavailable", "flaky test address", retry_after=0)
+            # Not the provider's fault: a flaky test address must not open the sandbox circuit.
+            raise TransientProviderError(
+                "sandbox:unavailable", "flaky test address", retry_after=0, provider_fault=False
+            )
         provider_message_id = f"sbx_{message.attempt_id}"
         receipt = {Outcome.FAIL: ReceiptStatus.FAILED, Outcome.SILENT: None}.get(
             outcome, ReceiptStatus.DELIVERED

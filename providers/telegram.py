@@ -68,6 +68,8 @@ class TelegramProvider:
     """
 
     channel = Channel.MESSENGER
+    # No delivery receipts exist: a step's default success is the Bot API's acceptance.
+    confirms_delivery = False
 
     def __init__(self, config: TelegramConfig, *, http: httpx.AsyncClient | None = None) -> None:
         self.config = config

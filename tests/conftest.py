@@ -5,6 +5,7 @@ loopback port and the real arq workers in the same event loop. Tests isolate by 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import socket
@@ -26,6 +27,11 @@ from app.main import create_app
 from app.runtime import Runtime, utcnow
 from app.settings import Settings
 from app.worker import run_workers
+from tests.simulators.fcm import FcmSimulator, ServiceAccount
+from tests.simulators.smtp import SmtpSimulator
+from tests.simulators.telegram import TelegramSimulator
+from tests.simulators.twilio import TwilioSimulator
+from tests.simulators.whatsapp import WhatsAppSimulator
 
 
 def _free_port() -> int:
@@ -75,10 +81,106 @@ def _with_database(url: str, name: str) -> str:
     return f"{base}/{name}" + (f"?{tail}" if tail else "")
 
 
+@dataclass
+class Simulators:
+    twilio: TwilioSimulator
+    whatsapp: WhatsAppSimulator
+    telegram: TelegramSimulator
+    fcm: FcmSimulator
+    smtp: SmtpSimulator
+
+
 @pytest.fixture(scope="session")
-def settings(servers: embedded.EmbeddedServers, database_url: str) -> Settings:
-    port = _free_port()
+def api_port() -> int:
+    return _free_port()
+
+
+@pytest.fixture(scope="session")
+async def simulators(api_port: int) -> AsyncIterator[Simulators]:
+    """Protocol-faithful provider simulators the test service's accounts point at."""
+    async with contextlib.AsyncExitStack() as stack:
+        fcm = FcmSimulator(project_id="cascade-test")
+        await fcm.start()
+        stack.push_async_callback(fcm.stop)
+        smtp = SmtpSimulator()
+        smtp.start()
+        stack.callback(smtp.stop)
+        yield Simulators(
+            twilio=await stack.enter_async_context(TwilioSimulator()),
+            whatsapp=await stack.enter_async_context(
+                WhatsAppSimulator(
+                    webhook_url=f"http://127.0.0.1:{api_port}/v1/providers/whatsapp/status"
+                )
+            ),
+            telegram=await stack.enter_async_context(TelegramSimulator()),
+            fcm=fcm,
+            smtp=smtp,
+        )
+
+
+def provider_accounts(sims: Simulators) -> list[dict[str, object]]:
+    service_account = ServiceAccount.generate(
+        project_id="cascade-test", token_uri=sims.fcm.token_uri
+    )
+    sims.fcm.register(service_account)
+    return [
+        {
+            "type": "twilio",
+            "name": "twilio",
+            "config": {
+                "base_url": sims.twilio.base_url,
+                "account_sid": sims.twilio.account_sid,
+                "auth_token": sims.twilio.auth_token,
+                "from_number": "+15005550006",
+            },
+        },
+        {
+            "type": "whatsapp",
+            "name": "whatsapp",
+            "config": {
+                "base_url": sims.whatsapp.base_url,
+                "phone_number_id": sims.whatsapp.phone_number_id,
+                "access_token": sims.whatsapp.access_token,
+                "app_secret": sims.whatsapp.app_secret,
+                "verify_token": "verify-me",
+            },
+        },
+        {
+            "type": "telegram",
+            "name": "telegram",
+            "config": {"base_url": sims.telegram.base_url, "bot_token": sims.telegram.bot_token},
+        },
+        {
+            "type": "fcm",
+            "name": "fcm",
+            "config": {
+                "base_url": sims.fcm.base_url,
+                "project_id": "cascade-test",
+                "service_account_json": service_account.to_json(),
+            },
+        },
+        {
+            "type": "smtp",
+            "name": "smtp",
+            "config": {
+                "host": sims.smtp.host,
+                "port": sims.smtp.port,
+                "starttls": False,
+                "from_address": "Cascade <noreply@cascade.test>",
+                "bounce_domain": "bounces.cascade.test",
+                "bounce_secret": "bounce-secret",
+            },
+        },
+    ]
+
+
+@pytest.fixture(scope="session")
+def settings(
+    servers: embedded.EmbeddedServers, database_url: str, api_port: int, simulators: Simulators
+) -> Settings:
+    port = api_port
     return Settings(
+        providers=provider_accounts(simulators),
         database_url=database_url,
         redis_url=servers.redis_url,
         public_url=f"http://127.0.0.1:{port}",

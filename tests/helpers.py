@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import httpx
+
+T = TypeVar("T")
 
 FINAL = {"delivered", "failed", "expired", "cancelled", "suppressed"}
 
@@ -46,3 +49,14 @@ async def wait_until_final(
 
 def attempt_statuses(message: dict[str, Any]) -> list[tuple[str, str]]:
     return [(a["channel"], a["status"]) for a in message["attempts"]]
+
+
+async def eventually(probe: Callable[[], T | None], within: float = 10.0) -> T:
+    """Poll `probe` until it returns something truthy (state the test cannot await)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not (value := probe()):
+        if loop.time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.02)
+    return value

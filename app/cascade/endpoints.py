@@ -3,16 +3,44 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
+from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel
 
 from app.auth.dependencies import get_runtime
 from app.cascade import service
-from app.errors import PROBLEM_RESPONSES, MalformedBody, NotFound, Unauthorized
+from app.errors import PROBLEM_RESPONSES, Forbidden, MalformedBody, NotFound, Unauthorized
 from app.runtime import Runtime, utcnow
-from providers.base import InvalidSignature, MalformedCallback, ProviderCallback
+from providers.base import (
+    InvalidSignature,
+    MalformedCallback,
+    ProviderCallback,
+    SubscriptionHandshake,
+)
 from providers.registry import UnknownProvider
 
 router = APIRouter(prefix="/v1/providers", tags=["providers"], responses=PROBLEM_RESPONSES)
+
+
+@router.get(
+    "/{provider}/status",
+    summary="Callback URL verification handshake (e.g. WhatsApp `hub.challenge`)",
+    response_class=PlainTextResponse,
+)
+async def provider_handshake(
+    provider: str, request: Request, runtime: Runtime = Depends(get_runtime)
+) -> PlainTextResponse:
+    try:
+        adapter = runtime.providers.for_callbacks(provider)
+    except UnknownProvider:
+        raise NotFound(f"no provider {provider!r}") from None
+    challenge = (
+        adapter.verify_subscription(dict(request.query_params))
+        if isinstance(adapter, SubscriptionHandshake)
+        else None
+    )
+    if challenge is None:
+        raise Forbidden("verification token rejected")
+    return PlainTextResponse(challenge)
 
 
 class CallbackReceipt(BaseModel):

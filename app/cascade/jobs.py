@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import structlog
 
 from app.cascade import service
+from app.cascade.throttle import SendGuards
 from app.ids import from_public
 from app.runtime import Runtime, utcnow
-from providers.base import ProviderError, SendResult, TransientProviderError
+from providers.base import ProviderError, Rejected, SendResult, TransientProviderError
 
 log = structlog.get_logger()
 
@@ -31,19 +33,48 @@ async def send_step(ctx: dict[str, Any], message_id: str, step: int) -> None:
     structlog.contextvars.bind_contextvars(
         message_id=message_id, attempt=plan.outbound.attempt_id, provider=plan.provider.name
     )
-    result: SendResult | TransientProviderError
-    try:
-        result = await plan.provider.send(plan.outbound)
-    except TransientProviderError as exc:
-        result = exc
-    except (ProviderError, OSError, TimeoutError) as exc:
-        # An adapter that failed in an unclassified way: treat as transient, retry in window.
-        log.warning("provider_send_error", error=repr(exc))
-        result = TransientProviderError("provider_error", repr(exc)[:200])
+    result = await _send_guarded(rt, plan)
     async with rt.transaction() as tx:
         await service.record_send_result(tx, rt.settings, plan, result, utcnow())
     log.info("step_sent", step=step, result=type(result).__name__)
     structlog.contextvars.unbind_contextvars("message_id", "attempt", "provider")
+
+
+# Short waits for a rate-limit slot happen in the job; longer ones re-enqueue it deferred.
+MAX_INLINE_RATE_WAIT = 1.0
+
+
+async def _send_guarded(rt: Runtime, plan: service.SendPlan) -> SendResult | TransientProviderError:
+    account = rt.providers.account(plan.provider.name)
+    guards = SendGuards(rt.redis)
+    if await guards.circuit_open(account):
+        return Rejected(
+            "circuit_open",
+            f"{account.name} is failing with transient errors; skipped for now",
+        )
+    wait = await guards.wait_for_rate(account)
+    while 0 < wait <= MAX_INLINE_RATE_WAIT:
+        await asyncio.sleep(wait)
+        wait = await guards.wait_for_rate(account)
+    if wait > 0:
+        return TransientProviderError(
+            "rate_limited",
+            f"{account.name} allows {account.rate_per_second}/s",
+            retry_after=wait,
+            provider_fault=False,
+        )
+    try:
+        result = await plan.provider.send(plan.outbound)
+    except TransientProviderError as exc:
+        if exc.provider_fault and await guards.record_provider_failure(account):
+            log.warning("circuit_opened", provider=account.name)
+        return exc
+    except (ProviderError, OSError, TimeoutError) as exc:
+        # An adapter that failed in an unclassified way: treat as transient, retry in window.
+        log.warning("provider_send_error", error=repr(exc))
+        return TransientProviderError("provider_error", repr(exc)[:200])
+    await guards.record_success(account)
+    return result
 
 
 async def step_deadline(ctx: dict[str, Any], message_id: str, step: int) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 import structlog
 from sqlalchemy import and_, exists, select
 
+from app.auth.service import receipt_token
 from app.cascade.machine import (
     FINAL_MESSAGE,
     OPEN_ATTEMPT,
@@ -171,7 +172,13 @@ def _outbound(
         status_callback_url=(
             f"{settings.callback_base}/v1/providers/{provider.name}/status?attempt={public_attempt}"
         ),
+        receipt_token=(
+            receipt_token(settings.api_key_pepper.get_secret_value(), to_public("msg", message.id))
+            if spec["channel"] == Channel.PUSH
+            else None
+        ),
         metadata={k: str(v) for k, v in message.metadata.items()},
+        web_push=Recipient.from_mapping(message.recipient).web_push,
     )
 
 
@@ -191,7 +198,7 @@ async def begin_send(
     channel = Channel(spec["channel"])
     attempt = await ledger.get_attempt(tx.conn, message_id, step)
     try:
-        provider = registry.get(channel, spec["provider"])
+        provider = registry.get(channel, spec["provider"], Category(message.category))
     except UnknownProvider as exc:
         provider = None
         config_error = Error("provider_unavailable", str(exc))

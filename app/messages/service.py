@@ -29,7 +29,7 @@ from app.messages.schemas import (
 )
 from app.queue import send_step_job
 from app.settings import Settings
-from providers.base import Channel, Recipient
+from providers.base import Channel, Provider, Recipient
 from providers.registry import ProviderRegistry, UnknownProvider
 
 DEFAULT_SUCCESS_ON = {
@@ -57,7 +57,7 @@ def resolve_cascade(
     for index, step in enumerate(request.cascade):
         path = f"body.cascade[{index}]"
         try:
-            provider = registry.get(step.channel, step.provider)
+            provider = registry.get(step.channel, step.provider, request.category)
         except UnknownProvider as exc:
             errors.append(
                 FieldError(path=f"{path}.provider", message=str(exc), type="unknown_provider")
@@ -85,12 +85,19 @@ def resolve_cascade(
                 "channel": step.channel.value,
                 "provider": provider.name,
                 "timeout": step.timeout or settings.default_timeouts[step.channel],
-                "success_on": (step.success_on or DEFAULT_SUCCESS_ON[step.channel]).value,
+                "success_on": (step.success_on or default_success_on(step.channel, provider)).value,
             }
         )
     if errors:
         raise InvalidRequest(detail="the cascade cannot be sent as given", errors=errors)
     return steps
+
+
+def default_success_on(channel: Channel, provider: Provider) -> SuccessOn:
+    # Providers without receipts (Telegram) can only ever confirm acceptance.
+    if not getattr(provider, "confirms_delivery", True):
+        return SuccessOn.ACCEPTED
+    return DEFAULT_SUCCESS_ON[channel]
 
 
 def _has_body(channel: Channel, text: str | None, html: str | None, title: str | None) -> bool:

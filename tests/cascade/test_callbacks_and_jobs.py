@@ -16,14 +16,14 @@ from app.ids import to_public
 from app.messages.schemas import SendMessageRequest
 from app.messages.service import accept_message
 from app.runtime import utcnow
-from providers.base import Channel
+from providers.base import Category, Channel
 from providers.sandbox import SandboxProvider, sign
 from tests.conftest import Service, Tenant
 from tests.helpers import message_body, send, wait_until_final
 
 
 def _sandbox(service_: Service) -> SandboxProvider:
-    provider = service_.worker_runtime.providers.get(Channel.SMS, "sandbox")
+    provider = service_.worker_runtime.providers.get(Channel.SMS, "sandbox", Category.TRANSACTIONAL)
     assert isinstance(provider, SandboxProvider)
     return provider
 

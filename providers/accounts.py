@@ -1,0 +1,153 @@
+"""Provider accounts from configuration: which adapters exist, for which categories.
+
+An account is one set of credentials at one provider (e.g. a marketing Twilio messaging
+service apart from the transactional one). Accounts are listed in `CASCADE_PROVIDERS`
+(JSON) or a TOML file (`CASCADE_PROVIDERS_FILE`, `[[providers]]` tables). Secrets never
+need to be inline: a string value `"env:NAME"` reads the environment variable and
+`"file:/path"` reads a secret file.
+
+    [[providers]]
+    type = "twilio"
+    name = "twilio-marketing"     # unique: callbacks arrive at /v1/providers/<name>/status
+    alias = "twilio"              # what a cascade step's `provider` names (default: type)
+    categories = ["marketing"]    # empty: every category
+    rate_per_second = 50
+    [providers.config]
+    account_sid = "AC…"
+    auth_token = "env:TWILIO_MARKETING_TOKEN"
+    messaging_service_sid = "MG…"
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import tomllib
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field
+
+from providers.base import Category, Channel, Provider, StatusUpdate
+
+ProviderType = Literal[
+    "sandbox", "twilio", "smpp", "whatsapp", "telegram", "viber", "fcm", "webpush", "smtp"
+]
+StatusSink = Callable[[str, StatusUpdate], Awaitable[None]]
+
+
+class ProviderAccount(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: ProviderType
+    name: str = Field(pattern=r"^[a-z0-9_-]{1,40}$")
+    alias: str | None = Field(default=None, pattern=r"^[a-z0-9_-]{1,40}$")
+    categories: list[Category] = []
+    rate_per_second: float | None = Field(default=None, gt=0)
+    burst: int = Field(default=10, ge=1)
+    breaker_threshold: int = Field(default=5, ge=1)
+    breaker_window_seconds: float = Field(default=30, gt=0)
+    breaker_cooldown_seconds: float = Field(default=30, gt=0)
+    config: dict[str, Any] = {}
+
+    @property
+    def route(self) -> str:
+        return self.alias or self.type
+
+    def serves(self, category: Category) -> bool:
+        return not self.categories or category in self.categories
+
+
+class ConfigurationError(ValueError):
+    pass
+
+
+def resolve_secrets(value: Any) -> Any:
+    """Replace `env:NAME` and `file:/path` strings (recursively) with what they point to."""
+    if isinstance(value, Mapping):
+        return {key: resolve_secrets(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [resolve_secrets(item) for item in value]
+    if isinstance(value, str):
+        if value.startswith("env:"):
+            name = value[4:]
+            if name not in os.environ:
+                raise ConfigurationError(f"environment variable {name} is not set")
+            return os.environ[name]
+        if value.startswith("file:"):
+            path = Path(value[5:])
+            if not path.is_file():
+                raise ConfigurationError(f"secret file {path} does not exist")
+            return path.read_text().strip()
+    return value
+
+
+def load_accounts(inline: list[dict[str, Any]], file: Path | None) -> list[ProviderAccount]:
+    raw = list(inline)
+    if file is not None:
+        raw.extend(tomllib.loads(file.read_text()).get("providers", []))
+    accounts = [ProviderAccount.model_validate(item) for item in raw]
+    names = [account.name for account in accounts]
+    duplicates = {name for name in names if names.count(name) > 1}
+    if duplicates:
+        raise ConfigurationError(f"provider names must be unique: {sorted(duplicates)}")
+    return accounts
+
+
+@dataclass(frozen=True)
+class AdapterContext:
+    http: httpx.AsyncClient
+    on_status: StatusSink | None = None
+
+
+def _import(module: str, attribute: str) -> Any:
+    return getattr(importlib.import_module(f"providers.{module}"), attribute)
+
+
+_ADAPTERS: dict[str, tuple[str, str, str]] = {
+    # type: (module, config class, provider class)
+    "twilio": ("twilio", "TwilioConfig", "TwilioProvider"),
+    "smpp": ("smpp", "SmppConfig", "SmppProvider"),
+    "whatsapp": ("whatsapp", "WhatsAppConfig", "WhatsAppProvider"),
+    "telegram": ("telegram", "TelegramConfig", "TelegramProvider"),
+    "viber": ("viber", "ViberConfig", "ViberProvider"),
+    "fcm": ("fcm", "FcmConfig", "FcmProvider"),
+    "webpush": ("webpush", "WebPushConfig", "WebPushProvider"),
+    "smtp": ("smtp", "SmtpConfig", "SmtpProvider"),
+}
+
+
+def adapter_config(account: ProviderAccount) -> BaseModel:
+    """The adapter's own config model, validated (secrets resolved): no network."""
+    module, config_class, _ = _ADAPTERS[account.type]
+    values = {**resolve_secrets(account.config), "name": account.name}
+    config: BaseModel = _import(module, config_class).model_validate(values)
+    return config
+
+
+def build_adapters(account: ProviderAccount, context: AdapterContext) -> list[Provider]:
+    """The adapter instances one account provides (sandbox: one per channel)."""
+    if account.type == "sandbox":
+        from providers.sandbox import SandboxConfig, SandboxProvider
+
+        sandbox = SandboxConfig.model_validate(
+            {**resolve_secrets(account.config), "name": account.name}
+        )
+        return [SandboxProvider(channel, sandbox, http=context.http) for channel in Channel]
+    module, _, provider_class = _ADAPTERS[account.type]
+    config = adapter_config(account)
+    cls = _import(module, provider_class)
+    if account.type == "smtp":
+        return [cls(config)]
+    if account.type == "smpp":
+        sink = context.on_status
+
+        async def on_status(update: StatusUpdate) -> None:
+            if sink is not None:
+                await sink(account.name, update)
+
+        return [cls(config, on_status=on_status)]
+    return [cls(config, http=context.http)]

@@ -1,0 +1,209 @@
+"""The full path through real provider protocols: API → worker → adapter → simulator →
+signed callback → ledger. Each simulator speaks its provider's wire format on 127.0.0.1."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+import httpx
+
+from tests.conftest import Service, Simulators, Tenant
+from tests.helpers import attempt_statuses, eventually, message_body, send, wait_until_final
+from tests.simulators.smtp import build_dsn, sign_bounce
+
+
+async def test_sms_through_twilio_is_delivered_by_its_signed_status_callback(
+    tenant: Tenant, simulators: Simulators
+) -> None:
+    body = message_body(
+        to={"phone": "+48600100200"}, cascade=[{"channel": "sms", "provider": "twilio"}]
+    )
+    message = await wait_until_final(tenant.client, await send(tenant.client, body))
+
+    assert message["status"] == "delivered"
+    attempt = message["attempts"][0]
+    assert attempt["provider"] == "twilio"
+    assert attempt["provider_message_id"].startswith("SM")
+    submits = [r for r in simulators.twilio.message_submits if r.form.get("To") == "+48600100200"]
+    assert len(submits) >= 1
+    sources = [(e["status"], e["source"]) for e in message["events"] if e["attempt"]]
+    assert ("delivered", "provider") in sources
+
+
+async def test_invalid_number_at_twilio_falls_over_to_email_over_smtp(
+    tenant: Tenant, simulators: Simulators
+) -> None:
+    body = message_body(
+        to={"phone": "+48600100211", "email": "ann+twilio@example.com"},
+        cascade=[
+            {"channel": "sms", "provider": "twilio"},
+            {"channel": "email", "provider": "smtp"},
+        ],
+    )
+    message = await wait_until_final(tenant.client, await send(tenant.client, body))
+
+    assert attempt_statuses(message) == [("sms", "rejected"), ("email", "sent")]
+    assert message["attempts"][0]["error"]["code"] == "twilio:21211"
+    assert message["delivered_channel"] == "email"
+    mail = next(m for m in simulators.smtp.messages if "ann+twilio@example.com" in m.rcpt_tos)
+    assert mail.mail_from.startswith("bounce+att_")
+    assert mail.message["Subject"] == "Login code"
+
+
+async def test_undelivered_sms_falls_over_to_whatsapp(tenant: Tenant) -> None:
+    body = message_body(
+        to={"phone": "+48600100999", "whatsapp": "+48600100201"},
+        cascade=[
+            {"channel": "sms", "provider": "twilio"},
+            {"channel": "messenger", "provider": "whatsapp"},
+        ],
+    )
+    message = await wait_until_final(tenant.client, await send(tenant.client, body))
+
+    assert attempt_statuses(message) == [("sms", "failed"), ("messenger", "delivered")]
+    assert message["attempts"][0]["error"]["code"] == "twilio:30003"
+    assert message["attempts"][1]["provider_message_id"].startswith("wamid.")
+
+
+async def test_rate_limited_sms_with_no_time_left_falls_over(tenant: Tenant) -> None:
+    # Twilio answers 429 with Retry-After 3 s; the step's 2 s window cannot wait that long.
+    body = message_body(
+        to={"phone": "+48600100429", "email": "ann+429@example.com"},
+        cascade=[
+            {"channel": "sms", "provider": "twilio", "timeout": 2},
+            {"channel": "email", "provider": "smtp"},
+        ],
+    )
+    message = await wait_until_final(tenant.client, await send(tenant.client, body))
+
+    assert attempt_statuses(message) == [("sms", "failed"), ("email", "sent")]
+    assert message["attempts"][0]["error"]["code"] == "twilio:20429"
+
+
+async def test_undeliverable_whatsapp_falls_over_to_telegram_which_succeeds_on_acceptance(
+    tenant: Tenant, simulators: Simulators
+) -> None:
+    body = message_body(
+        to={"whatsapp": "+48600100226", "telegram_chat_id": "7700123"},
+        cascade=[
+            {"channel": "messenger", "provider": "whatsapp"},
+            {"channel": "messenger", "provider": "telegram"},
+        ],
+    )
+    message = await wait_until_final(tenant.client, await send(tenant.client, body))
+
+    assert attempt_statuses(message) == [("messenger", "rejected"), ("messenger", "sent")]
+    assert message["attempts"][0]["error"]["code"] == "whatsapp:131026"
+    assert message["cascade"][1]["success_on"] == "accepted"
+    assert message["status"] == "delivered"
+
+
+async def test_push_through_fcm_is_confirmed_by_the_device_receipt(
+    service: Service, tenant: Tenant, simulators: Simulators
+) -> None:
+    body = message_body(
+        to={"push_token": "fcm-device-token-1"},
+        cascade=[{"channel": "push", "provider": "fcm", "timeout": 30}],
+    )
+    message_id = await send(tenant.client, body)
+    sent = await eventually(
+        lambda: [
+            s
+            for s in simulators.fcm.sends
+            if s.body["message"]["data"].get("message_id") == message_id
+        ]
+    )
+    data = sent[0].body["message"]["data"]
+    assert sent[0].body["message"]["android"]["ttl"] == "30s"
+
+    async with httpx.AsyncClient(base_url=service.base_url) as device:
+        forged = await device.post(
+            f"/v1/messages/{message_id}/receipts",
+            json={"status": "delivered"},
+            headers={"X-Receipt-Token": "rct_forged"},
+        )
+        confirmed = await device.post(
+            f"/v1/messages/{message_id}/receipts",
+            json={"status": "delivered"},
+            headers={"X-Receipt-Token": data["receipt_token"]},
+        )
+
+    assert forged.status_code == 401
+    assert confirmed.json() == {"applied": True}
+    message = await wait_until_final(tenant.client, message_id)
+    assert message["delivered_channel"] == "push"
+
+
+async def test_unregistered_fcm_token_falls_over_to_sms(tenant: Tenant) -> None:
+    body = message_body(
+        to={"push_token": "device-unregistered", "phone": "+48600100200"},
+        cascade=[{"channel": "push", "provider": "fcm"}, {"channel": "sms"}],
+    )
+    message = await wait_until_final(tenant.client, await send(tenant.client, body))
+
+    assert attempt_statuses(message) == [("push", "rejected"), ("sms", "delivered")]
+    assert message["attempts"][0]["error"]["code"] == "fcm:UNREGISTERED"
+
+
+async def test_forged_whatsapp_webhook_is_refused(service: Service) -> None:
+    payload = b'{"object":"whatsapp_business_account","entry":[]}'
+    wrong = hmac.new(b"not-the-app-secret", payload, hashlib.sha256).hexdigest()
+    async with httpx.AsyncClient(base_url=service.base_url) as meta:
+        response = await meta.post(
+            "/v1/providers/whatsapp/status",
+            content=payload,
+            headers={"X-Hub-Signature-256": f"sha256={wrong}"},
+        )
+    assert response.status_code == 401
+
+
+async def test_whatsapp_webhook_handshake_echoes_the_challenge(service: Service) -> None:
+    async with httpx.AsyncClient(base_url=service.base_url) as meta:
+        good = await meta.get(
+            "/v1/providers/whatsapp/status",
+            params={
+                "hub.mode": "subscribe",
+                "hub.verify_token": "verify-me",
+                "hub.challenge": "1158201444",
+            },
+        )
+        bad = await meta.get(
+            "/v1/providers/whatsapp/status",
+            params={
+                "hub.mode": "subscribe",
+                "hub.verify_token": "wrong",
+                "hub.challenge": "1158201444",
+            },
+        )
+    assert (good.status_code, good.text) == (200, "1158201444")
+    assert bad.status_code == 403
+
+
+async def test_hard_bounce_dsn_marks_the_email_attempt_failed(
+    service: Service, tenant: Tenant, simulators: Simulators
+) -> None:
+    body = message_body(
+        to={"email": "gone@example.com"}, cascade=[{"channel": "email", "provider": "smtp"}]
+    )
+    message = await wait_until_final(tenant.client, await send(tenant.client, body))
+    mail = next(m for m in simulators.smtp.messages if "gone@example.com" in m.rcpt_tos)
+    dsn = build_dsn(mail)
+    async with httpx.AsyncClient(base_url=service.base_url) as mta:
+        forged = await mta.post(
+            "/v1/providers/smtp/status",
+            content=dsn,
+            headers={"X-Cascade-Bounce-Signature": sign_bounce(dsn, "wrong-secret")},
+        )
+        bounced = await mta.post(
+            "/v1/providers/smtp/status",
+            content=dsn,
+            headers={"X-Cascade-Bounce-Signature": sign_bounce(dsn, "bounce-secret")},
+        )
+
+    assert forged.status_code == 401
+    assert bounced.json() == {"received": 1, "applied": 1}
+    after = (await tenant.client.get(f"/v1/messages/{message['id']}")).json()
+    assert after["status"] == "delivered"  # the relay accepted it: success_on accepted
+    assert after["attempts"][0]["status"] == "failed"
+    assert after["attempts"][0]["error"]["code"].startswith("smtp:5.")
