@@ -26,6 +26,8 @@ from app.settings import Settings
 cli = typer.Typer(help="Cascade: message delivery with channel cascades.", no_args_is_help=True)
 keys_cli = typer.Typer(help="API keys.", no_args_is_help=True)
 cli.add_typer(keys_cli, name="keys")
+providers_cli = typer.Typer(help="Provider accounts.", no_args_is_help=True)
+cli.add_typer(providers_cli, name="providers")
 console = Console()
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -221,6 +223,38 @@ def openapi(
     SPEC_PATH.parent.mkdir(exist_ok=True)
     SPEC_PATH.write_text(spec)
     console.print(f"wrote {SPEC_PATH}")
+
+
+@providers_cli.command("check")
+def providers_check() -> None:
+    """Validate provider accounts and credential formats, without sending anything."""
+    from rich.table import Table
+
+    from app.runtime import provider_accounts
+    from providers.accounts import check_account
+
+    settings = Settings()
+    try:
+        accounts = provider_accounts(settings)
+    except ValueError as exc:
+        console.print(f"[red]configuration error:[/] {exc}")
+        raise typer.Exit(1) from None
+    table = Table("name", "type", "routes as", "categories", "result")
+    problems = {account.name: check_account(account) for account in accounts}
+    for account in accounts:
+        table.add_row(
+            account.name,
+            account.type,
+            account.route,
+            ", ".join(account.categories) or "all",
+            "[red]failed[/]" if problems[account.name] else "[green]ok[/]",
+        )
+    console.print(table)
+    for name, found in problems.items():
+        for problem in found:
+            console.print(f"{name}: {problem}", soft_wrap=True, highlight=False)
+    if any(problems.values()):
+        raise typer.Exit(1)
 
 
 @keys_cli.command("create")

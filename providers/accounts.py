@@ -21,7 +21,9 @@ need to be inline: a string value `"env:NAME"` reads the environment variable an
 from __future__ import annotations
 
 import importlib
+import json
 import os
+import re
 import tomllib
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -151,3 +153,40 @@ def build_adapters(account: ProviderAccount, context: AdapterContext) -> list[Pr
 
         return [cls(config, on_status=on_status)]
     return [cls(config, http=context.http)]
+
+
+# Credential shapes each provider documents; checked by `cascade providers check`.
+_CREDENTIAL_FORMATS: dict[str, dict[str, str]] = {
+    "twilio": {
+        "account_sid": r"^AC[0-9a-fA-F]{32}$",
+        "messaging_service_sid": r"^MG[0-9a-fA-F]{32}$",
+        "from_number": r"^\+[1-9]\d{1,14}$|^[A-Za-z0-9 ]{1,11}$",
+    },
+    "telegram": {"bot_token": r"^\d+:[A-Za-z0-9_-]{20,}$"},
+    "whatsapp": {"phone_number_id": r"^\d+$"},
+    "fcm": {"project_id": r"^[a-z][a-z0-9-]{4,28}[a-z0-9]$"},
+}
+
+
+def check_account(account: ProviderAccount) -> list[str]:
+    """Problems with an account's configuration, found without contacting the provider."""
+    try:
+        values = resolve_secrets(account.config)
+        if account.type != "sandbox":
+            adapter_config(account)
+    except (ConfigurationError, ValueError, ImportError) as exc:
+        return [str(exc).strip()]
+    problems = []
+    for field, pattern in _CREDENTIAL_FORMATS.get(account.type, {}).items():
+        value = values.get(field)
+        if value is not None and not re.fullmatch(pattern, str(value)):
+            problems.append(f"{field} does not look like a {account.type} {field}")
+    if account.type == "fcm" and values.get("service_account_json"):
+        try:
+            key = json.loads(values["service_account_json"])
+            missing = {"client_email", "private_key", "token_uri"} - key.keys()
+            if missing:
+                problems.append(f"service account JSON lacks {sorted(missing)}")
+        except json.JSONDecodeError:
+            problems.append("service_account_json is not JSON")
+    return problems
