@@ -25,13 +25,10 @@ and answers by the end of the registration token:
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import itertools
 import json
 import re
 import secrets
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from types import TracebackType
@@ -39,7 +36,6 @@ from typing import Any, Self
 from urllib.parse import parse_qs
 
 import jwt
-import uvicorn
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
@@ -47,6 +43,8 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+
+from tests.simulators.server import LocalServer
 
 FCM_SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
 JWT_BEARER_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
@@ -164,7 +162,7 @@ class FcmSimulator:
         self._accounts: dict[str, ServiceAccount] = {}
         self._issued_tokens: set[str] = set()
         self._message_ids = itertools.count(1_500_000_000_000_000)
-        self._server = _LocalServer(
+        self._server = LocalServer(
             Starlette(
                 routes=[
                     Route("/token", self._token, methods=["POST"]),
@@ -385,48 +383,3 @@ def _violations(body: object) -> Iterator[tuple[str, str]]:
             yield "message.apns.headers", "apns-expiration must be a UNIX epoch date in seconds"
         elif platform == "webpush" and not headers.get("TTL", "0").isdigit():
             yield "message.webpush.headers", "TTL must be a number of seconds"
-
-
-class _LocalServer:
-    """Serves an ASGI app with uvicorn on 127.0.0.1, on a free port, in the running loop."""
-
-    def __init__(self, app: Starlette) -> None:
-        self._app = app
-        self._server: uvicorn.Server | None = None
-        self._task: asyncio.Task[None] | None = None
-        self.base_url = ""
-
-    async def start(self) -> None:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.bind(("127.0.0.1", 0))
-        self.base_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        config = uvicorn.Config(
-            self._app,
-            lifespan="off",
-            log_level="warning",
-            log_config=None,
-            access_log=False,
-            ws="none",
-            timeout_graceful_shutdown=1,
-        )
-        self._server = _SignalFreeServer(config)
-        self._task = asyncio.create_task(self._server.serve(sockets=[sock]))
-        async with asyncio.timeout(10):
-            while not self._server.started:
-                if self._task.done():
-                    self._task.result()
-                    raise RuntimeError("uvicorn stopped before it started")
-                await asyncio.sleep(0.005)
-
-    async def stop(self) -> None:
-        if self._server is not None and self._task is not None:
-            self._server.should_exit = True
-            await self._task
-
-
-class _SignalFreeServer(uvicorn.Server):
-    """Leaves SIGINT/SIGTERM to pytest: the server stops when the fixture says so."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield

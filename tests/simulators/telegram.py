@@ -19,24 +19,21 @@ Telegram sends no delivery or read receipts, so there is nothing to post back.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import itertools
 import json
 import re
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
 from urllib.parse import parse_qsl
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp
+
+from tests.simulators.server import LocalServer
 
 _TOKEN = re.compile(r"\d+:[A-Za-z0-9_-]+")
 _PARSE_MODES = frozenset({"HTML", "Markdown", "MarkdownV2"})
@@ -54,51 +51,6 @@ class RecordedRequest:
     headers: dict[str, str]  # lower-case names, as received
     params: dict[str, Any]  # query, form and JSON parameters merged, as Telegram reads them
     body: bytes
-
-
-class LocalServer:
-    """Serves an ASGI app with uvicorn on 127.0.0.1, random port, in the running loop."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        config = uvicorn.Config(
-            app,
-            host="127.0.0.1",
-            port=0,
-            lifespan="off",
-            log_level="warning",
-            log_config=None,
-            access_log=False,
-            ws="none",
-            timeout_graceful_shutdown=1,
-        )
-        self._server = _SignalFreeServer(config)
-        self._task: asyncio.Task[None] | None = None
-        self.base_url = ""
-
-    async def start(self) -> str:
-        self._task = asyncio.create_task(self._server.serve())
-        async with asyncio.timeout(10):
-            while not self._server.started:
-                if self._task.done():
-                    self._task.result()
-                    raise RuntimeError("uvicorn exited before it started")
-                await asyncio.sleep(0.01)
-        port = self._server.servers[0].sockets[0].getsockname()[1]
-        self.base_url = f"http://127.0.0.1:{port}"
-        return self.base_url
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._server.should_exit = True
-            await self._task
-            self._task = None
-
-
-class _SignalFreeServer(uvicorn.Server):
-    # Inside a test run Ctrl-C must stay pytest's, not stop this server.
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
 
 
 class TelegramSimulator:

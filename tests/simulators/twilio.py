@@ -32,9 +32,8 @@ import binascii
 import contextlib
 import re
 import secrets
-import socket
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import format_datetime
@@ -44,12 +43,15 @@ from typing import Any, Self
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import httpx
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from twilio.request_validator import RequestValidator
+
+from tests.simulators.server import LocalServer
+
+LocalHTTPServer = LocalServer  # the name other simulators imported first
 
 API_VERSION = "2010-04-01"
 E164 = re.compile(r"^\+[1-9]\d{1,14}$")
@@ -130,45 +132,6 @@ class ReceivedCallback:
     query: Mapping[str, str] = field(default_factory=dict)
 
 
-class LocalHTTPServer:
-    """Serves an ASGI app with uvicorn on 127.0.0.1, on a free port, inside the running loop."""
-
-    def __init__(self, app: Callable[..., Awaitable[None]]) -> None:
-        self._app = app
-        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._socket.bind(("127.0.0.1", 0))
-        self.port: int = self._socket.getsockname()[1]
-        self._server: uvicorn.Server | None = None
-        self._task: asyncio.Task[None] | None = None
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def start(self) -> None:
-        config = uvicorn.Config(
-            self._app,
-            lifespan="off",
-            ws="none",
-            log_config=None,
-            log_level="warning",
-            access_log=False,
-        )
-        self._server = uvicorn.Server(config)
-        self._task = asyncio.create_task(self._server.serve(sockets=[self._socket]))
-        while not self._server.started:
-            if self._task.done():
-                self._task.result()
-                raise RuntimeError("uvicorn stopped before it started")
-            await asyncio.sleep(0.01)
-
-    async def stop(self) -> None:
-        if self._server is not None and self._task is not None:
-            self._server.should_exit = True
-            await self._task
-        self._socket.close()
-
-
 class TwilioSimulator:
     def __init__(
         self,
@@ -193,7 +156,7 @@ class TwilioSimulator:
         self._reporting: set[asyncio.Task[None]] = set()
         self._closing = asyncio.Event()
         self._callback_http = httpx.AsyncClient(timeout=5.0)
-        self._server = LocalHTTPServer(
+        self._server = LocalServer(
             Starlette(
                 routes=[
                     Route(
@@ -397,7 +360,7 @@ class CallbackReceiver:
 
     def __init__(self) -> None:
         self.received: list[ReceivedCallback] = []
-        self._server = LocalHTTPServer(
+        self._server = LocalServer(
             Starlette(routes=[Route("/{path:path}", self._receive, methods=["POST"])])
         )
 
