@@ -44,7 +44,9 @@ async def test_failure_receipt_falls_over_to_the_next_step(tenant: Tenant) -> No
     )
     message = await wait_until_final(tenant.client, await send(tenant.client, body))
 
-    assert attempt_statuses(message) == [("sms", "failed"), ("email", "sent")]
+    # Email succeeds on the relay's acceptance; the sandbox's later receipt may follow.
+    assert attempt_statuses(message)[0] == ("sms", "failed")
+    assert attempt_statuses(message)[1] in {("email", "sent"), ("email", "delivered")}
     assert message["delivered_channel"] == "email"
     failed = [e for e in message["events"] if e["status"] == "failed"]
     assert failed[0]["source"] == "provider"
