@@ -16,8 +16,6 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any, Literal, Self
 
@@ -39,6 +37,7 @@ from providers.base import (
     StatusUpdate,
     TransientProviderError,
 )
+from providers.http import json_object, retry_after_seconds
 
 FCM_SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
 JWT_BEARER_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
@@ -192,14 +191,14 @@ class FcmProvider:
         except httpx.TransportError as exc:
             raise TransientProviderError("fcm:token_transport", str(exc)) from exc
 
-        payload = _json_object(response)
+        payload = json_object(response)
         if not response.is_success:
             error = payload.get("error")
             code = error if isinstance(error, str) else str(response.status_code)
             raise TransientProviderError(
                 f"fcm:token:{code}",
                 str(payload.get("error_description", "")),
-                retry_after=_retry_after(response),
+                retry_after=retry_after_seconds(response),
             )
         access_token = payload.get("access_token")
         expires_in = payload.get("expires_in")
@@ -242,7 +241,7 @@ def _request_body(message: OutboundMessage) -> dict[str, Any]:
 
 def _classify(response: httpx.Response, *, fallback_id: str) -> SendResult:
     if response.is_success:
-        name = _json_object(response).get("name")
+        name = json_object(response).get("name")
         # A 200 without a name still means FCM took the message; never resend it.
         return Accepted(name if isinstance(name, str) and name else fallback_id)
 
@@ -255,12 +254,12 @@ def _classify(response: httpx.Response, *, fallback_id: str) -> SendResult:
         # APNs/Web Push credentials or our project permissions: the provider's fault.
         raise TransientProviderError(code, error.message)
     if error.code in _RETRYABLE_ERRORS or status_code == 429 or status_code >= 500:
-        raise TransientProviderError(code, error.message, retry_after=_retry_after(response))
+        raise TransientProviderError(code, error.message, retry_after=retry_after_seconds(response))
     return Rejected(code, error.message)
 
 
 def _fcm_error(response: httpx.Response) -> _FcmError:
-    error = _json_object(response).get("error")
+    error = json_object(response).get("error")
     if not isinstance(error, dict):
         return _FcmError(None, None, response.text[:200])
     details = error.get("details")
@@ -278,32 +277,6 @@ def _fcm_error(response: httpx.Response) -> _FcmError:
         status if isinstance(status, str) else None,
         str(error.get("message", "")),
     )
-
-
-def _json_object(response: httpx.Response) -> dict[str, Any]:
-    try:
-        payload = response.json()
-    except ValueError:
-        return {}
-    return payload if isinstance(payload, dict) else {}
-
-
-def _retry_after(response: httpx.Response) -> float | None:
-    """Retry-After as seconds from now: either delta-seconds or an HTTP date."""
-    value = response.headers.get("Retry-After")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
 def _load_service_account_key(config: FcmConfig) -> _ServiceAccountKey:

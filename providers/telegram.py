@@ -28,6 +28,7 @@ from providers.base import (
     StatusUpdate,
     TransientProviderError,
 )
+from providers.http import retry_after_seconds
 
 
 class TelegramConfig(BaseModel):
@@ -137,7 +138,7 @@ def _classify(response: httpx.Response, chat_id: str) -> SendResult:
     if code == 429:
         retry_after = parameters.retry_after if parameters else None
         raise TransientProviderError(
-            "telegram:429", description, retry_after=retry_after or _retry_after(response)
+            "telegram:429", description, retry_after=retry_after or retry_after_seconds(response)
         )
     if code in (401, 404):
         # 401: token revoked or wrong; 404: the token is malformed or the base URL is wrong.
@@ -149,11 +150,3 @@ def _classify(response: httpx.Response, chat_id: str) -> SendResult:
         description = f"{description} (migrate_to_chat_id={parameters.migrate_to_chat_id})"
     # 403: bot blocked, user deactivated, bot cannot initiate; 400: chat not found, bad text.
     return Rejected(f"telegram:{code}", description)
-
-
-def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after")
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None

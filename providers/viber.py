@@ -18,10 +18,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import math
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import Any, Final
 
 import httpx
@@ -41,6 +39,7 @@ from providers.base import (
     StatusUpdate,
     TransientProviderError,
 )
+from providers.http import json_object, retry_after_seconds
 
 AUTH_HEADER: Final = "X-Viber-Auth-Token"
 SIGNATURE_HEADER: Final = "x-viber-content-signature"
@@ -161,7 +160,7 @@ def classify_response(response: httpx.Response, *, fallback_id: str) -> SendResu
     if http_status != 200:
         # Viber answers 200 even to a bad token: anything else is a wrong base URL or proxy.
         raise TransientProviderError(f"viber:http_{http_status}", response.reason_phrase)
-    body = _json_object(response)
+    body = json_object(response)
     status = body.get("status")
     if not isinstance(status, int) or isinstance(status, bool):
         raise TransientProviderError("viber:bad_response", "200 without a numeric status")
@@ -233,31 +232,3 @@ def _event_time(timestamp: Any) -> datetime | None:
         return datetime.fromtimestamp(timestamp / 1000, UTC)
     except (OverflowError, OSError, ValueError):
         return None
-
-
-def _json_object(response: httpx.Response) -> dict[str, Any]:
-    try:
-        body = response.json()
-    except ValueError:
-        return {}
-    return body if isinstance(body, dict) else {}
-
-
-def retry_after_seconds(response: httpx.Response) -> float | None:
-    """Retry-After as seconds from now: either delta-seconds or an HTTP date."""
-    value = response.headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        pass
-    else:
-        return max(0.0, seconds) if math.isfinite(seconds) else None
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())

@@ -20,15 +20,12 @@ import base64
 import binascii
 import hashlib
 import json
-import math
 import re
 import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
-from typing import Any, Final, Literal, Self
+from typing import Final, Literal, Self
 from urllib.parse import urlsplit
 
 import httpx
@@ -58,6 +55,7 @@ from providers.base import (
     TransientProviderError,
     WebPushSubscription,
 )
+from providers.http import json_object, retry_after_seconds
 
 Urgency = Literal["very-low", "low", "normal", "high"]
 URGENCIES: Final = frozenset({"very-low", "low", "normal", "high"})
@@ -302,36 +300,12 @@ def classify_response(response: httpx.Response, *, fallback_id: str) -> SendResu
 
 def _error_detail(response: httpx.Response) -> str:
     """The push service's message (autopush and FCM answer JSON; others plain text)."""
-    try:
-        body: Any = response.json()
-    except ValueError:
-        body = None
-    if isinstance(body, dict):
-        for key in ("message", "error", "reason"):
-            value = body.get(key)
-            if isinstance(value, str) and value:
-                return value[:200]
+    body = json_object(response)
+    for key in ("message", "error", "reason"):
+        value = body.get(key)
+        if isinstance(value, str) and value:
+            return value[:200]
     return response.text[:200] or response.reason_phrase
-
-
-def retry_after_seconds(response: httpx.Response) -> float | None:
-    """Retry-After as seconds from now: either delta-seconds or an HTTP date."""
-    value = response.headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        pass
-    else:
-        return max(0.0, seconds) if math.isfinite(seconds) else None
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
 def endpoint_origin(endpoint: str) -> str:
