@@ -28,6 +28,7 @@ from app.runtime import Runtime, utcnow
 from app.settings import Settings
 from app.worker import run_workers
 from tests.simulators.fcm import FcmSimulator, ServiceAccount
+from tests.simulators.smpp import SmscSimulator
 from tests.simulators.smtp import SmtpSimulator
 from tests.simulators.telegram import TelegramSimulator
 from tests.simulators.twilio import TwilioSimulator
@@ -88,6 +89,7 @@ class Simulators:
     telegram: TelegramSimulator
     fcm: FcmSimulator
     smtp: SmtpSimulator
+    smsc: SmscSimulator
 
 
 @pytest.fixture(scope="session")
@@ -115,10 +117,14 @@ async def simulators(api_port: int) -> AsyncIterator[Simulators]:
             telegram=await stack.enter_async_context(TelegramSimulator()),
             fcm=fcm,
             smtp=smtp,
+            smsc=await stack.enter_async_context(SmscSimulator(system_id="cascade")),
         )
 
 
-def provider_accounts(sims: Simulators) -> list[dict[str, object]]:
+SANDBOX_SECRET = Settings().sandbox_secret.get_secret_value()
+
+
+def provider_accounts(sims: Simulators, api_port: int) -> list[dict[str, object]]:
     service_account = ServiceAccount.generate(
         project_id="cascade-test", token_uri=sims.fcm.token_uri
     )
@@ -160,6 +166,40 @@ def provider_accounts(sims: Simulators) -> list[dict[str, object]]:
             },
         },
         {
+            "type": "twilio",
+            "name": "twilio-fragile",
+            "breaker_threshold": 2,
+            "breaker_cooldown_seconds": 60,
+            "config": {
+                "base_url": sims.twilio.base_url,
+                "account_sid": sims.twilio.account_sid,
+                "auth_token": sims.twilio.auth_token,
+                "from_number": "+15005550006",
+            },
+        },
+        {
+            "type": "sandbox",
+            "name": "sandbox-slow",
+            "rate_per_second": 0.5,
+            "burst": 1,
+            "config": {
+                "callback_url": f"http://127.0.0.1:{api_port}/v1/providers/sandbox-slow/status",
+                "secret": SANDBOX_SECRET,
+                "delay_seconds": 0.05,
+            },
+        },
+        {
+            "type": "smpp",
+            "name": "smpp",
+            "config": {
+                "host": sims.smsc.host,
+                "port": sims.smsc.port,
+                "system_id": sims.smsc.system_id,
+                "password": sims.smsc.password,
+                "source_addr": "Cascade",
+            },
+        },
+        {
             "type": "smtp",
             "name": "smtp",
             "config": {
@@ -180,7 +220,7 @@ def settings(
 ) -> Settings:
     port = api_port
     return Settings(
-        providers=provider_accounts(simulators),
+        providers=provider_accounts(simulators, api_port),
         database_url=database_url,
         redis_url=servers.redis_url,
         public_url=f"http://127.0.0.1:{port}",
@@ -189,6 +229,8 @@ def settings(
         # The sweeper is driven explicitly by the tests that need it.
         sweep_interval_seconds=3600,
         retry_base_delay=0.05,
+        # Webhook receivers in the tests listen on 127.0.0.1 over plain http.
+        webhooks_allow_loopback_http=True,
     )
 
 

@@ -207,3 +207,48 @@ async def test_hard_bounce_dsn_marks_the_email_attempt_failed(
     assert after["status"] == "delivered"  # the relay accepted it: success_on accepted
     assert after["attempts"][0]["status"] == "failed"
     assert after["attempts"][0]["error"]["code"].startswith("smtp:5.")
+
+
+async def test_sms_over_smpp_is_delivered_by_a_deliver_sm_receipt(
+    tenant: Tenant, simulators: Simulators
+) -> None:
+    body = message_body(
+        to={"phone": "+48600100200"}, cascade=[{"channel": "sms", "provider": "smpp"}]
+    )
+    message = await wait_until_final(tenant.client, await send(tenant.client, body))
+
+    assert attempt_statuses(message) == [("sms", "delivered")]
+    assert len(simulators.smsc.submits_to("48600100200")) >= 1
+    delivered = [e for e in message["events"] if e["status"] == "delivered" and e["attempt"]]
+    assert delivered[0]["source"] == "provider"
+
+
+async def test_undelivered_smpp_receipt_falls_over_to_email(tenant: Tenant) -> None:
+    body = message_body(
+        to={"phone": "+48600100099", "email": "ann+smpp@example.com"},
+        cascade=[{"channel": "sms", "provider": "smpp"}, {"channel": "email", "provider": "smtp"}],
+    )
+    message = await wait_until_final(tenant.client, await send(tenant.client, body))
+
+    assert attempt_statuses(message) == [("sms", "failed"), ("email", "sent")]
+    assert message["attempts"][0]["error"]["code"].startswith("smpp:UNDELIV")
+
+
+async def test_smpp_receipt_before_the_submit_response_still_matches(tenant: Tenant) -> None:
+    body = message_body(
+        to={"phone": "+48600100077"}, cascade=[{"channel": "sms", "provider": "smpp"}]
+    )
+    message = await wait_until_final(tenant.client, await send(tenant.client, body))
+
+    assert attempt_statuses(message) == [("sms", "delivered")]
+
+
+async def test_invalid_destination_at_the_smsc_falls_over(tenant: Tenant) -> None:
+    body = message_body(
+        to={"phone": "+48600100011", "email": "ann+smpp11@example.com"},
+        cascade=[{"channel": "sms", "provider": "smpp"}, {"channel": "email", "provider": "smtp"}],
+    )
+    message = await wait_until_final(tenant.client, await send(tenant.client, body))
+
+    assert attempt_statuses(message) == [("sms", "rejected"), ("email", "sent")]
+    assert message["attempts"][0]["error"]["code"] == "smpp:0x0000000B"

@@ -1,0 +1,87 @@
+"""Per-account rate limits and circuit breakers, shared through the real Redis."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from app.cascade.throttle import SendGuards
+from providers.accounts import ProviderAccount
+from tests.conftest import Service, Tenant
+from tests.helpers import attempt_statuses, message_body, send, wait_until_final
+
+
+def _account(**limits: float) -> ProviderAccount:
+    return ProviderAccount(type="sandbox", name=f"acct-{uuid.uuid4().hex[:8]}", **limits)
+
+
+async def test_rate_limit_allows_the_burst_then_spaces_sends(service: Service) -> None:
+    guards = SendGuards(service.worker_runtime.redis)
+    account = _account(rate_per_second=1, burst=3)
+
+    waits = [await guards.wait_for_rate(account) for _ in range(4)]
+
+    assert waits[:3] == [0.0, 0.0, 0.0]
+    assert 0.0 < waits[3] <= 1.0
+
+
+async def test_an_account_without_a_rate_is_never_limited(service: Service) -> None:
+    guards = SendGuards(service.worker_runtime.redis)
+    account = _account()
+    assert [await guards.wait_for_rate(account) for _ in range(50)] == [0.0] * 50
+
+
+async def test_breaker_opens_at_the_threshold_and_success_resets_the_count(
+    service: Service,
+) -> None:
+    guards = SendGuards(service.worker_runtime.redis)
+    account = _account(breaker_threshold=3)
+
+    assert not await guards.record_provider_failure(account)
+    assert not await guards.record_provider_failure(account)
+    await guards.record_success(account)
+    assert not await guards.record_provider_failure(account)
+    assert not await guards.record_provider_failure(account)
+    assert not await guards.circuit_open(account)
+    assert await guards.record_provider_failure(account)
+    assert await guards.circuit_open(account)
+
+
+@pytest.mark.parametrize("phone", ["+48600100500"])
+async def test_a_failing_provider_is_skipped_once_its_circuit_opens(
+    tenant: Tenant, service: Service, phone: str
+) -> None:
+    # twilio-fragile opens its circuit after 2 provider errors (Twilio answers 500 here).
+    guards = SendGuards(service.worker_runtime.redis)
+    account = service.worker_runtime.providers.account("twilio-fragile")
+    for _ in range(account.breaker_threshold):
+        await guards.record_provider_failure(account)
+    body = message_body(
+        to={"phone": phone, "email": "ann+circuit@example.com"},
+        cascade=[
+            {"channel": "sms", "provider": "twilio-fragile", "timeout": 60},
+            {"channel": "email", "provider": "smtp"},
+        ],
+    )
+
+    message = await wait_until_final(tenant.client, await send(tenant.client, body), within=10)
+
+    assert attempt_statuses(message) == [("sms", "rejected"), ("email", "sent")]
+    assert message["attempts"][0]["error"]["code"] == "circuit_open"
+
+
+async def test_a_rate_limited_send_waits_and_shows_why(tenant: Tenant) -> None:
+    # sandbox-slow allows one send every 2 s: the second message waits its turn.
+    body = message_body(
+        to={"phone": "+48600100200"},
+        cascade=[{"channel": "sms", "provider": "sandbox-slow", "timeout": 30}],
+    )
+    first = await send(tenant.client, body)
+    second = await send(tenant.client, body)
+
+    messages = [await wait_until_final(tenant.client, m, within=15) for m in (first, second)]
+
+    assert [m["status"] for m in messages] == ["delivered", "delivered"]
+    errors = [m["attempts"][0]["error"] for m in messages]
+    assert {"code": "rate_limited", "detail": "sandbox-slow allows 0.5/s"} in errors
