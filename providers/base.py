@@ -77,6 +77,10 @@ class Content:
     subject: str | None = None
     html: str | None = None
     title: str | None = None
+    # A provider-side template (WhatsApp): its name, language and body parameters.
+    template_name: str | None = None
+    template_language: str | None = None
+    template_params: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +107,9 @@ class OutboundMessage:
     receipt_token: str | None = None
     metadata: Mapping[str, str] = field(default_factory=dict)
     web_push: WebPushSubscription | None = None
+    # Extra protocol headers (email: List-Unsubscribe for marketing); adapters that have
+    # no headers ignore them.
+    headers: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +203,41 @@ class SubscriptionHandshake(Protocol):
     """Providers that verify a callback URL with a GET challenge (WhatsApp's `hub.challenge`)."""
 
     def verify_subscription(self, query: Mapping[str, str]) -> str | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class InboundMessage:
+    """A message a recipient sent us (an SMS reply), as a provider reported it."""
+
+    channel: Channel
+    sender: str  # the recipient's address: E.164 for SMS
+    text: str
+    event_id: str
+
+
+@runtime_checkable
+class InboundReceiver(Protocol):
+    """Providers that forward replies (e.g. `STOP`) to `/v1/providers/{name}/inbound`."""
+
+    async def parse_inbound(self, callback: ProviderCallback) -> list[InboundMessage]:
+        """Verify the callback's signature and return the messages it carries."""
+        ...
+
+
+@runtime_checkable
+class Cancellable(Protocol):
+    """Providers whose API can withdraw a send they accepted but have not delivered yet."""
+
+    async def cancel(self, provider_message_id: str) -> bool:
+        """True when the provider withdrew it; False when it no longer can."""
+        ...
+
+
+@runtime_checkable
+class SessionProvider(Protocol):
+    """Providers holding a connection (SMPP) whose receipts arrive on it, not over HTTP."""
+
+    async def start(self) -> None: ...
 
 
 @runtime_checkable

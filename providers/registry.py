@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from providers.accounts import AdapterContext, ProviderAccount, build_adapters
-from providers.base import Category, Channel, Provider
+from providers.base import Category, Channel, Provider, SessionProvider
 
 
 class UnknownProvider(LookupError):
@@ -52,14 +52,16 @@ class ProviderRegistry:
         candidates = [
             r
             for r in self._routes
-            if r.provider.channel == channel and wanted in (r.provider.name, r.account.route)
+            if r.provider.channel == channel
+            and wanted in (r.provider.name, r.account.route)
+            and r.account.serves(category)
         ]
-        for route in candidates:
-            if route.account.categories and category in route.account.categories:
-                return route
-        for route in candidates:
-            if route.account.serves(category):
-                return route
+        if candidates:
+            # Dedicated to this category first, then the account of that very name.
+            return min(
+                candidates,
+                key=lambda r: (not r.account.categories, r.provider.name != wanted),
+            )
         raise UnknownProvider(
             f"no provider {wanted!r} for channel {channel.value} and category {category.value}"
         )
@@ -79,6 +81,13 @@ class ProviderRegistry:
 
     def __iter__(self) -> Iterator[Route]:
         return iter(self._routes)
+
+    async def connect_sessions(self) -> None:
+        """Open session-based providers (SMPP binds) now: receipts queued at the provider
+        arrive before the first send. Workers call this; the API never binds."""
+        for route in self._routes:
+            if isinstance(route.provider, SessionProvider):
+                await route.provider.start()
 
     async def aclose(self) -> None:
         for route in self._routes:

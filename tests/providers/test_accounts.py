@@ -90,3 +90,14 @@ def test_providers_check_command_reports_and_fails(monkeypatch: pytest.MonkeyPat
 
     assert result.exit_code == 1
     assert "bot_token does not look like a telegram bot_token" in result.output
+
+
+async def test_an_accounts_own_name_wins_over_accounts_routed_under_it() -> None:
+    slow = ProviderAccount(type="twilio", name="twilio-slow", config=TWILIO, rate_per_second=1)
+    main = ProviderAccount(type="twilio", name="twilio", config=TWILIO)
+    async with httpx.AsyncClient() as http:
+        registry = ProviderRegistry.from_accounts(
+            [slow, main], {Channel.SMS: "twilio"}, AdapterContext(http)
+        )
+        assert registry.get(Channel.SMS, None, Category.TRANSACTIONAL).name == "twilio"
+        assert registry.get(Channel.SMS, "twilio-slow", Category.MARKETING).name == "twilio-slow"
