@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+import uvloop
 from rich.console import Console
 from rich.panel import Panel
 
@@ -20,6 +21,8 @@ from app import embedded, migrate
 from app.auth.service import ALL_SCOPES, Scope, ensure_tenant, issue_key, key_exists
 from app.db import create_engine
 from app.logs import configure_logging
+from app.ops.commands import create_key_via_api
+from app.ops.commands import register as register_api_commands
 from app.runtime import Runtime, utcnow
 from app.settings import Settings
 
@@ -28,6 +31,7 @@ keys_cli = typer.Typer(help="API keys.", no_args_is_help=True)
 cli.add_typer(keys_cli, name="keys")
 providers_cli = typer.Typer(help="Provider accounts.", no_args_is_help=True)
 cli.add_typer(providers_cli, name="providers")
+register_api_commands(cli, keys_cli)
 console = Console()
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -109,6 +113,10 @@ def dev(
         "CASCADE_REDIS_URL": settings.redis_url,
         "CASCADE_PUBLIC_URL": public_url,
         "CASCADE_DATA_DIR": str(data_dir),
+        # Dev mode: webhook endpoints may be plain http on this machine.
+        "CASCADE_WEBHOOKS_ALLOW_LOOPBACK_HTTP": os.environ.get(
+            "CASCADE_WEBHOOKS_ALLOW_LOOPBACK_HTTP", "true"
+        ),
     }
     children = [
         subprocess.Popen(
@@ -184,14 +192,24 @@ def api(
 
 
 @cli.command()
-def worker() -> None:
+def worker(
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Serve this worker's Prometheus metrics on this port.")
+    ] = None,
+    metrics_host: Annotated[str, typer.Option(help="Bind address for --metrics-port.")] = "0.0.0.0",
+) -> None:
     """Run the arq workers (one per traffic category) and the sweeper."""
+    from prometheus_client import start_http_server
+
     from app.worker import serve
 
     configure_logging()
+    if metrics_port is not None:
+        start_http_server(metrics_port, addr=metrics_host)
     settings, servers = _resolved(Settings())
     try:
-        asyncio.run(serve(lambda: Runtime.start(settings)))
+        # uvloop, as uvicorn uses for the API: cheaper socket I/O per job.
+        uvloop.run(serve(lambda: Runtime.start(settings)))
     finally:
         servers.stop()
 
@@ -259,11 +277,22 @@ def providers_check() -> None:
 
 @keys_cli.command("create")
 def keys_create(
-    tenant: Annotated[str, typer.Option(help="Tenant name (created if new).")],
+    tenant: Annotated[
+        str | None,
+        typer.Option(
+            help="Tenant name (created if new), straight in the database; without it the key"
+            " is made through the API for the admin key's tenant."
+        ),
+    ] = None,
     name: Annotated[str, typer.Option(help="A label for the key.")] = "default",
     scopes: Annotated[str, typer.Option(help="Comma-separated: send,read,admin.")] = "send,read",
+    url: Annotated[str | None, typer.Option(envvar="CASCADE_URL", help="API base URL.")] = None,
+    key: Annotated[str | None, typer.Option(envvar="CASCADE_API_KEY", help="Admin key.")] = None,
 ) -> None:
     """Create an API key; it is shown once."""
+    if tenant is None:
+        create_key_via_api(name, scopes, url, key)
+        return
     settings, servers = _resolved(Settings())
     wanted = frozenset(Scope(s.strip()) for s in scopes.split(",") if s.strip()) or ALL_SCOPES
 

@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import structlog
+from asyncpg.exceptions import (
+    InterfaceError as PgInterfaceError,
+)
+from asyncpg.exceptions import (
+    InternalClientError,
+    OperatorInterventionError,
+    PostgresConnectionError,
+    PostgresError,
+)
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from redis.exceptions import ConnectionError as RedisConnectionError
-from sqlalchemy.exc import InterfaceError, OperationalError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
@@ -45,6 +58,9 @@ class ProblemError(Exception):
         super().__init__(detail or self.title)
         self.detail = detail
         self.errors = list(errors)
+
+    def headers(self) -> dict[str, str]:
+        return {}
 
     def problem(self) -> Problem:
         return Problem(
@@ -82,6 +98,17 @@ class Conflict(ProblemError):
 
 class PayloadTooLarge(ProblemError):
     status, slug, title = 413, "payload-too-large", "The body is too large"
+
+
+class TooManyRequests(ProblemError):
+    status, slug, title = 429, "too-many-requests", "Too many requests for this API key"
+
+    def __init__(self, retry_after: float) -> None:
+        self.retry_after_seconds = max(1, math.ceil(retry_after))
+        super().__init__(f"retry after {self.retry_after_seconds} s")
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_seconds)}
 
 
 class Unavailable(ProblemError):
@@ -133,7 +160,7 @@ _STATUS_TITLES = {
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ProblemError)
     async def _problem(_: Request, exc: ProblemError) -> JSONResponse:
-        return problem_response(exc.problem())
+        return problem_response(exc.problem(), headers=exc.headers() or None)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -147,12 +174,15 @@ def install_error_handlers(app: FastAPI) -> None:
         )
         return problem_response(problem, headers=dict(exc.headers or {}))
 
-    @app.exception_handler(OperationalError)
-    @app.exception_handler(InterfaceError)
-    @app.exception_handler(RedisConnectionError)
-    @app.exception_handler(ConnectionError)
+    @app.exception_handler(SQLAlchemyError)
+    @app.exception_handler(PostgresError)
+    @app.exception_handler(PgInterfaceError)
+    @app.exception_handler(InternalClientError)
+    @app.exception_handler(RedisError)
     @app.exception_handler(OSError)
-    async def _unavailable(_: Request, exc: Exception) -> JSONResponse:
+    async def _backing_service(request: Request, exc: Exception) -> JSONResponse:
+        if not is_unavailable(exc):
+            return await _unexpected(request, exc)
         log.warning("backing_service_unavailable", error=repr(exc))
         return problem_response(Unavailable(detail="database or queue unreachable").problem())
 
@@ -163,14 +193,56 @@ def install_error_handlers(app: FastAPI) -> None:
         return problem_response(problem)
 
 
+# How a lost or restarting Postgres or Redis shows up, raw or wrapped by SQLAlchemy: socket
+# errors, asyncpg's connection and shutdown errors ("the database system is shutting
+# down"), a protocol left mid-operation by a dropped connection, pool and Redis timeouts.
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError,
+    OperationalError,
+    InterfaceError,
+    PoolTimeoutError,
+    PostgresConnectionError,
+    OperatorInterventionError,
+    PgInterfaceError,
+    InternalClientError,
+    RedisConnectionError,
+    RedisTimeoutError,
+)
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """Whether `exc`, or an error it wraps, means Postgres or Redis could not be reached."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        error = pending.pop()
+        if error is None or id(error) in seen:
+            continue
+        seen.add(id(error))
+        if isinstance(error, _UNAVAILABLE):
+            return True
+        if isinstance(error, DBAPIError):
+            if error.connection_invalidated:
+                return True
+            pending.append(error.orig)
+        pending += [error.__cause__, error.__context__]
+    return False
+
+
 PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": Problem, "content": {PROBLEM_MEDIA_TYPE: {}}, "description": description}
     for status, description in {
         400: "Malformed request",
         401: "Missing or invalid credentials",
+        403: "The API key lacks the scope",
         404: "Not found",
+        409: "Conflicts with an earlier request (e.g. the same Idempotency-Key, another body)",
         413: "Body too large",
         422: "Invalid request",
+        429: "Too many requests for this API key; see Retry-After",
         503: "Backing service unavailable",
     }.items()
+}
+PROBLEM_RESPONSES[429]["headers"] = {
+    "Retry-After": {"description": "Seconds until the key may retry", "schema": {"type": "integer"}}
 }

@@ -6,19 +6,30 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import structlog
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import embedded
+from app.auth.endpoints import router as keys_router
 from app.cascade.endpoints import router as provider_router
 from app.errors import PayloadTooLarge, install_error_handlers, problem_response
 from app.logs import configure_logging
 from app.messages.endpoints import router as messages_router
 from app.messages.receipts import router as receipts_router
+from app.observability import install_observability
+from app.ops.dashboard.endpoints import install_dashboard
+from app.ops.events.endpoints import router as events_router
+from app.ops.stats.endpoints import router as stats_router
+from app.policy.endpoints import router as policy_router
 from app.runtime import Runtime
 from app.settings import Settings
+from app.templates.endpoints import router as templates_router
+from app.webhooks.endpoints import router as webhooks_router
+
+log = structlog.get_logger()
 
 API_DESCRIPTION = """\
 One REST API to notify a customer through a **channel cascade** (push → messenger → SMS →
@@ -31,20 +42,25 @@ and `errors[]` (`path`, `message`, `type`).
 
 
 class BodySizeLimit:
-    """Refuses bodies over `limit` bytes with 413 before the app parses them."""
+    """Refuses bodies over `limit` bytes (or a path's own limit) with 413 before the app
+    parses them."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(
+        self, app: ASGIApp, limit: int, limits_by_path: dict[str, int] | None = None
+    ) -> None:
         self.app = app
         self.limit = limit
+        self.limits_by_path = limits_by_path or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.limits_by_path.get(scope["path"], self.limit)
         headers = dict(scope["headers"])
         declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await self._refuse(scope, receive, send)
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await self._refuse(scope, receive, send, limit)
             return
         if declared is not None:
             await self.app(scope, receive, send)
@@ -59,8 +75,8 @@ class BodySizeLimit:
                 break
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.limit:
-                await self._refuse(scope, receive, send)
+            if size > limit:
+                await self._refuse(scope, receive, send, limit)
                 return
             chunks.append(chunk)
             more = message.get("more_body", False)
@@ -76,8 +92,9 @@ class BodySizeLimit:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        error = PayloadTooLarge(f"bodies are limited to {self.limit} bytes")
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
+        log.warning("body_too_large", path=scope["path"], limit=limit)
+        error = PayloadTooLarge(f"bodies are limited to {limit} bytes")
         await problem_response(error.problem())(scope, receive, send)
 
 
@@ -117,6 +134,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(messages_router)
     app.include_router(receipts_router)
     app.include_router(provider_router)
+    app.include_router(stats_router)
+    app.include_router(events_router)
+    app.include_router(keys_router)
+    install_dashboard(app)
+    app.include_router(webhooks_router)
+    app.include_router(policy_router)
+    app.include_router(templates_router)
 
     @app.get("/healthz", tags=["health"], summary="The process is up")
     async def healthz() -> dict[str, str]:
@@ -145,5 +169,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ready = all(v == "ok" for v in checks.values())
         return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
 
-    app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
+    app.add_middleware(
+        BodySizeLimit,
+        limit=settings.max_body_bytes,
+        limits_by_path={"/v1/messages/batch": settings.max_batch_body_bytes},
+    )
+    install_observability(app)
     return app

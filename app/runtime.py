@@ -82,7 +82,11 @@ class Runtime:
         engine = create_engine(settings.database_url, settings.db_pool_size)
         redis = await create_pool(redis_settings(settings.redis_url))
         queue = JobQueue(redis)
-        http = httpx.AsyncClient(timeout=10.0)
+        # Keep as many provider connections alive as a worker runs sends at once: with
+        # httpx's default of 20, bursts opened and closed a TCP connection per request.
+        http = httpx.AsyncClient(
+            timeout=10.0, limits=httpx.Limits(max_connections=200, max_keepalive_connections=100)
+        )
         return cls(
             settings=settings,
             engine=engine,

@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     providers_file: Path | None = None
     sandbox_enabled: bool = True
     max_body_bytes: int = 256 * 1024
+    # Per API key, shared by every API process (Redis GCRA): sustained rate and burst.
+    api_rate_per_second: float = 100.0
+    api_burst: int = 200
     max_cascade_steps: int = 8
 
     # Worker: concurrent jobs per category queue; transactional gets the largest share.
@@ -59,8 +62,22 @@ class Settings(BaseSettings):
     # A message untouched this long in a non-final state is re-enqueued by the sweeper.
     sweep_grace: timedelta = timedelta(seconds=30)
     sweep_interval_seconds: int = 10
+    # arq re-runs a job whose worker died only once this (plus 10 s) has passed.
+    job_timeout_seconds: int = 60
     retry_base_delay: float = 0.2
     retry_max_delay: float = 30.0
+
+    # Customer webhooks: plain http to loopback only in dev mode (`cascade dev`, tests).
+    webhooks_allow_loopback_http: bool = False
+    webhook_concurrency: int = 50
+
+    # Policy and templates (tenants override these with PUT /v1/policy).
+    unsubscribe_secret: SecretStr = SecretStr("cascade-unsubscribe-dev-secret")
+    default_timezone: str = "UTC"
+    default_locale: str = "en"
+    # How long marketing sends are remembered: frequency-cap windows and inbound STOPs.
+    marketing_log_retention: timedelta = timedelta(days=30)
+    max_batch_body_bytes: int = 4 * 1024 * 1024
 
     db_pool_size: int = 10
 

@@ -7,28 +7,37 @@ are picked by their own worker however long the marketing queue is.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 from typing import Any
 
 import structlog
 from arq.cron import cron
+from arq.typing import StartupShutdown
 from arq.worker import Worker, func
+from redis.exceptions import RedisError
 
 from app.cascade import jobs
+from app.policy import jobs as policy_jobs
 from app.queue import queue_name
 from app.runtime import Runtime, redis_settings
+from app.webhooks import jobs as webhook_jobs
+from app.webhooks.service import WEBHOOKS_QUEUE
 from providers.base import Category
 
 log = structlog.get_logger()
 
-JOB_TIMEOUT_SECONDS = 60
-
 
 def build_workers(runtime: Runtime) -> list[Worker]:
     settings = runtime.settings
+    timeout = settings.job_timeout_seconds
     functions = [
-        func(jobs.send_step, name="send_step", timeout=JOB_TIMEOUT_SECONDS, keep_result=0),
-        func(jobs.step_deadline, name="step_deadline", timeout=JOB_TIMEOUT_SECONDS, keep_result=0),
+        func(jobs.send_step, name="send_step", timeout=timeout, keep_result=0),
+        func(jobs.step_deadline, name="step_deadline", timeout=timeout, keep_result=0),
+        func(jobs.expire_message, name="expire_message", timeout=timeout, keep_result=0),
+        func(
+            jobs.cancel_provider_send, name="cancel_provider_send", timeout=timeout, keep_result=0
+        ),
     ]
     interval = max(1, settings.sweep_interval_seconds)
     workers = []
@@ -47,6 +56,18 @@ def build_workers(runtime: Runtime) -> list[Worker]:
             if category is Category.TRANSACTIONAL
             else []
         )
+        if category is Category.MARKETING:
+            # Hourly: marketing sends older than the retention no longer count for anything.
+            cron_jobs.append(
+                cron(
+                    policy_jobs.prune_marketing_sends,
+                    name="prune_marketing_sends",
+                    minute=17,
+                    second=0,
+                    unique=True,
+                    keep_result=0,
+                )
+            )
         workers.append(
             Worker(
                 functions=functions,
@@ -56,19 +77,56 @@ def build_workers(runtime: Runtime) -> list[Worker]:
                 redis_settings=redis_settings(settings.redis_url or ""),
                 ctx={"runtime": runtime},
                 max_jobs=settings.worker_concurrency[category],
+                # Also bounds cron jobs (arq's default is 300 s): a dead worker's jobs are
+                # re-run only after the longest job timeout + 10 s.
+                job_timeout=timeout,
                 poll_delay=settings.worker_poll_delay,
                 handle_signals=False,
                 keep_result=0,
                 job_completion_wait=10,
             )
         )
+    workers.append(webhook_worker(runtime))
     return workers
+
+
+def webhook_worker(runtime: Runtime) -> Worker:
+    """Customer webhooks on a queue of their own: slow receivers never delay sending."""
+    settings = runtime.settings
+    return Worker(
+        functions=[
+            func(webhook_jobs.dispatch_webhooks, name="dispatch_webhooks", keep_result=0),
+            func(webhook_jobs.deliver_webhook, name="deliver_webhook", keep_result=0),
+        ],
+        cron_jobs=[
+            cron(
+                webhook_jobs.sweep_webhooks,
+                name="sweep_webhooks",
+                second=set(range(0, 60, max(1, settings.sweep_interval_seconds))),
+                unique=True,
+                run_at_startup=True,
+                keep_result=0,
+            )
+        ],
+        queue_name=WEBHOOKS_QUEUE,
+        redis_settings=redis_settings(settings.redis_url or ""),
+        ctx={"runtime": runtime},
+        on_startup=webhook_jobs.startup,
+        on_shutdown=webhook_jobs.shutdown,
+        max_jobs=settings.webhook_concurrency,
+        job_timeout=settings.job_timeout_seconds,
+        poll_delay=settings.worker_poll_delay,
+        handle_signals=False,
+        keep_result=0,
+        job_completion_wait=10,
+    )
 
 
 async def run_workers(runtime: Runtime, stop: asyncio.Event) -> None:
     """Run all category workers until `stop` is set, then let in-flight jobs finish."""
     workers = build_workers(runtime)
-    tasks = [asyncio.create_task(worker.async_run()) for worker in workers]
+    await runtime.providers.connect_sessions()
+    tasks = [asyncio.create_task(run_through_redis_outages(w, stop)) for w in workers]
     log.info("worker_started", queues=[w.queue_name for w in workers])
     waiter = asyncio.create_task(stop.wait())
     await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
@@ -76,8 +134,45 @@ async def run_workers(runtime: Runtime, stop: asyncio.Event) -> None:
         worker.handle_sig_wait_for_completion(signal.SIGTERM)
     await asyncio.gather(*tasks, return_exceptions=True)
     for worker in workers:
-        await worker.close()
+        try:
+            await worker.close()
+        except (RedisError, OSError) as exc:
+            log.warning("worker_close_failed", queue=worker.queue_name, error=repr(exc))
     waiter.cancel()
+
+
+# A lost Redis ends arq's poll loop; rather than the process exiting, the worker resumes
+# after this pause (redis-py reconnects on the next command; jobs in flight carry on).
+REDIS_RETRY_SECONDS = 1.0
+
+
+async def run_through_redis_outages(worker: Worker, stop: asyncio.Event) -> None:
+    if worker.on_startup is not None:
+        worker.on_startup = _once(worker.on_startup)  # arq calls it on every (re)start
+    while True:
+        try:
+            await worker.async_run()
+            return
+        except (RedisError, OSError) as exc:
+            if stop.is_set():
+                return
+            log.warning("worker_lost_redis", queue=worker.queue_name, error=repr(exc))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), REDIS_RETRY_SECONDS)
+        if stop.is_set():
+            return
+
+
+def _once(startup: StartupShutdown) -> StartupShutdown:
+    done = False
+
+    async def run(ctx: dict[Any, Any]) -> None:
+        nonlocal done
+        if not done:
+            await startup(ctx)
+            done = True
+
+    return run
 
 
 async def serve(runtime_factory: Any) -> None:

@@ -10,6 +10,10 @@ by their last two digits, emails by the local part, push tokens by the token):
 Receipts come back through the same public path a real provider uses,
 `POST /v1/providers/sandbox/status`, signed `X-Sandbox-Signature: t=<unix>,v1=<hex>`
 with HMAC-SHA256(secret, "<t>." + body).
+
+Replies from recipients (`STOP`) are posted, signed the same way, to
+`POST /v1/providers/sandbox/inbound` as `{"event_id", "channel", "from", "text"}`; a send
+not yet answered by a receipt can be withdrawn with `cancel` (recorded in `cancelled`).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from pydantic import BaseModel, SecretStr
 from providers.base import (
     Accepted,
     Channel,
+    InboundMessage,
     InvalidSignature,
     MalformedCallback,
     OutboundMessage,
@@ -100,6 +105,7 @@ class SandboxProvider:
         self._receipts: set[asyncio.Task[None]] = set()
         # Sends per attempt id, as a real provider would count submissions (tests read it).
         self.submissions: Counter[str] = Counter()
+        self.cancelled: set[str] = set()
 
     def address(self, to: Recipient) -> str | None:
         match self.channel:
@@ -173,6 +179,25 @@ class SandboxProvider:
             ]
         except (orjson.JSONDecodeError, KeyError, ValueError, TypeError) as exc:
             raise MalformedCallback(f"not a sandbox status report: {exc}") from exc
+
+    async def parse_inbound(self, callback: ProviderCallback) -> list[InboundMessage]:
+        self._verify(callback)
+        try:
+            data = orjson.loads(callback.body)
+            return [
+                InboundMessage(
+                    channel=Channel(data.get("channel", self.channel.value)),
+                    sender=str(data["from"]),
+                    text=str(data["text"]),
+                    event_id=str(data["event_id"]),
+                )
+            ]
+        except (orjson.JSONDecodeError, KeyError, ValueError, TypeError) as exc:
+            raise MalformedCallback(f"not a sandbox inbound message: {exc}") from exc
+
+    async def cancel(self, provider_message_id: str) -> bool:
+        self.cancelled.add(provider_message_id)
+        return True
 
     def _verify(self, callback: ProviderCallback) -> None:
         header = {k.lower(): v for k, v in callback.headers.items()}.get(SIGNATURE_HEADER, "")

@@ -62,7 +62,7 @@ _RETURNED_TYPES = frozenset(
 
 
 class SmtpConfig(BaseModel):
-    """One SMTP relay. `from_address_by_category` overrides `from_address` per category."""
+    """One SMTP relay. The `*_by_category` maps override the sender identity per category."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -78,6 +78,7 @@ class SmtpConfig(BaseModel):
     from_address: str
     from_address_by_category: dict[Category, str] = Field(default_factory=dict)
     reply_to: str | None = None
+    reply_to_by_category: dict[Category, str] = Field(default_factory=dict)
     bounce_domain: str | None = None  # VERP return path bounce+<attempt>@bounce_domain
     bounce_secret: SecretStr | None = None  # signs bounce callbacks; none = refuse them all
     timeout_seconds: float = 10
@@ -188,14 +189,17 @@ class SmtpProvider:
         composed = EmailMessage()
         composed["From"] = sender
         composed["To"] = message.address
-        if self._config.reply_to:
-            composed["Reply-To"] = self._config.reply_to
+        reply_to = self._config.reply_to_by_category.get(message.category, self._config.reply_to)
+        if reply_to:
+            composed["Reply-To"] = reply_to
         subject = " ".join((content.subject or content.title or "").split())
         if subject:
             composed["Subject"] = subject
         composed["Date"] = format_datetime(datetime.now(UTC))
         composed["Message-ID"] = f"<{message.attempt_id}@{_domain(sender)}>"
         composed[ATTEMPT_HEADER] = message.attempt_id
+        for name, value in message.headers.items():  # e.g. List-Unsubscribe (RFC 8058)
+            composed[name] = value
         if content.text:
             composed.set_content(content.text)
             if content.html:

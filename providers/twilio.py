@@ -4,10 +4,14 @@ Sends with `POST {base}/2010-04-01/Accounts/{AccountSid}/Messages.json` (form-en
 HTTP Basic with the Account SID and Auth Token) and reads Twilio's StatusCallback
 requests, verified with `X-Twilio-Signature` before any parameter is used.
 
-Out of scope here: inbound messages (STOP/HELP replies and opt-outs arrive on the
-number's or Messaging Service's incoming-message webhook, not on StatusCallback), MMS,
-and webhooks signed with a Webhooks-Rule SharedKey (`X-Twilio-Webhooks-Signature-Settings`),
-which are refused because only the Auth Token is configured.
+Inbound messages (STOP/START replies) arrive on the number's or Messaging Service's
+incoming-message webhook, pointed at `/v1/providers/<name>/inbound` and verified the same
+way (`parse_inbound`). `cancel` withdraws a send Twilio still holds as `scheduled`;
+Twilio refuses it for any other status, so for our immediate sends it answers False.
+
+Out of scope here: MMS, and webhooks signed with a Webhooks-Rule SharedKey
+(`X-Twilio-Webhooks-Signature-Settings`), which are refused because only the Auth Token
+is configured.
 
 Twilio's Messages API takes no idempotency key: a send that times out after Twilio
 received it may be sent again by a retry.
@@ -18,12 +22,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import math
 import re
 from collections.abc import Mapping
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
-from typing import Any, Self
+from typing import Self
 from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit, urlunsplit
 
 import httpx
@@ -32,7 +33,9 @@ from pydantic import SecretStr
 
 from providers.base import (
     Accepted,
+    Category,
     Channel,
+    InboundMessage,
     InvalidSignature,
     MalformedCallback,
     OutboundMessage,
@@ -44,6 +47,7 @@ from providers.base import (
     StatusUpdate,
     TransientProviderError,
 )
+from providers.http import json_object, retry_after_seconds
 
 API_VERSION = "2010-04-01"
 SIGNATURE_HEADER = "x-twilio-signature"
@@ -93,6 +97,9 @@ class TwilioConfig(pydantic.BaseModel):
     auth_token: SecretStr
     from_number: str | None = None
     messaging_service_sid: str | None = None
+    # Sender identity per traffic category (e.g. a marketing messaging service).
+    from_number_by_category: dict[Category, str] = pydantic.Field(default_factory=dict)
+    messaging_service_sid_by_category: dict[Category, str] = pydantic.Field(default_factory=dict)
     timeout_seconds: float = pydantic.Field(default=10.0, gt=0)
 
     @pydantic.model_validator(mode="after")
@@ -137,10 +144,15 @@ class TwilioProvider:
 
     def _message_form(self, message: OutboundMessage) -> dict[str, str]:
         form = {"To": message.address, "Body": message.content.text or ""}
-        if self._config.from_number:
-            form["From"] = self._config.from_number
-        if self._config.messaging_service_sid:
-            form["MessagingServiceSid"] = self._config.messaging_service_sid
+        config = self._config
+        from_number = config.from_number_by_category.get(message.category, config.from_number)
+        service_sid = config.messaging_service_sid_by_category.get(
+            message.category, config.messaging_service_sid
+        )
+        if from_number:
+            form["From"] = from_number
+        if service_sid:
+            form["MessagingServiceSid"] = service_sid
         if message.status_callback_url:
             form["StatusCallback"] = message.status_callback_url
         # Matches the step timeout so Twilio drops an SMS the cascade has already given up on.
@@ -157,6 +169,42 @@ class TwilioProvider:
         )
         return status_updates(params, url, headers.get(IDEMPOTENCY_HEADER))
 
+    async def parse_inbound(self, callback: ProviderCallback) -> list[InboundMessage]:
+        """An incoming-message webhook (`From`, `Body`, `MessageSid`), signature verified."""
+        headers = {key.lower(): value for key, value in callback.headers.items()}
+        params = verified_params(
+            self._config.auth_token.get_secret_value(),
+            callback_url(callback),
+            callback.body,
+            headers,
+        )
+        sender, sid = first(params, "From"), first(params, "MessageSid")
+        if not sender or not sid:
+            raise MalformedCallback("incoming message without From or MessageSid")
+        return [InboundMessage(Channel.SMS, sender, first(params, "Body") or "", sid)]
+
+    async def cancel(self, provider_message_id: str) -> bool:
+        """`Status=canceled` on the Message resource; Twilio refuses it once it is queued."""
+        url = self._messages_url.removesuffix(".json") + f"/{provider_message_id}.json"
+        try:
+            response = await self._http.post(
+                url,
+                data={"Status": "canceled"},
+                auth=self._auth,
+                timeout=self._config.timeout_seconds,
+            )
+        except httpx.TimeoutException as exc:
+            raise TransientProviderError("twilio:timeout", type(exc).__name__) from exc
+        except httpx.TransportError as exc:
+            raise TransientProviderError("twilio:transport", str(exc)) from exc
+        if response.status_code == 429 or response.status_code >= 500:
+            raise TransientProviderError(
+                f"twilio:{response.status_code}", str(json_object(response).get("message", ""))
+            )
+        return 200 <= response.status_code < 300 and json_object(response).get("status") == (
+            "canceled"
+        )
+
     async def aclose(self) -> None:
         if self._owns_http:
             await self._http.aclose()
@@ -164,7 +212,7 @@ class TwilioProvider:
 
 def classify_send_response(response: httpx.Response) -> SendResult:
     status = response.status_code
-    body = twilio_body(response)
+    body = json_object(response)
     code = body.get("code")
     detail = str(body.get("message") or response.reason_phrase)
 
@@ -180,34 +228,6 @@ def classify_send_response(response: httpx.Response) -> SendResult:
             f"twilio:{code or status}", detail, retry_after=retry_after_seconds(response)
         )
     return Rejected(code=f"twilio:{code or status}", detail=detail)
-
-
-def twilio_body(response: httpx.Response) -> dict[str, Any]:
-    """Twilio's JSON body (`{code, message, more_info, status}` on errors), or {}."""
-    try:
-        body = response.json()
-    except ValueError:
-        return {}
-    return body if isinstance(body, dict) else {}
-
-
-def retry_after_seconds(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after")
-    if value is None:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        pass
-    else:
-        return max(0.0, seconds) if math.isfinite(seconds) else None
-    try:
-        moment = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return max(0.0, (moment - datetime.now(UTC)).total_seconds())
 
 
 def callback_url(callback: ProviderCallback) -> str:

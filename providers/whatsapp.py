@@ -35,6 +35,7 @@ from providers.base import (
     StatusUpdate,
     TransientProviderError,
 )
+from providers.http import retry_after_seconds
 
 SIGNATURE_HEADER: Final = "x-hub-signature-256"
 
@@ -181,8 +182,25 @@ class WhatsAppProvider:
             "biz_opaque_callback_data": message.attempt_id,
         }
         text = message.content.text
-        if self.config.template_name is not None:
+        content = message.content
+        if content.template_name is not None:
+            # A template chosen per message (rendered from a Cascade template's variant).
             template: dict[str, Any] = {
+                "name": content.template_name,
+                "language": {"code": content.template_language or self.config.template_language},
+            }
+            if content.template_params:
+                template["components"] = [
+                    {
+                        "type": "body",
+                        "parameters": [
+                            {"type": "text", "text": p} for p in content.template_params
+                        ],
+                    }
+                ]
+            payload |= {"type": "template", "template": template}
+        elif self.config.template_name is not None:
+            template = {
                 "name": self.config.template_name,
                 "language": {"code": self.config.template_language},
             }
@@ -253,7 +271,7 @@ def _classify(response: httpx.Response) -> SendResult:
             ) from exc
         return Accepted(sent.messages[0].id)
 
-    retry_after = _retry_after(response)
+    retry_after = retry_after_seconds(response)
     try:
         error = _GraphErrorBody.model_validate_json(response.content).error
     except ValidationError:
@@ -302,11 +320,3 @@ def _header(headers: Mapping[str, str], name: str) -> str | None:
         if key.lower() == name:
             return value
     return None
-
-
-def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after")
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None

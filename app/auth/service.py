@@ -6,12 +6,13 @@ import base64
 import hashlib
 import hmac
 import secrets
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 
-from sqlalchemy import insert, select
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.ids import new_id
@@ -97,6 +98,30 @@ async def key_exists(conn: AsyncConnection, pepper: str, key: str) -> bool:
     return (await conn.execute(query)).first() is not None
 
 
+# Known keys are remembered per process this long (no query per request): a revocation
+# takes effect at once in the process that revoked, and in the others within this time.
+KEY_CACHE_SECONDS = 5.0
+_KEY_CACHE_MAX = 10_000
+_known_keys: dict[bytes, tuple[float, Principal]] = {}
+
+
+def cached_principal(key_hash: bytes) -> Principal | None:
+    hit = _known_keys.get(key_hash)
+    return hit[1] if hit is not None and hit[0] > time.monotonic() else None
+
+
+def remember_principal(key_hash: bytes, principal: Principal) -> None:
+    if len(_known_keys) >= _KEY_CACHE_MAX:
+        _known_keys.clear()
+    _known_keys[key_hash] = (time.monotonic() + KEY_CACHE_SECONDS, principal)
+
+
+def forget_key(key_id: uuid.UUID) -> None:
+    for key_hash, (_, principal) in list(_known_keys.items()):
+        if principal.key_id == key_id:
+            _known_keys.pop(key_hash, None)
+
+
 async def authenticate(conn: AsyncConnection, pepper: str, key: str) -> Principal | None:
     row = (
         await conn.execute(
@@ -108,3 +133,49 @@ async def authenticate(conn: AsyncConnection, pepper: str, key: str) -> Principa
     if row is None:
         return None
     return Principal(row.tenant_id, row.id, frozenset(Scope(s) for s in row.scopes))
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    id: uuid.UUID
+    name: str
+    prefix: str
+    scopes: list[str]
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+async def list_keys(conn: AsyncConnection, tenant_id: uuid.UUID) -> list[KeyRecord]:
+    """The tenant's keys, newest first: names, prefixes and scopes, never the keys."""
+    rows = await conn.execute(
+        select(
+            api_keys.c.id,
+            api_keys.c.name,
+            api_keys.c.key_prefix,
+            api_keys.c.scopes,
+            api_keys.c.created_at,
+            api_keys.c.revoked_at,
+        )
+        .where(api_keys.c.tenant_id == tenant_id)
+        .order_by(api_keys.c.created_at.desc(), api_keys.c.id.desc())
+    )
+    return [
+        KeyRecord(r.id, r.name, r.key_prefix, list(r.scopes), r.created_at, r.revoked_at)
+        for r in rows
+    ]
+
+
+async def revoke_key(
+    conn: AsyncConnection, tenant_id: uuid.UUID, key_id: uuid.UUID, at: datetime
+) -> bool:
+    """Revoke one of the tenant's keys (revoking twice is fine); False when it is not theirs."""
+    forget_key(key_id)
+    row = (
+        await conn.execute(
+            update(api_keys)
+            .where(api_keys.c.id == key_id, api_keys.c.tenant_id == tenant_id)
+            .values(revoked_at=func.coalesce(api_keys.c.revoked_at, at))
+            .returning(api_keys.c.id)
+        )
+    ).first()
+    return row is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import structlog
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel
@@ -17,6 +18,8 @@ from providers.base import (
     SubscriptionHandshake,
 )
 from providers.registry import UnknownProvider
+
+log = structlog.get_logger()
 
 router = APIRouter(prefix="/v1/providers", tags=["providers"], responses=PROBLEM_RESPONSES)
 
@@ -71,8 +74,10 @@ async def provider_status(
     try:
         updates = await adapter.parse_status(callback)
     except InvalidSignature as exc:
+        log.warning("provider_callback_refused", provider=provider, error=repr(exc))
         raise Unauthorized(f"provider signature rejected: {exc}") from None
     except MalformedCallback as exc:
+        log.warning("provider_callback_refused", provider=provider, error=repr(exc))
         raise MalformedBody(str(exc)) from None
     applied = 0
     for update in updates:

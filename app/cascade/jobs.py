@@ -3,17 +3,28 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 import structlog
+from redis.exceptions import RedisError
 
 from app.cascade import service
 from app.cascade.throttle import SendGuards
 from app.ids import from_public
 from app.runtime import Runtime, utcnow
-from providers.base import ProviderError, Rejected, SendResult, TransientProviderError
+from providers.base import (
+    Cancellable,
+    ProviderError,
+    Rejected,
+    SendResult,
+    TransientProviderError,
+)
+from providers.registry import UnknownProvider
 
 log = structlog.get_logger()
+
+T = TypeVar("T")
 
 
 def _runtime(ctx: dict[str, Any]) -> Runtime:
@@ -47,15 +58,20 @@ MAX_INLINE_RATE_WAIT = 1.0
 async def _send_guarded(rt: Runtime, plan: service.SendPlan) -> SendResult | TransientProviderError:
     account = rt.providers.account(plan.provider.name)
     guards = SendGuards(rt.redis)
-    if await guards.circuit_open(account):
-        return Rejected(
-            "circuit_open",
-            f"{account.name} is failing with transient errors; skipped for now",
-        )
-    wait = await guards.wait_for_rate(account)
-    while 0 < wait <= MAX_INLINE_RATE_WAIT:
-        await asyncio.sleep(wait)
+    try:
+        if await guards.circuit_open(account):
+            return Rejected(
+                "circuit_open",
+                f"{account.name} is failing with transient errors; skipped for now",
+            )
         wait = await guards.wait_for_rate(account)
+        while 0 < wait <= MAX_INLINE_RATE_WAIT:
+            await asyncio.sleep(wait)
+            wait = await guards.wait_for_rate(account)
+    except (RedisError, OSError) as exc:
+        # The guards live in Redis: without them, retry within the window rather than
+        # leave the claimed attempt unsent until its deadline.
+        return TransientProviderError("guards_unavailable", repr(exc)[:200], provider_fault=False)
     if wait > 0:
         return TransientProviderError(
             "rate_limited",
@@ -66,15 +82,24 @@ async def _send_guarded(rt: Runtime, plan: service.SendPlan) -> SendResult | Tra
     try:
         result = await plan.provider.send(plan.outbound)
     except TransientProviderError as exc:
-        if exc.provider_fault and await guards.record_provider_failure(account):
+        if exc.provider_fault and await _record(guards.record_provider_failure(account)):
             log.warning("circuit_opened", provider=account.name)
         return exc
     except (ProviderError, OSError, TimeoutError) as exc:
         # An adapter that failed in an unclassified way: treat as transient, retry in window.
         log.warning("provider_send_error", error=repr(exc))
         return TransientProviderError("provider_error", repr(exc)[:200])
-    await guards.record_success(account)
+    await _record(guards.record_success(account))
     return result
+
+
+async def _record(bookkeeping: Awaitable[T]) -> T | None:
+    """Breaker bookkeeping after a send: a Redis outage must not lose what the provider said."""
+    try:
+        return await bookkeeping
+    except (RedisError, OSError) as exc:
+        log.warning("send_guards_unavailable", error=repr(exc))
+        return None
 
 
 async def step_deadline(ctx: dict[str, Any], message_id: str, step: int) -> None:
@@ -86,9 +111,37 @@ async def step_deadline(ctx: dict[str, Any], message_id: str, step: int) -> None
         await service.expire_step(tx, uid, step, utcnow())
 
 
+async def expire_message(ctx: dict[str, Any], message_id: str) -> None:
+    rt = _runtime(ctx)
+    uid = from_public("msg", message_id)
+    if uid is None:
+        return
+    async with rt.transaction() as tx:
+        await service.expire_message(tx, uid, utcnow())
+
+
+async def cancel_provider_send(
+    ctx: dict[str, Any], provider: str, provider_message_id: str
+) -> None:
+    """Withdraw a send the cascade gave up on, where the provider's API can (best effort)."""
+    rt = _runtime(ctx)
+    try:
+        adapter = rt.providers.for_callbacks(provider)
+    except UnknownProvider:
+        return
+    if not isinstance(adapter, Cancellable):
+        return  # the provider has no way to recall a send: nothing to do
+    try:
+        cancelled = await adapter.cancel(provider_message_id)
+    except (ProviderError, OSError, TimeoutError) as exc:
+        log.warning("provider_cancel_failed", provider=provider, error=repr(exc))
+        return
+    log.info("provider_cancel", provider=provider, cancelled=cancelled)
+
+
 async def sweep(ctx: dict[str, Any]) -> None:
     rt = _runtime(ctx)
     async with rt.transaction() as tx:
         result = await service.sweep(tx, utcnow(), rt.settings.sweep_grace)
-    if result.steps or result.deadlines:
-        log.info("swept", steps=result.steps, deadlines=result.deadlines)
+    if result.steps or result.deadlines or result.expired:
+        log.info("swept", steps=result.steps, deadlines=result.deadlines, expired=result.expired)

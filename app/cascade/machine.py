@@ -30,6 +30,7 @@ class AttemptStatus(StrEnum):
     FAILED = "failed"
     REJECTED = "rejected"
     EXPIRED = "expired"
+    SUPPRESSED = "suppressed"  # skipped: the address is on the tenant's suppression list
 
 
 class SuccessOn(StrEnum):
@@ -47,6 +48,7 @@ class Signal(StrEnum):
     FAILED = "failed"  # receipt: failed / undelivered / bounced
     TIMEOUT = "timeout"  # no success before the step's deadline
     RETRIES_EXHAUSTED = "retries_exhausted"  # transient errors until the window closed
+    SUPPRESSED = "suppressed"  # the step's address is suppressed: skip it, never send
 
 
 FINAL_MESSAGE = frozenset(
@@ -59,7 +61,12 @@ FINAL_MESSAGE = frozenset(
     }
 )
 UNSUCCESSFUL_ATTEMPT = frozenset(
-    {AttemptStatus.FAILED, AttemptStatus.REJECTED, AttemptStatus.EXPIRED}
+    {
+        AttemptStatus.FAILED,
+        AttemptStatus.REJECTED,
+        AttemptStatus.EXPIRED,
+        AttemptStatus.SUPPRESSED,
+    }
 )
 OPEN_ATTEMPT = frozenset({AttemptStatus.PENDING, AttemptStatus.SENDING, AttemptStatus.SENT})
 
@@ -82,6 +89,7 @@ _NEGATIVE = {
     Signal.FAILED: AttemptStatus.FAILED,
     Signal.TIMEOUT: AttemptStatus.EXPIRED,
     Signal.RETRIES_EXHAUSTED: AttemptStatus.FAILED,
+    Signal.SUPPRESSED: AttemptStatus.SUPPRESSED,
 }
 
 
@@ -93,6 +101,9 @@ class StepView:
     step: int
     attempt_status: AttemptStatus
     success_on: SuccessOn
+    # Whether an earlier step reached a provider (was not suppressed): a cascade whose
+    # steps were all suppressed ends `suppressed`, not `failed`.
+    reached_before: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +127,11 @@ def is_success(status: AttemptStatus, success_on: SuccessOn) -> bool:
 
 def next_attempt_status(current: AttemptStatus, signal: Signal) -> AttemptStatus:
     """Attempt statuses only move forward; a failure never overwrites a delivery."""
+    if current is AttemptStatus.SUPPRESSED:
+        return current  # never sent: nothing can be reported about it
+    if signal is Signal.SUPPRESSED:
+        # Only a step not yet handed to a provider can be skipped.
+        return AttemptStatus.SUPPRESSED if current is AttemptStatus.PENDING else current
     if signal in _POSITIVE:
         target = _POSITIVE[signal]
         if current in UNSUCCESSFUL_ATTEMPT:
@@ -141,10 +157,13 @@ def decide(view: StepView, signal: Signal) -> Decision:
     newly_successful = is_success(attempt, view.success_on) and not is_success(
         view.attempt_status, view.success_on
     )
+    # Cancelled, suppressed and expired are the customer's or policy's word: a late receipt
+    # is recorded on the attempt but does not revive the message (a failure can be).
     if newly_successful and message not in (
         MessageStatus.DELIVERED,
         MessageStatus.CANCELLED,
         MessageStatus.SUPPRESSED,
+        MessageStatus.EXPIRED,
     ):
         return Decision(attempt, MessageStatus.DELIVERED, delivered_step=view.step)
 
@@ -158,8 +177,40 @@ def decide(view: StepView, signal: Signal) -> Decision:
     if newly_unsuccessful and view.step == view.current_step and message not in FINAL_MESSAGE:
         if view.step + 1 < view.step_count:
             return Decision(attempt, MessageStatus.SENDING, next_step=view.step + 1)
+        if attempt is AttemptStatus.SUPPRESSED and not view.reached_before:
+            return Decision(attempt, MessageStatus.SUPPRESSED)
         return Decision(attempt, MessageStatus.FAILED)
     return Decision(attempt, message)
+
+
+class Stop(StrEnum):
+    """Ending a message from outside its cascade: the customer, its deadline, a policy."""
+
+    CANCEL = "cancelled"
+    EXPIRE = "expired"
+    SUPPRESS = "suppressed"
+
+
+@dataclass(frozen=True, slots=True)
+class StopDecision:
+    message_status: MessageStatus
+    # The current attempt's new status; None leaves it as it is.
+    attempt_status: AttemptStatus | None = None
+
+
+def stop_message(
+    message: MessageStatus, attempt: AttemptStatus | None, stop: Stop
+) -> StopDecision | None:
+    """Cancel, expire or suppress an unfinished message; None when it has already ended.
+
+    An expired message's open attempt expires with it. A cancelled one keeps its attempt
+    as it is: a receipt may still arrive and is recorded, but never revives the message.
+    """
+    if message in FINAL_MESSAGE:
+        return None
+    if stop is Stop.EXPIRE and attempt in OPEN_ATTEMPT:
+        return StopDecision(MessageStatus.EXPIRED, AttemptStatus.EXPIRED)
+    return StopDecision(MessageStatus(stop.value))
 
 
 def retry_delay(

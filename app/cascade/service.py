@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import random
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
-from sqlalchemy import and_, exists, select
+from sqlalchemy import and_, exists, or_, select
 
 from app.auth.service import receipt_token
 from app.cascade.machine import (
@@ -24,17 +24,24 @@ from app.cascade.machine import (
     MessageStatus,
     Signal,
     StepView,
+    Stop,
     SuccessOn,
     decide,
     retry_delay,
+    stop_message,
 )
 from app.db import Transaction
 from app.ids import from_public, new_id, to_public
 from app.ledger import repository as ledger
 from app.ledger.repository import AttemptRow, MessageRow, NewEvent
 from app.ledger.tables import attempts, messages
-from app.queue import send_step_job, step_deadline_job
+from app.observability import bind_message
+from app.ops.stats.service import record_final_status, record_outcome
+from app.policy import service as policy
+from app.queue import cancel_provider_send_job, expire_message_job, send_step_job, step_deadline_job
 from app.settings import Settings
+from app.templates.rendering import channel_content
+from app.webhooks.service import notify_after_commit
 from providers.base import (
     Accepted,
     Category,
@@ -91,6 +98,7 @@ async def apply_signal(
     error: Error | None = None,
     dedupe_key: str | None = None,
     attempt_values: dict[str, Any] | None = None,
+    reached_before: bool = True,
 ) -> bool:
     """Apply one signal about one attempt; returns whether anything changed."""
     view = StepView(
@@ -100,8 +108,16 @@ async def apply_signal(
         step=attempt.step,
         attempt_status=attempt.status,
         success_on=SuccessOn(step_spec(message, attempt.step)["success_on"]),
+        reached_before=reached_before,
     )
     decision = decide(view, signal)
+    if (
+        signal is Signal.TIMEOUT
+        and decision.attempt_status is AttemptStatus.EXPIRED
+        and attempt.status in (AttemptStatus.SENDING, AttemptStatus.SENT)
+    ):
+        # Given up on: withdraw it at the provider if it can, so it never arrives late.
+        _cancel_at_provider(tx, message, attempt)
     values = dict(attempt_values or {})
     if not decision.changes(view):
         if values:
@@ -145,8 +161,146 @@ async def apply_signal(
             message_values["completed_at"] = at
             new_events.append(NewEvent(status=decision.message_status.value, source=source))
     added = await ledger.append_events(tx.conn, message, new_events, at)
+    if added:
+        await notify_after_commit(tx, message.tenant_id, message.id, message.category)
     await ledger.update_message(tx.conn, message, at, seq=message.seq + added, **message_values)
+    await record_outcome(tx.conn, message, attempt, decision, source=source, at=at)
     return True
+
+
+def _cancel_at_provider(tx: Transaction, message: MessageRow, attempt: AttemptRow) -> None:
+    if attempt.provider_message_id:
+        tx.enqueue_after_commit(
+            cancel_provider_send_job(
+                Category(message.category), attempt.provider, attempt.provider_message_id
+            )
+        )
+
+
+async def stop_now(
+    tx: Transaction,
+    message: MessageRow,
+    stop: Stop,
+    *,
+    source: str,
+    at: datetime,
+    code: str,
+    detail: str = "",
+) -> bool:
+    """Cancel, expire or suppress a locked message whatever step it is on; False when it
+    had already ended."""
+    attempt = await ledger.get_attempt(tx.conn, message.id, message.current_step)
+    decision = stop_message(message.status, attempt.status if attempt else None, stop)
+    if decision is None:
+        return False
+    reason = {"code": code, "detail": detail} if detail else {"code": code}
+    new_events: list[NewEvent] = []
+    if attempt is not None and decision.attempt_status not in (None, attempt.status):
+        assert decision.attempt_status is not None
+        await ledger.update_attempt(
+            tx.conn,
+            attempt,
+            at,
+            status=decision.attempt_status.value,
+            completed_at=at,
+            error_code=code,
+            error_detail=detail[:500],
+        )
+        new_events.append(
+            NewEvent(
+                status=decision.attempt_status.value,
+                source=source,
+                attempt_id=attempt.id,
+                step=attempt.step,
+                detail=reason,
+            )
+        )
+    new_events.append(NewEvent(status=decision.message_status.value, source=source, detail=reason))
+    added = await ledger.append_events(tx.conn, message, new_events, at)
+    if added:
+        await notify_after_commit(tx, message.tenant_id, message.id, message.category)
+    await ledger.update_message(
+        tx.conn,
+        message,
+        at,
+        status=decision.message_status.value,
+        completed_at=at,
+        seq=message.seq + added,
+    )
+    await record_final_status(tx.conn, message, decision.message_status, message.current_step, at)
+    if attempt is not None and attempt.status in (AttemptStatus.SENDING, AttemptStatus.SENT):
+        _cancel_at_provider(tx, message, attempt)
+    return True
+
+
+async def expire_message(tx: Transaction, message_id: uuid.UUID, at: datetime) -> bool:
+    """The message's `expires_at` has come: it ends `expired` unless it already ended."""
+    message = await ledger.lock_message(tx.conn, message_id)
+    if message is None or message.expires_at is None or message.expires_at > at + DEADLINE_SLACK:
+        return False
+    return await stop_now(
+        tx,
+        message,
+        Stop.EXPIRE,
+        source="timeout",
+        at=at,
+        code="expired",
+        detail="not delivered before expires_at",
+    )
+
+
+async def _defer(
+    tx: Transaction, message: MessageRow, step: int, until: datetime, reason: str, at: datetime
+) -> None:
+    """Hold the step until `until` (quiet hours): `queued`, with a job deferred to then."""
+    event = NewEvent(
+        status=MessageStatus.QUEUED.value,
+        source="worker",
+        step=step,
+        detail={"code": reason, "until": until.isoformat()},
+    )
+    added = await ledger.append_events(tx.conn, message, [event], at)
+    if added:
+        await notify_after_commit(tx, message.tenant_id, message.id, message.category)
+    await ledger.update_message(
+        tx.conn,
+        message,
+        at,
+        status=MessageStatus.QUEUED.value,
+        not_before=until,
+        seq=message.seq + added,
+    )
+    tx.enqueue_after_commit(
+        send_step_job(
+            to_public("msg", message.id),
+            Category(message.category),
+            step,
+            not_before=until,
+            deferred_again=True,
+        )
+    )
+
+
+async def _reached_before(tx: Transaction, message_id: uuid.UUID, step: int) -> bool:
+    """Whether an earlier step of the message was handed to a provider (not suppressed)."""
+    if step == 0:
+        return False
+    found = await tx.conn.execute(
+        select(attempts.c.id)
+        .where(
+            attempts.c.message_id == message_id,
+            attempts.c.step < step,
+            attempts.c.status != AttemptStatus.SUPPRESSED.value,
+        )
+        .limit(1)
+    )
+    return found.first() is not None
+
+
+def _content(message: MessageRow, channel: Channel) -> Content:
+    stored = channel_content(message.content, channel)
+    stored["template_params"] = tuple(stored.get("template_params", ()))
+    return Content(**{k: v for k, v in stored.items() if k in Content.__dataclass_fields__})
 
 
 def _outbound(
@@ -166,7 +320,7 @@ def _outbound(
         category=Category(message.category),
         channel=Channel(spec["channel"]),
         address=address,
-        content=Content(**message.content),
+        content=_content(message, Channel(spec["channel"])),
         timeout_seconds=int(spec["timeout"]),
         try_number=tries,
         status_callback_url=(
@@ -179,6 +333,11 @@ def _outbound(
         ),
         metadata={k: str(v) for k, v in message.metadata.items()},
         web_push=Recipient.from_mapping(message.recipient).web_push,
+        headers=(
+            policy.unsubscribe_headers(settings, message.tenant_id, address)
+            if message.category == Category.MARKETING and spec["channel"] == Channel.EMAIL
+            else {}
+        ),
     )
 
 
@@ -194,6 +353,21 @@ async def begin_send(
     message = await ledger.lock_message(tx.conn, message_id)
     if message is None or message.status in FINAL_MESSAGE or message.current_step != step:
         return None
+    if message.expires_at is not None and message.expires_at <= at:
+        await stop_now(tx, message, Stop.EXPIRE, source="timeout", at=at, code="expired")
+        return None
+    if message.not_before is not None and message.not_before > at + DEADLINE_SLACK:
+        # Early (a sweep, a rerun): the job deferred to `not_before` sends it on time.
+        tx.enqueue_after_commit(
+            send_step_job(
+                to_public("msg", message.id),
+                Category(message.category),
+                step,
+                not_before=message.not_before,
+                deferred_again=True,
+            )
+        )
+        return None
     spec = step_spec(message, step)
     channel = Channel(spec["channel"])
     attempt = await ledger.get_attempt(tx.conn, message_id, step)
@@ -202,6 +376,22 @@ async def begin_send(
     except UnknownProvider as exc:
         provider = None
         config_error = Error("provider_unavailable", str(exc))
+    address = provider.address(Recipient.from_mapping(message.recipient)) if provider else None
+    skipped: policy.SkipStep | None = None
+    reached_before = True
+    if attempt is None and address is not None:
+        reached_before = await _reached_before(tx, message.id, step)
+        verdict = await policy.gate_step(
+            tx, message, channel, address, first_send=not reached_before, settings=settings, at=at
+        )
+        if isinstance(verdict, policy.Defer):
+            await _defer(tx, message, step, verdict.until, verdict.reason, at)
+            return None
+        if isinstance(verdict, policy.SuppressMessage):
+            await stop_now(tx, message, Stop.SUPPRESS, source="worker", at=at, code=verdict.reason)
+            return None
+        if isinstance(verdict, policy.SkipStep):
+            skipped = verdict
     if attempt is None:
         attempt = await ledger.insert_attempt(
             tx.conn,
@@ -219,6 +409,18 @@ async def begin_send(
                 "deadline_at": at + timedelta(seconds=int(spec["timeout"])),
             },
         )
+        if skipped is not None:
+            await apply_signal(
+                tx,
+                message,
+                attempt,
+                Signal.SUPPRESSED,
+                source="worker",
+                at=at,
+                error=Error("suppressed", f"the address is suppressed ({skipped.reason.value})"),
+                reached_before=reached_before,
+            )
+            return None
         tx.enqueue_after_commit(
             step_deadline_job(
                 to_public("msg", message.id),
@@ -231,7 +433,6 @@ async def begin_send(
         # Already handed to the provider (or finished): sending again could duplicate it.
         return None
 
-    address = provider.address(Recipient.from_mapping(message.recipient)) if provider else None
     if provider is None or address is None:
         error = config_error if provider is None else Error("no_address", f"no {channel} address")
         await apply_signal(
@@ -242,6 +443,7 @@ async def begin_send(
     await ledger.update_attempt(
         tx.conn, attempt, at, status=AttemptStatus.SENDING.value, tries=attempt.tries + 1
     )
+    bind_message(message.id, message.tenant_id, message.category, attempt.id)
     new_events = (
         []
         if attempt.tries
@@ -255,6 +457,8 @@ async def begin_send(
         ]
     )
     added = await ledger.append_events(tx.conn, message, new_events, at)
+    if added:
+        await notify_after_commit(tx, message.tenant_id, message.id, message.category)
     await ledger.update_message(
         tx.conn, message, at, status=MessageStatus.SENDING.value, seq=message.seq + added
     )
@@ -288,6 +492,11 @@ async def record_send_result(
             at=at,
             attempt_values={"provider_message_id": result.provider_message_id, "sent_at": at},
         )
+        if message.status in (MessageStatus.CANCELLED, MessageStatus.EXPIRED):
+            # Stopped while the request was in flight: withdraw it now its id is known.
+            _cancel_at_provider(
+                tx, message, replace(attempt, provider_message_id=result.provider_message_id)
+            )
         return
     if not isinstance(result, TransientProviderError):
         await apply_signal(
@@ -386,7 +595,7 @@ async def record_status(
     values: dict[str, Any] = {}
     if update.provider_message_id and current.provider_message_id is None:
         values["provider_message_id"] = update.provider_message_id
-    return await apply_signal(
+    applied = await apply_signal(
         tx,
         message,
         current,
@@ -397,12 +606,35 @@ async def record_status(
         dedupe_key=dedupe_key,
         attempt_values=values,
     )
+    if applied and is_hard_bounce(current.channel, update) and message.recipient.get("email"):
+        # A permanent bounce stops email to this address for every category.
+        await policy.suppress(
+            tx,
+            message.tenant_id,
+            Channel.EMAIL,
+            message.recipient["email"],
+            "hard_bounce",
+            source="bounce",
+            at=at,
+        )
+    return applied
+
+
+def is_hard_bounce(channel: str, update: StatusUpdate) -> bool:
+    """An email failure with a permanent (5.x.x) enhanced status code."""
+    code = update.error_code or ""
+    return (
+        channel == Channel.EMAIL
+        and update.status is ReceiptStatus.FAILED
+        and code.startswith("smtp:5")
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class SweepResult:
     steps: int
     deadlines: int
+    expired: int = 0
 
 
 async def sweep(tx: Transaction, at: datetime, grace: timedelta, limit: int = 1000) -> SweepResult:
@@ -420,6 +652,8 @@ async def sweep(tx: Transaction, at: datetime, grace: timedelta, limit: int = 10
         .where(
             messages.c.status.in_(["accepted", "queued", "sending"]),
             messages.c.updated_at < cutoff,
+            # Scheduled or held for quiet hours: not stuck before its time has come.
+            or_(messages.c.not_before.is_(None), messages.c.not_before < cutoff),
             ~open_attempt,
         )
         .limit(limit)
@@ -444,4 +678,18 @@ async def sweep(tx: Transaction, at: datetime, grace: timedelta, limit: int = 10
             step_deadline_job(to_public("msg", message_id), Category(category), step, timedelta(0))
         )
         deadlines += 1
-    return SweepResult(steps, deadlines)
+    past_expiry = await tx.conn.execute(
+        select(messages.c.id, messages.c.category, messages.c.expires_at)
+        .where(
+            messages.c.status.in_(["accepted", "queued", "sending"]),
+            messages.c.expires_at < at - DEADLINE_SLACK,
+        )
+        .limit(limit)
+    )
+    expired = 0
+    for message_id, category, expires_at in past_expiry:
+        tx.enqueue_after_commit(
+            expire_message_job(to_public("msg", message_id), Category(category), expires_at)
+        )
+        expired += 1
+    return SweepResult(steps, deadlines, expired)

@@ -5,14 +5,16 @@ Every function takes the open connection first and never commits.
 
 from __future__ import annotations
 
+import functools
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import insert, literal, select, update
+from sqlalchemy import Insert, Update, bindparam, insert, literal, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql.dml import ReturningInsert
 
 from app.cascade.machine import AttemptStatus, MessageStatus
 from app.ledger.tables import attempts, events, messages
@@ -35,6 +37,9 @@ class MessageRow:
     created_at: datetime
     updated_at: datetime
     completed_at: datetime | None
+    send_at: datetime | None = None
+    expires_at: datetime | None = None
+    not_before: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,64 +84,134 @@ def _attempt(row: Any) -> AttemptRow:
     return AttemptRow(**data)
 
 
-async def insert_accepted_message(conn: AsyncConnection, values: dict[str, Any]) -> None:
-    """The message row and its `accepted` event, in one statement (one round trip)."""
+@functools.cache
+def _insert_accepted(columns: tuple[str, ...]) -> Insert:
     created = (
         insert(messages)
-        .values(**values)
+        .values({name: bindparam(f"v_{name}", type_=messages.c[name].type) for name in columns})
         .returning(messages.c.id, messages.c.category, messages.c.tenant_id, messages.c.created_at)
         .cte("created")
     )
-    await conn.execute(
-        insert(events).from_select(
-            ["message_id", "category", "tenant_id", "seq", "status", "source", "at"],
-            select(
-                created.c.id,
-                created.c.category,
-                created.c.tenant_id,
-                literal(1),
-                literal(MessageStatus.ACCEPTED.value),
-                literal("api"),
-                created.c.created_at,
-            ),
-        )
+    return insert(events).from_select(
+        ["message_id", "category", "tenant_id", "seq", "status", "source", "at"],
+        select(
+            created.c.id,
+            created.c.category,
+            created.c.tenant_id,
+            literal(1),
+            literal(MessageStatus.ACCEPTED.value),
+            literal("api"),
+            created.c.created_at,
+        ),
     )
+
+
+async def insert_accepted_message(conn: AsyncConnection, values: dict[str, Any]) -> None:
+    """The message row and its `accepted` event, in one statement (one round trip).
+
+    The statement is built once per column set: a fresh one per message cost more CPU to
+    build and cache-key than the round trip itself."""
+    statement = _insert_accepted(tuple(sorted(values)))
+    await conn.execute(statement, {f"v_{name}": value for name, value in values.items()})
+
+
+# The hot statements are built once (per column set, for updates) with bind parameters:
+# a statement built per call cost more CPU to construct and cache-key than to execute.
+_GET_MESSAGE = select(messages).where(messages.c.id == bindparam("message_id"))
+_GET_TENANT_MESSAGE = _GET_MESSAGE.where(messages.c.tenant_id == bindparam("tenant_id"))
+_LOCK_MESSAGE = _GET_MESSAGE.with_for_update()
+_GET_ATTEMPT = select(attempts).where(
+    attempts.c.message_id == bindparam("message_id"), attempts.c.step == bindparam("step")
+)
+_FIND_ATTEMPT = select(attempts).where(attempts.c.provider == bindparam("provider")).limit(1)
+_FIND_ATTEMPT_BY_ID = _FIND_ATTEMPT.where(attempts.c.id == bindparam("attempt_id"))
+_FIND_ATTEMPT_BY_PROVIDER_ID = _FIND_ATTEMPT.where(
+    attempts.c.provider_message_id == bindparam("provider_message_id")
+)
+_EVENT_SEEN = select(events.c.id).where(events.c.dedupe_key == bindparam("dedupe_key"))
+_EVENT_COLUMNS = (
+    "message_id",
+    "category",
+    "tenant_id",
+    "seq",
+    "attempt_id",
+    "step",
+    "status",
+    "source",
+    "detail",
+    "dedupe_key",
+    "at",
+)
+_APPEND_EVENT = (
+    pg_insert(events)
+    .values({name: bindparam(f"v_{name}", type_=events.c[name].type) for name in _EVENT_COLUMNS})
+    .on_conflict_do_nothing(index_elements=["dedupe_key"])
+    .returning(events.c.id)
+)
+
+
+@functools.cache
+def _update_message(columns: tuple[str, ...]) -> Update:
+    return (
+        update(messages)
+        .where(messages.c.id == bindparam("w_id"), messages.c.category == bindparam("w_category"))
+        .values({name: bindparam(f"v_{name}", type_=messages.c[name].type) for name in columns})
+    )
+
+
+@functools.cache
+def _update_attempt(columns: tuple[str, ...]) -> Update:
+    return (
+        update(attempts)
+        .where(attempts.c.id == bindparam("w_id"))
+        .values({name: bindparam(f"v_{name}", type_=attempts.c[name].type) for name in columns})
+    )
+
+
+@functools.cache
+def _insert_attempt(columns: tuple[str, ...]) -> ReturningInsert[Any]:
+    return (
+        insert(attempts)
+        .values({name: bindparam(f"v_{name}", type_=attempts.c[name].type) for name in columns})
+        .returning(attempts)
+    )
+
+
+def _bound(values: dict[str, Any]) -> dict[str, Any]:
+    return {f"v_{name}": value for name, value in values.items()}
 
 
 async def get_message(
     conn: AsyncConnection, message_id: uuid.UUID, tenant_id: uuid.UUID | None = None
 ) -> MessageRow | None:
-    query = select(messages).where(messages.c.id == message_id)
-    if tenant_id is not None:
-        query = query.where(messages.c.tenant_id == tenant_id)
-    row = (await conn.execute(query)).first()
+    if tenant_id is None:
+        result = await conn.execute(_GET_MESSAGE, {"message_id": message_id})
+    else:
+        result = await conn.execute(
+            _GET_TENANT_MESSAGE, {"message_id": message_id, "tenant_id": tenant_id}
+        )
+    row = result.first()
     return _message(row) if row else None
 
 
 async def lock_message(conn: AsyncConnection, message_id: uuid.UUID) -> MessageRow | None:
     """Serialises every change to one message: jobs and callbacks take this lock first."""
-    row = (
-        await conn.execute(select(messages).where(messages.c.id == message_id).with_for_update())
-    ).first()
+    row = (await conn.execute(_LOCK_MESSAGE, {"message_id": message_id})).first()
     return _message(row) if row else None
 
 
 async def update_message(
     conn: AsyncConnection, message: MessageRow, at: datetime, **values: Any
 ) -> None:
+    values["updated_at"] = at
     await conn.execute(
-        update(messages)
-        .where(messages.c.id == message.id, messages.c.category == message.category)
-        .values(updated_at=at, **values)
+        _update_message(tuple(sorted(values))),
+        {"w_id": message.id, "w_category": message.category, **_bound(values)},
     )
 
 
 async def get_attempt(conn: AsyncConnection, message_id: uuid.UUID, step: int) -> AttemptRow | None:
-    row = (
-        await conn.execute(
-            select(attempts).where(attempts.c.message_id == message_id, attempts.c.step == step)
-        )
-    ).first()
+    row = (await conn.execute(_GET_ATTEMPT, {"message_id": message_id, "step": step})).first()
     return _attempt(row) if row else None
 
 
@@ -154,27 +229,32 @@ async def find_attempt(
     attempt_id: uuid.UUID | None,
     provider_message_id: str | None,
 ) -> AttemptRow | None:
-    query = select(attempts).where(attempts.c.provider == provider)
     if attempt_id is not None:
-        query = query.where(attempts.c.id == attempt_id)
+        result = await conn.execute(
+            _FIND_ATTEMPT_BY_ID, {"provider": provider, "attempt_id": attempt_id}
+        )
     elif provider_message_id is not None:
-        query = query.where(attempts.c.provider_message_id == provider_message_id)
+        result = await conn.execute(
+            _FIND_ATTEMPT_BY_PROVIDER_ID,
+            {"provider": provider, "provider_message_id": provider_message_id},
+        )
     else:
         return None
-    row = (await conn.execute(query.limit(1))).first()
+    row = result.first()
     return _attempt(row) if row else None
 
 
 async def insert_attempt(conn: AsyncConnection, values: dict[str, Any]) -> AttemptRow:
-    row = (await conn.execute(insert(attempts).values(**values).returning(attempts))).one()
+    row = (await conn.execute(_insert_attempt(tuple(sorted(values))), _bound(values))).one()
     return _attempt(row)
 
 
 async def update_attempt(
     conn: AsyncConnection, attempt: AttemptRow, at: datetime, **values: Any
 ) -> None:
+    values["updated_at"] = at
     await conn.execute(
-        update(attempts).where(attempts.c.id == attempt.id).values(updated_at=at, **values)
+        _update_attempt(tuple(sorted(values))), {"w_id": attempt.id, **_bound(values)}
     )
 
 
@@ -188,31 +268,26 @@ async def append_events(
     """
     added = 0
     for event in new:
-        statement = (
-            pg_insert(events)
-            .values(
-                message_id=message.id,
-                category=message.category,
-                tenant_id=message.tenant_id,
-                seq=message.seq + added + 1,
-                attempt_id=event.attempt_id,
-                step=event.step,
-                status=event.status,
-                source=event.source,
-                detail=event.detail,
-                dedupe_key=event.dedupe_key,
-                at=at,
-            )
-            .on_conflict_do_nothing(index_elements=["dedupe_key"])
-            .returning(events.c.id)
-        )
-        if (await conn.execute(statement)).first() is not None:
+        values = {
+            "message_id": message.id,
+            "category": message.category,
+            "tenant_id": message.tenant_id,
+            "seq": message.seq + added + 1,
+            "attempt_id": event.attempt_id,
+            "step": event.step,
+            "status": event.status,
+            "source": event.source,
+            "detail": event.detail,
+            "dedupe_key": event.dedupe_key,
+            "at": at,
+        }
+        if (await conn.execute(_APPEND_EVENT, _bound(values))).first() is not None:
             added += 1
     return added
 
 
 async def event_seen(conn: AsyncConnection, dedupe_key: str) -> bool:
-    row = (await conn.execute(select(events.c.id).where(events.c.dedupe_key == dedupe_key))).first()
+    row = (await conn.execute(_EVENT_SEEN, {"dedupe_key": dedupe_key})).first()
     return row is not None
 
 

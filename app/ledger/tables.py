@@ -59,6 +59,10 @@ messages = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
     Column("completed_at", DateTime(timezone=True)),
+    # Scheduling (migration 0004): requested start, deadline, and the earliest next send.
+    Column("send_at", DateTime(timezone=True)),
+    Column("expires_at", DateTime(timezone=True)),
+    Column("not_before", DateTime(timezone=True)),
 )
 
 attempts = Table(

@@ -3,19 +3,27 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Self
 
 import phonenumbers
 from pydantic import (
     AfterValidator,
+    AwareDatetime,
     BaseModel,
     ConfigDict,
     EmailStr,
     Field,
     StringConstraints,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+    model_validator,
 )
 
 from app.cascade.machine import AttemptStatus, MessageStatus, SuccessOn
+from app.errors import FieldError, Problem
+from app.policy.schemas import TimeZone
+from app.templates.schemas import LocaleTag, TemplateName
 from providers.base import Category, Channel
 
 
@@ -59,6 +67,10 @@ class RecipientIn(Strict):
     telegram_chat_id: ShortId | None = None
     viber_id: ShortId | None = None
     web_push: WebPushSubscriptionIn | None = None
+    timezone: TimeZone | None = Field(
+        default=None,
+        description="IANA zone for marketing quiet hours (default: the tenant's policy)",
+    )
 
 
 class ContentIn(Strict):
@@ -66,6 +78,23 @@ class ContentIn(Strict):
     subject: Annotated[str, StringConstraints(max_length=500)] | None = None
     html: Annotated[str, StringConstraints(max_length=100_000)] | None = None
     title: Annotated[str, StringConstraints(max_length=500)] | None = None
+    template: TemplateName | None = Field(
+        default=None, description="A template's name: rendered with `data` at accept time"
+    )
+    data: dict[str, Any] = Field(default={}, description="The template's variables")
+    locale: LocaleTag | None = Field(
+        default=None,
+        description="Template locale; falls back `pl-PL` → `pl` → the tenant's → `en`",
+    )
+
+    @model_validator(mode="after")
+    def _template_or_inline(self) -> Self:
+        if self.template is not None:
+            if any(v is not None for v in (self.text, self.subject, self.html, self.title)):
+                raise ValueError("give a `template` or inline text/subject/html/title, not both")
+        elif self.data or self.locale:
+            raise ValueError("`data` and `locale` need a `template`")
+        return self
 
 
 class CascadeStepIn(Strict):
@@ -89,6 +118,18 @@ class SendMessageRequest(Strict):
     content: ContentIn
     cascade: Annotated[list[CascadeStepIn], Field(min_length=1, max_length=8)]
     metadata: Annotated[dict[MetadataKey, MetadataValue], Field(max_length=32)] = {}
+    send_at: AwareDatetime | None = Field(
+        default=None, description="Send no earlier than this (the message waits `queued`)"
+    )
+    expires_at: AwareDatetime | None = Field(
+        default=None, description="Not delivered by then: the message ends `expired`"
+    )
+
+    @model_validator(mode="after")
+    def _expires_after_start(self) -> Self:
+        if self.send_at and self.expires_at and self.expires_at <= self.send_at:
+            raise ValueError("`expires_at` must be after `send_at`")
+        return self
 
 
 class AcceptedMessage(BaseModel):
@@ -150,3 +191,100 @@ class MessageView(BaseModel):
     completed_at: datetime | None
     attempts: list[AttemptView]
     events: list[EventView]
+    send_at: datetime | None = None
+    expires_at: datetime | None = None
+
+
+class BatchMessageIn(Strict):
+    """One recipient of a batch: `to` and `data`, plus anything it overrides."""
+
+    to: RecipientIn
+    data: dict[str, Any] = Field(default={}, description="Merged over the batch's `content.data`")
+    locale: LocaleTag | None = Field(default=None, description="Overrides `content.locale`")
+    content: ContentIn | None = Field(default=None, description="Replaces the batch's content")
+    cascade: Annotated[list[CascadeStepIn], Field(min_length=1, max_length=8)] | None = None
+    metadata: Annotated[dict[MetadataKey, MetadataValue], Field(max_length=32)] | None = None
+    send_at: AwareDatetime | None = None
+    expires_at: AwareDatetime | None = None
+    idempotency_key: Annotated[str, StringConstraints(min_length=1, max_length=255)] | None = Field(
+        default=None, description="Per message, shared with `POST /v1/messages` keys"
+    )
+
+
+class InvalidBatchItem:
+    """An item that failed validation: kept so the rest of the batch goes ahead."""
+
+    def __init__(self, errors: list[FieldError]) -> None:
+        self.errors = errors
+
+
+def _keep_invalid(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    try:
+        return handler(value)
+    except ValidationError as exc:
+        return InvalidBatchItem(
+            [
+                FieldError(
+                    path=".".join(str(part) for part in err["loc"]),
+                    message=err["msg"],
+                    type=err["type"],
+                )
+                for err in exc.errors()
+            ]
+        )
+
+
+# Validated one by one: an invalid item is reported in its result, not a 422 for all.
+BatchItem = Annotated[BatchMessageIn, WrapValidator(_keep_invalid)]
+
+
+class SendBatchRequest(Strict):
+    category: Category
+    cascade: Annotated[list[CascadeStepIn], Field(min_length=1, max_length=8)] | None = None
+    content: ContentIn | None = None
+    metadata: Annotated[dict[MetadataKey, MetadataValue], Field(max_length=32)] = {}
+    send_at: AwareDatetime | None = None
+    expires_at: AwareDatetime | None = None
+    messages: Annotated[list[BatchItem], Field(min_length=1, max_length=1000)]
+
+
+class BatchItemResult(BaseModel):
+    index: int
+    id: str | None = None
+    status: MessageStatus | None = None
+    problem: Problem | None = None
+
+
+class BatchResult(BaseModel):
+    accepted: int
+    rejected: int
+    results: list[BatchItemResult]
+
+
+class LastErrorView(BaseModel):
+    step: int
+    channel: Channel
+    code: str
+    detail: str | None = None
+
+
+class MessageSummary(BaseModel):
+    id: str
+    category: Category
+    status: MessageStatus
+    delivered_channel: Channel | None
+    delivered_step: int | None
+    current_step: int
+    to: dict[str, Any]
+    metadata: dict[str, str]
+    created_at: datetime
+    updated_at: datetime
+    completed_at: datetime | None
+    last_error: LastErrorView | None = Field(
+        description="Why the latest unsuccessful attempt failed (rejected, failed, expired)."
+    )
+
+
+class MessagePage(BaseModel):
+    data: list[MessageSummary]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next (older) page.")

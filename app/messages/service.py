@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -12,7 +13,8 @@ import orjson
 from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-from app.cascade.machine import MessageStatus, SuccessOn
+from app.cascade.machine import MessageStatus, Stop, SuccessOn
+from app.cascade.service import stop_now
 from app.db import Transaction
 from app.errors import Conflict, FieldError, InvalidRequest, NotFound
 from app.ids import from_public, new_id, to_public
@@ -27,9 +29,12 @@ from app.messages.schemas import (
     MessageView,
     SendMessageRequest,
 )
-from app.queue import send_step_job
+from app.queue import Job, expire_message_job, send_step_job
 from app.settings import Settings
-from providers.base import Channel, Provider, Recipient
+from app.templates.rendering import channel_content
+from app.templates.service import TemplateLookup, render_template
+from app.webhooks.service import notify_after_commit
+from providers.base import Category, Channel, Provider, Recipient
 from providers.registry import ProviderRegistry, UnknownProvider
 
 DEFAULT_SUCCESS_ON = {
@@ -47,11 +52,18 @@ class Acceptance:
 
 
 def resolve_cascade(
-    request: SendMessageRequest, registry: ProviderRegistry, settings: Settings
+    request: SendMessageRequest,
+    registry: ProviderRegistry,
+    settings: Settings,
+    content: Mapping[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """Fill in providers, timeouts and success rules; every step must be sendable."""
+    """Fill in providers, timeouts and success rules; every step must be sendable.
+
+    `content` is what will be stored (a template's rendering per channel); by default the
+    request's inline content.
+    """
     to = Recipient.from_mapping(request.to.model_dump(exclude_none=True))
-    content = request.content
+    stored = content if content is not None else inline_content(request)
     steps: list[dict[str, Any]] = []
     errors: list[FieldError] = []
     for index, step in enumerate(request.cascade):
@@ -72,7 +84,7 @@ def resolve_cascade(
                     type="missing_address",
                 )
             )
-        if not _has_body(step.channel, content.text, content.html, content.title):
+        if not _has_body(step.channel, channel_content(stored, step.channel)):
             errors.append(
                 FieldError(
                     path="body.content",
@@ -100,12 +112,89 @@ def default_success_on(channel: Channel, provider: Provider) -> SuccessOn:
     return DEFAULT_SUCCESS_ON[channel]
 
 
-def _has_body(channel: Channel, text: str | None, html: str | None, title: str | None) -> bool:
+def _has_body(channel: Channel, content: Mapping[str, Any]) -> bool:
     if channel is Channel.EMAIL:
-        return bool(text or html)
+        return bool(content.get("text") or content.get("html"))
     if channel is Channel.PUSH:
-        return bool(text or title)
-    return bool(text)
+        return bool(content.get("text") or content.get("title"))
+    if channel is Channel.MESSENGER:
+        return bool(content.get("text") or content.get("template_name"))
+    return bool(content.get("text"))
+
+
+def inline_content(request: SendMessageRequest) -> dict[str, Any]:
+    return request.content.model_dump(exclude_none=True, exclude={"template", "data", "locale"})
+
+
+async def resolve_content(request: SendMessageRequest, lookup: TemplateLookup) -> dict[str, Any]:
+    """What the message will send: inline content, or its template rendered per channel."""
+    content = request.content
+    if content.template is None:
+        return inline_content(request)
+    template = await lookup.find(content.template, content.locale)
+    if template is None:
+        raise InvalidRequest(
+            errors=[
+                FieldError(
+                    path="body.content.template",
+                    message=f"no template {content.template!r} in locale"
+                    f" {content.locale or 'default'} or its fallbacks",
+                    type="unknown_template",
+                )
+            ]
+        )
+    return render_template(template, (step.channel for step in request.cascade), content.data)
+
+
+def resolve_schedule(request: SendMessageRequest, at: datetime) -> dict[str, Any]:
+    """The status and scheduling columns of a new message: `queued` until `send_at`."""
+    if request.expires_at is not None and request.expires_at <= at:
+        raise InvalidRequest(
+            errors=[FieldError(path="body.expires_at", message="already past", type="in_the_past")]
+        )
+    scheduled = request.send_at is not None and request.send_at > at
+    return {
+        "status": (MessageStatus.QUEUED if scheduled else MessageStatus.ACCEPTED).value,
+        "send_at": request.send_at,
+        "expires_at": request.expires_at,
+        "not_before": request.send_at if scheduled else None,
+    }
+
+
+async def prepare_message(
+    tenant_id: uuid.UUID,
+    request: SendMessageRequest,
+    registry: ProviderRegistry,
+    settings: Settings,
+    lookup: TemplateLookup,
+    at: datetime,
+) -> dict[str, Any]:
+    """The new message's row, or InvalidRequest: everything but the insert."""
+    content = await resolve_content(request, lookup)
+    cascade = resolve_cascade(request, registry, settings, content)
+    return {
+        "id": new_id(),
+        "category": request.category.value,
+        "tenant_id": tenant_id,
+        "recipient": request.to.model_dump(exclude_none=True),
+        "content": content,
+        "cascade": cascade,
+        "metadata": request.metadata,
+        "current_step": 0,
+        "seq": 1,
+        "created_at": at,
+        "updated_at": at,
+        **resolve_schedule(request, at),
+    }
+
+
+def first_jobs(row: Mapping[str, Any]) -> list[Job]:
+    """The first step (deferred to `send_at`) and the expiry, if the message has one."""
+    public_id, category = to_public("msg", row["id"]), Category(row["category"])
+    jobs = [send_step_job(public_id, category, 0, not_before=row["not_before"])]
+    if row["expires_at"] is not None:
+        jobs.append(expire_message_job(public_id, category, row["expires_at"]))
+    return jobs
 
 
 def request_fingerprint(request: SendMessageRequest) -> bytes:
@@ -122,11 +211,13 @@ async def accept_message(
     settings: Settings,
     at: datetime,
 ) -> Acceptance:
-    cascade = resolve_cascade(request, registry, settings)
-    message_id = new_id()
+    new = await prepare_message(
+        tenant_id, request, registry, settings, TemplateLookup(tx.conn, tenant_id, settings), at
+    )
+    message_id = new["id"]
     accepted = AcceptedMessage(
         id=to_public("msg", message_id),
-        status=MessageStatus.ACCEPTED,
+        status=new["status"],
         category=request.category,
         created_at=at,
     )
@@ -159,24 +250,10 @@ async def accept_message(
                 raise Conflict("this Idempotency-Key was used with a different request body")
             return Acceptance(AcceptedMessage.model_validate(row.response), replayed=True)
 
-    await ledger.insert_accepted_message(
-        tx.conn,
-        {
-            "id": message_id,
-            "category": request.category.value,
-            "tenant_id": tenant_id,
-            "status": MessageStatus.ACCEPTED.value,
-            "recipient": request.to.model_dump(exclude_none=True),
-            "content": request.content.model_dump(exclude_none=True),
-            "cascade": cascade,
-            "metadata": request.metadata,
-            "current_step": 0,
-            "seq": 1,
-            "created_at": at,
-            "updated_at": at,
-        },
-    )
-    tx.enqueue_after_commit(send_step_job(accepted.id, request.category, 0))
+    await ledger.insert_accepted_message(tx.conn, new)
+    for job in first_jobs(new):
+        tx.enqueue_after_commit(job)
+    await notify_after_commit(tx, tenant_id, message_id, request.category.value)
     return Acceptance(accepted, replayed=False)
 
 
@@ -200,6 +277,8 @@ async def get_message_view(tx: Transaction, tenant_id: uuid.UUID, public_id: str
         created_at=message.created_at,
         updated_at=message.updated_at,
         completed_at=message.completed_at,
+        send_at=message.send_at,
+        expires_at=message.expires_at,
         attempts=[
             AttemptView(
                 id=to_public("att", a.id),
@@ -230,3 +309,18 @@ async def get_message_view(tx: Transaction, tenant_id: uuid.UUID, public_id: str
             for e in events
         ],
     )
+
+
+async def cancel_message(
+    tx: Transaction, tenant_id: uuid.UUID, public_id: str, at: datetime
+) -> MessageView:
+    """Cancel a message that has not finished; 409 once it has."""
+    message_id = from_public("msg", public_id)
+    message = await ledger.get_message(tx.conn, message_id, tenant_id) if message_id else None
+    if message is None:
+        raise NotFound(f"no message {public_id}")
+    locked = await ledger.lock_message(tx.conn, message.id)
+    assert locked is not None
+    if not await stop_now(tx, locked, Stop.CANCEL, source="api", at=at, code="cancelled"):
+        raise Conflict(f"the message is already {locked.status.value}")
+    return await get_message_view(tx, tenant_id, public_id)

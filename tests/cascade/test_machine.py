@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from app.cascade.machine import (
     FINAL_MESSAGE,
+    OPEN_ATTEMPT,
     UNSUCCESSFUL_ATTEMPT,
     AttemptStatus,
     Decision,
     MessageStatus,
     Signal,
     StepView,
+    Stop,
+    StopDecision,
     SuccessOn,
     decide,
     is_success,
     retry_delay,
+    stop_message,
 )
 
 
@@ -136,3 +142,98 @@ def test_invariants(
     # Cancelled and suppressed messages are never revived.
     if message in (MessageStatus.CANCELLED, MessageStatus.SUPPRESSED):
         assert decision.message_status is message
+
+
+# Suppressed steps, and messages stopped from outside their cascade (issue 5).
+
+
+def test_a_suppressed_step_is_skipped_and_the_cascade_moves_on() -> None:
+    decision = decide(view(AttemptStatus.PENDING), Signal.SUPPRESSED)
+    assert decision == Decision(AttemptStatus.SUPPRESSED, MessageStatus.SENDING, next_step=1)
+
+
+def test_a_message_whose_every_step_was_suppressed_ends_suppressed() -> None:
+    state = replace(view(AttemptStatus.PENDING, step=2, current=2), reached_before=False)
+    assert decide(state, Signal.SUPPRESSED) == Decision(
+        AttemptStatus.SUPPRESSED, MessageStatus.SUPPRESSED
+    )
+
+
+def test_a_suppressed_last_step_after_a_real_failure_fails_the_message() -> None:
+    state = replace(view(AttemptStatus.PENDING, step=2, current=2), reached_before=True)
+    assert decide(state, Signal.SUPPRESSED).message_status is MessageStatus.FAILED
+
+
+def test_only_a_step_not_yet_sent_can_be_suppressed() -> None:
+    state = view(AttemptStatus.SENT)
+    assert not decide(state, Signal.SUPPRESSED).changes(state)
+
+
+@pytest.mark.parametrize(
+    ("stop", "attempt", "expected"),
+    [
+        (Stop.CANCEL, AttemptStatus.SENT, StopDecision(MessageStatus.CANCELLED)),
+        (Stop.CANCEL, None, StopDecision(MessageStatus.CANCELLED)),
+        (
+            Stop.EXPIRE,
+            AttemptStatus.SENT,
+            StopDecision(MessageStatus.EXPIRED, AttemptStatus.EXPIRED),
+        ),
+        (Stop.EXPIRE, AttemptStatus.FAILED, StopDecision(MessageStatus.EXPIRED)),
+        (Stop.SUPPRESS, None, StopDecision(MessageStatus.SUPPRESSED)),
+    ],
+)
+def test_stopping_an_unfinished_message(
+    stop: Stop, attempt: AttemptStatus | None, expected: StopDecision
+) -> None:
+    assert stop_message(MessageStatus.SENDING, attempt, stop) == expected
+
+
+stops = st.sampled_from(list(Stop))
+
+
+@given(messages, st.none() | attempts, stops)
+def test_stop_invariants(message: MessageStatus, attempt: AttemptStatus | None, stop: Stop) -> None:
+    decision = stop_message(message, attempt, stop)
+    # A message that has ended (delivered above all) is never stopped after the fact.
+    if message in FINAL_MESSAGE:
+        assert decision is None
+        return
+    assert decision is not None
+    assert decision.message_status in FINAL_MESSAGE
+    assert decision.message_status.value == stop.value
+    # Only an open attempt changes, and only to `expired`.
+    if decision.attempt_status is not None:
+        assert attempt in OPEN_ATTEMPT
+        assert decision.attempt_status is AttemptStatus.EXPIRED
+
+
+@given(attempts, messages, signals, success_rules, st.integers(0, 3), st.integers(0, 3))
+def test_suppression_invariants(
+    attempt: AttemptStatus,
+    message: MessageStatus,
+    signal: Signal,
+    success_on: SuccessOn,
+    step: int,
+    current: int,
+) -> None:
+    for reached_before in (False, True):
+        state = StepView(message, current, 4, step, attempt, success_on, reached_before)
+        decision = decide(state, signal)
+        # Nothing revives a suppressed attempt: it was never sent.
+        if attempt is AttemptStatus.SUPPRESSED:
+            assert decision.attempt_status is AttemptStatus.SUPPRESSED
+            assert decision.delivered_step is None
+        # Suppression only ever skips a pending step.
+        if decision.attempt_status is AttemptStatus.SUPPRESSED:
+            assert attempt in (AttemptStatus.PENDING, AttemptStatus.SUPPRESSED)
+        # Stopped messages stay stopped, whatever arrives about their attempts.
+        if message in (MessageStatus.CANCELLED, MessageStatus.SUPPRESSED, MessageStatus.EXPIRED):
+            assert decision.message_status is message
+            assert decision.next_step is None
+        # A message ends suppressed only when no step of it ever reached a provider.
+        if decision.message_status is MessageStatus.SUPPRESSED and message is not (
+            MessageStatus.SUPPRESSED
+        ):
+            assert not reached_before
+            assert decision.attempt_status is AttemptStatus.SUPPRESSED

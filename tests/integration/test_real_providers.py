@@ -207,6 +207,15 @@ async def test_hard_bounce_dsn_marks_the_email_attempt_failed(
     assert after["status"] == "delivered"  # the relay accepted it: success_on accepted
     assert after["attempts"][0]["status"] == "failed"
     assert after["attempts"][0]["error"]["code"].startswith("smtp:5.")
+    suppressed = (await tenant.client.get("/v1/suppressions", params={"channel": "email"})).json()[
+        "data"
+    ]
+    assert [(s["address"], s["reason"], s["applies_to"]) for s in suppressed] == [
+        ("gone@example.com", "hard_bounce", "all")
+    ]
+    # The next transactional email to that address is skipped, not sent.
+    again = await wait_until_final(tenant.client, await send(tenant.client, body))
+    assert again["status"] == "suppressed"
 
 
 async def test_sms_over_smpp_is_delivered_by_a_deliver_sm_receipt(

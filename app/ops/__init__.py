@@ -1,0 +1,1 @@
+"""Operations: stats rollups, the event feed, the dashboard, the CLI client."""

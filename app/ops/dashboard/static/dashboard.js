@@ -1,0 +1,221 @@
+// Cascade dashboard: reads the JSON API with the key kept in sessionStorage.
+// Everything from the API is written with textContent, never parsed as HTML.
+"use strict";
+
+const KEY_ITEM = "cascade.apiKey";
+const REFRESH_MS = 5000;
+let timer = null;
+
+const $ = (id) => document.getElementById(id);
+
+function apiKey() {
+  return sessionStorage.getItem(KEY_ITEM);
+}
+
+class Unauthorized extends Error {}
+
+async function api(path) {
+  const response = await fetch(path, { headers: { Authorization: `Bearer ${apiKey()}` } });
+  if (response.status === 401) throw new Unauthorized("the API key is unknown or revoked");
+  const body = await response.json().catch(() => ({}));
+  if (!response.ok) throw new Error(body.detail || body.title || `HTTP ${response.status}`);
+  return body;
+}
+
+function cell(row, text, className) {
+  const td = document.createElement("td");
+  td.textContent = text === null || text === undefined ? "" : String(text);
+  if (className) td.className = className;
+  row.appendChild(td);
+  return td;
+}
+
+function formatMs(ms) {
+  if (ms === null || ms === undefined) return "–";
+  return ms < 1000 ? `${Math.round(ms)} ms` : `${(ms / 1000).toFixed(1)} s`;
+}
+
+function formatRate(rate) {
+  return rate === null || rate === undefined ? "–" : `${(rate * 100).toFixed(1)} %`;
+}
+
+function showStats(stats) {
+  const delivered = stats.by_status.delivered || 0;
+  $("total-messages").textContent = stats.messages;
+  $("total-delivered").textContent = delivered;
+  $("total-failed").textContent = stats.messages - delivered;
+  $("failover-rate").textContent = formatRate(stats.failover_rate);
+  $("median").textContent = formatMs(stats.time_to_deliver.median_ms);
+  $("p95").textContent = formatMs(stats.time_to_deliver.p95_ms);
+
+  const tally = {};
+  for (const count of stats.counts) {
+    const key = `${count.category}/${count.channel}`;
+    tally[key] = tally[key] || { ok: 0, bad: 0 };
+    tally[key][count.status === "delivered" ? "ok" : "bad"] += count.messages;
+  }
+  for (const td of document.querySelectorAll("td.counter")) {
+    const t = tally[`${td.dataset.category}/${td.dataset.channel}`] || { ok: 0, bad: 0 };
+    td.querySelector(".ok").textContent = t.ok;
+    td.querySelector(".bad").textContent = t.bad;
+  }
+
+  const funnel = $("funnel");
+  funnel.replaceChildren();
+  if (stats.steps.length === 0) {
+    funnel.textContent = "No finished messages in this range.";
+  }
+  for (const step of stats.steps) {
+    const wrap = document.createElement("div");
+    wrap.className = "funnel-step";
+    const label = document.createElement("div");
+    const lost = step.ended - step.delivered;
+    label.textContent =
+      `Step ${step.step + 1}: reached ${step.reached}, delivered ${step.delivered}` +
+      ` (${formatRate(step.delivery_rate)}), ended undelivered ${lost}`;
+    label.className = "funnel-label";
+    const bar = document.createElement("div");
+    bar.className = "funnel-bar";
+    const ok = document.createElement("span");
+    ok.className = "delivered";
+    ok.style.width = `${stats.messages ? (100 * step.delivered) / stats.messages : 0}%`;
+    const bad = document.createElement("span");
+    bad.className = "ended";
+    bad.style.width = `${stats.messages ? (100 * lost) / stats.messages : 0}%`;
+    bar.append(ok, bad);
+    wrap.append(label, bar);
+    funnel.appendChild(wrap);
+  }
+}
+
+function showFailures(page) {
+  const body = $("failures").querySelector("tbody");
+  body.replaceChildren();
+  for (const message of page.data) {
+    const row = document.createElement("tr");
+    const idCell = cell(row, "");
+    const link = document.createElement("a");
+    link.textContent = message.id;
+    link.addEventListener("click", () => lookup(message.id));
+    idCell.appendChild(link);
+    cell(row, message.category);
+    cell(row, new Date(message.created_at).toLocaleString());
+    const error = message.last_error;
+    cell(row, error ? `${error.step + 1} (${error.channel})` : "");
+    cell(row, error ? `${error.code}${error.detail ? ": " + error.detail : ""}` : "", "bad");
+    body.appendChild(row);
+  }
+  if (page.data.length === 0) {
+    const row = document.createElement("tr");
+    cell(row, "No failed messages.", "muted").colSpan = 5;
+    body.appendChild(row);
+  }
+}
+
+async function lookup(id) {
+  $("lookup-id").value = id;
+  try {
+    const message = await api(`/v1/messages/${encodeURIComponent(id.trim())}`);
+    $("timeline").hidden = false;
+    $("timeline-summary").textContent =
+      `${message.id}: ${message.status}` +
+      (message.delivered_channel ? ` on ${message.delivered_channel}` : "") +
+      ` · ${message.category} · created ${new Date(message.created_at).toLocaleString()}`;
+    const attempts = $("timeline-attempts").querySelector("tbody");
+    attempts.replaceChildren();
+    for (const a of message.attempts) {
+      const row = document.createElement("tr");
+      cell(row, a.step + 1);
+      cell(row, a.channel);
+      cell(row, a.provider);
+      cell(row, a.status, a.status === "delivered" || a.status === "read" ? "ok" : "");
+      cell(row, a.tries);
+      cell(row, a.error ? `${a.error.code}${a.error.detail ? ": " + a.error.detail : ""}` : "", "bad");
+      attempts.appendChild(row);
+    }
+    const events = $("timeline-events").querySelector("tbody");
+    events.replaceChildren();
+    for (const e of message.events) {
+      const row = document.createElement("tr");
+      cell(row, e.seq);
+      cell(row, new Date(e.at).toLocaleTimeString());
+      cell(row, e.status);
+      cell(row, e.source);
+      cell(row, e.step === null ? "" : e.step + 1);
+      cell(row, e.detail ? JSON.stringify(e.detail) : "");
+      events.appendChild(row);
+    }
+    $("error").textContent = "";
+  } catch (error) {
+    handle(error);
+  }
+}
+
+function handle(error) {
+  if (error instanceof Unauthorized) {
+    signOut(error.message);
+    return;
+  }
+  $("error").textContent = error.message;
+}
+
+async function refresh() {
+  const [seconds, bucket] = $("range").value.split(":");
+  const to = new Date();
+  const from = new Date(to.getTime() - Number(seconds) * 1000);
+  const range = `from=${encodeURIComponent(from.toISOString())}&to=${encodeURIComponent(
+    new Date(to.getTime() + 60000).toISOString(),
+  )}&bucket=${bucket}`;
+  try {
+    const [stats, failures] = await Promise.all([
+      api(`/v1/stats?${range}`),
+      api("/v1/messages?status=failed&limit=10"),
+    ]);
+    showStats(stats);
+    showFailures(failures);
+    $("error").textContent = "";
+    $("updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
+  } catch (error) {
+    handle(error);
+  }
+}
+
+function signIn() {
+  $("login").hidden = true;
+  $("board").hidden = false;
+  $("logout").hidden = false;
+  refresh();
+  clearInterval(timer);
+  timer = setInterval(refresh, REFRESH_MS);
+}
+
+function signOut(reason) {
+  sessionStorage.removeItem(KEY_ITEM);
+  clearInterval(timer);
+  $("board").hidden = true;
+  $("logout").hidden = true;
+  $("login").hidden = false;
+  $("login-error").textContent = reason || "";
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("login-form").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    sessionStorage.setItem(KEY_ITEM, $("api-key").value.trim());
+    $("api-key").value = "";
+    try {
+      await api("/v1/messages?limit=1");
+      $("login-error").textContent = "";
+      signIn();
+    } catch (error) {
+      signOut(error.message);
+    }
+  });
+  $("logout").addEventListener("click", () => signOut(""));
+  $("range").addEventListener("change", refresh);
+  $("lookup-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    lookup($("lookup-id").value);
+  });
+  if (apiKey()) signIn();
+});

@@ -1,0 +1,311 @@
+"""Delivery stats from rollups: bumped once per message when it reaches a final status.
+
+The write is one multi-row upsert (minute, hour and day rows) inside the transaction that
+finalises the message, so the rollups never disagree with the ledger. Reads add up the
+rows of one resolution over a range; they never scan `messages`.
+"""
+
+from __future__ import annotations
+
+import functools
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import bindparam, case, func, literal_column, select
+from sqlalchemy.dialects.postgresql import Insert
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from app import observability
+from app.cascade.machine import FINAL_MESSAGE, Decision, MessageStatus
+from app.errors import FieldError, InvalidRequest
+from app.ledger.repository import AttemptRow, MessageRow
+from app.ops.stats.latency import SLOTS, add_histograms, one_hot, percentile
+from app.ops.stats.schemas import (
+    Bucket,
+    CategoryView,
+    CountView,
+    LatencyView,
+    SeriesPoint,
+    StatsView,
+    StepView,
+)
+from app.ops.stats.tables import stats_rollups
+from providers.base import Category
+
+# Concurrent finalisations in the same minute spread over this many rows per key.
+SHARDS = 4
+# Bounds the rows one read adds up (buckets x dimensions x shards).
+MAX_RANGE = {
+    Bucket.MINUTE: timedelta(days=1),
+    Bucket.HOUR: timedelta(days=31),
+    Bucket.DAY: timedelta(days=1100),
+}
+
+
+def truncate(at: datetime, bucket: Bucket) -> datetime:
+    """The start of `at`'s bucket (UTC)."""
+    at = at.astimezone(UTC)
+    if bucket is Bucket.MINUTE:
+        return at.replace(second=0, microsecond=0)
+    if bucket is Bucket.HOUR:
+        return at.replace(minute=0, second=0, microsecond=0)
+    return at.replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+async def record_final_status(
+    conn: AsyncConnection,
+    message: MessageRow,
+    status: MessageStatus,
+    step: int,
+    at: datetime,
+    cost: Decimal | None = None,
+) -> None:
+    """Count a message that just reached final `status` on cascade step `step`.
+
+    Call it exactly once per message, in the transaction that sets the final status.
+    """
+    latency_ms = (
+        max(0, int((at - message.created_at).total_seconds() * 1000))
+        if status is MessageStatus.DELIVERED
+        else None
+    )
+    channel = str(message.cascade[step]["channel"]) if 0 <= step < len(message.cascade) else ""
+    row = {
+        "tenant_id": message.tenant_id,
+        "category": message.category,
+        "channel": channel,
+        "status": status.value,
+        "step": step,
+        "shard": message.id.int % SHARDS,
+        "messages": 1,
+        "latency_ms_sum": latency_ms or 0,
+        "latency_hist": one_hot(latency_ms),
+        "cost": cost,
+    }
+    params = {f"{name}_{i}": value for name, value in row.items() for i in range(len(Bucket))}
+    for i, b in enumerate(Bucket):
+        params[f"resolution_{i}"], params[f"bucket_{i}"] = b.value, truncate(at, b)
+    await conn.execute(_bump_rollups(tuple(row)), params)
+    observability.count_message_finished(message.category, channel, status.value)
+
+
+@functools.cache
+def _bump_rollups(columns: tuple[str, ...]) -> Insert:
+    """The upsert, built once with bind parameters: a multi-row VALUES of literal values
+    was compiled again on every call (the costliest step of applying a receipt)."""
+    names = (*columns, "resolution", "bucket")
+    statement = pg_insert(stats_rollups).values(
+        [
+            {n: bindparam(f"{n}_{i}", type_=stats_rollups.c[n].type) for n in names}
+            for i in range(len(Bucket))
+        ]
+    )
+    new = statement.excluded
+    return statement.on_conflict_do_update(
+        index_elements=[c for c in stats_rollups.primary_key.columns],
+        set_={
+            "messages": stats_rollups.c.messages + new.messages,
+            "latency_ms_sum": stats_rollups.c.latency_ms_sum + new.latency_ms_sum,
+            "latency_hist": literal_column(
+                "(SELECT array_agg(a + b ORDER BY i) FROM unnest(stats_rollups.latency_hist,"
+                " excluded.latency_hist) WITH ORDINALITY AS h(a, b, i))"
+            ),
+            "cost": case(
+                (new.cost.is_(None), stats_rollups.c.cost),
+                else_=func.coalesce(stats_rollups.c.cost, 0) + new.cost,
+            ),
+        },
+    )
+
+
+async def record_outcome(
+    conn: AsyncConnection,
+    message: MessageRow,
+    attempt: AttemptRow,
+    decision: Decision,
+    *,
+    source: str,
+    at: datetime,
+) -> None:
+    """Metrics, log context and the rollup for one signal the cascade just applied."""
+    observability.bind_message(message.id, message.tenant_id, message.category, attempt.id)
+    if decision.attempt_status != attempt.status:
+        observability.observe_attempt(
+            category=message.category,
+            channel=attempt.channel,
+            provider=attempt.provider,
+            before=attempt.status,
+            after=decision.attempt_status,
+            source=source,
+            claimed_at=attempt.updated_at,
+            sent_at=attempt.sent_at,
+            at=at,
+        )
+    if decision.message_status != message.status and decision.message_status in FINAL_MESSAGE:
+        step = attempt.step if decision.delivered_step is None else decision.delivered_step
+        await record_final_status(conn, message, decision.message_status, step, at)
+
+
+@dataclass
+class _Totals:
+    messages: int = 0
+    delivered: int = 0
+    later: int = 0
+    latency_ms_sum: int = 0
+    cost: Decimal | None = None
+
+    def __post_init__(self) -> None:
+        self.hist = [0] * SLOTS
+
+    def latency(self) -> LatencyView:
+        return LatencyView(
+            delivered=self.delivered,
+            mean_ms=self.latency_ms_sum / self.delivered if self.delivered else None,
+            median_ms=percentile(self.hist, 0.5),
+            p95_ms=percentile(self.hist, 0.95),
+        )
+
+    def failover_rate(self) -> float | None:
+        return self.later / self.delivered if self.delivered else None
+
+
+def _ratio(part: int, whole: int) -> float | None:
+    return part / whole if whole else None
+
+
+async def read_stats(
+    conn: AsyncConnection,
+    tenant_id: uuid.UUID,
+    start: datetime,
+    end: datetime,
+    bucket: Bucket,
+    category: Category | None = None,
+) -> StatsView:
+    if end <= start:
+        raise InvalidRequest(
+            "`to` must be after `from`",
+            [FieldError(path="query.to", message="must be after `from`", type="range")],
+        )
+    if end - start > MAX_RANGE[bucket]:
+        raise InvalidRequest(
+            f"{bucket.value} buckets cover at most {MAX_RANGE[bucket].days or 1} day(s)",
+            [FieldError(path="query.bucket", message="range too long", type="range")],
+        )
+    r = stats_rollups.c
+    conditions = [
+        r.tenant_id == tenant_id,
+        r.resolution == bucket.value,
+        r.bucket >= truncate(start, bucket),
+        r.bucket < end,
+    ]
+    if category is not None:
+        conditions.append(r.category == category.value)
+    rows = await conn.execute(
+        select(
+            r.bucket,
+            r.category,
+            r.channel,
+            r.status,
+            r.step,
+            func.sum(r.messages).label("messages"),
+            func.sum(r.latency_ms_sum).label("latency_ms_sum"),
+            func.sum(r.cost).label("cost"),
+        )
+        .where(*conditions)
+        .group_by(r.bucket, r.category, r.channel, r.status, r.step)
+        .order_by(r.bucket, r.category, r.channel, r.status, r.step)
+    )
+    # Histograms are added up here: unnesting them in SQL costs more than the transfer.
+    hist_rows = await conn.execute(
+        select(r.category, r.latency_hist).where(
+            *conditions, r.status == MessageStatus.DELIVERED.value
+        )
+    )
+    return _summarise(start, end, bucket, list(rows), list(hist_rows))
+
+
+def _summarise(
+    start: datetime, end: datetime, bucket: Bucket, rows: list[Any], hist_rows: list[Any]
+) -> StatsView:
+    overall = _Totals()
+    per_category: dict[str, _Totals] = defaultdict(_Totals)
+    by_status: dict[str, int] = defaultdict(int)
+    counts: dict[tuple[str, str, str], int] = defaultdict(int)
+    ended: dict[int, int] = defaultdict(int)
+    delivered_at: dict[int, int] = defaultdict(int)
+    series = []
+    for row in rows:
+        n = int(row.messages)
+        series.append(
+            SeriesPoint(
+                bucket=row.bucket,
+                category=row.category,
+                channel=row.channel,
+                status=row.status,
+                messages=n,
+            )
+        )
+        counts[(row.category, row.channel, row.status)] += n
+        by_status[row.status] += n
+        ended[row.step] += n
+        delivered = row.status == MessageStatus.DELIVERED.value
+        for totals in (overall, per_category[row.category]):
+            totals.messages += n
+            if delivered:
+                totals.delivered += n
+                totals.later += n if row.step > 0 else 0
+                totals.latency_ms_sum += int(row.latency_ms_sum)
+            if row.cost is not None:
+                totals.cost = (totals.cost or Decimal(0)) + row.cost
+        if delivered:
+            delivered_at[row.step] += n
+    for hist_row in hist_rows:
+        add_histograms(per_category[hist_row.category].hist, hist_row.latency_hist)
+    for totals in per_category.values():
+        add_histograms(overall.hist, totals.hist)
+
+    steps = []
+    reached = overall.messages
+    for step in range(max(ended, default=-1) + 1):
+        steps.append(
+            StepView(
+                step=step,
+                reached=reached,
+                delivered=delivered_at[step],
+                ended=ended[step],
+                delivery_rate=_ratio(delivered_at[step], reached),
+            )
+        )
+        reached -= ended[step]
+    return StatsView(
+        start=start,
+        end=end,
+        bucket=bucket,
+        messages=overall.messages,
+        by_status=dict(by_status),
+        failover_rate=overall.failover_rate(),
+        time_to_deliver=overall.latency(),
+        counts=[
+            CountView(category=Category(c), channel=ch, status=s, messages=n)
+            for (c, ch, s), n in sorted(counts.items())
+        ],
+        series=series,
+        steps=steps,
+        by_category=[
+            CategoryView(
+                category=Category(name),
+                messages=t.messages,
+                delivered=t.delivered,
+                delivered_on_later_step=t.later,
+                failover_rate=t.failover_rate(),
+                time_to_deliver=t.latency(),
+                cost=t.cost,
+            )
+            for name, t in sorted(per_category.items())
+        ],
+    )

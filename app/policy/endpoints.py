@@ -1,0 +1,201 @@
+"""HTTP for policy: suppressions, the tenant's delivery policy, one-click unsubscribe and
+provider inbound messages (STOP replies)."""
+
+from __future__ import annotations
+
+import base64
+from typing import Annotated
+
+import orjson
+from fastapi import APIRouter, Depends, Query, Request, Response
+
+from app.auth.dependencies import get_runtime, require
+from app.auth.service import Principal, Scope
+from app.errors import (
+    PROBLEM_RESPONSES,
+    FieldError,
+    InvalidRequest,
+    MalformedBody,
+    NotFound,
+    Unauthorized,
+)
+from app.policy import service
+from app.policy.schemas import (
+    InboundReceipt,
+    PolicyIn,
+    PolicyView,
+    Reason,
+    SuppressionIn,
+    SuppressionList,
+    SuppressionView,
+    Unsubscribed,
+)
+from app.runtime import Runtime, utcnow
+from providers.base import (
+    Channel,
+    InboundReceiver,
+    InvalidSignature,
+    MalformedCallback,
+    ProviderCallback,
+)
+from providers.registry import UnknownProvider
+
+router = APIRouter(tags=["policy"], responses=PROBLEM_RESPONSES)
+
+Address = Annotated[str, Query(min_length=1, max_length=320)]
+
+
+def _normalised(channel: Channel, address: str, path: str) -> str:
+    try:
+        return service.normalise_address(channel, address)
+    except ValueError as exc:
+        raise InvalidRequest(
+            errors=[FieldError(path=path, message=str(exc), type="invalid_address")]
+        ) from None
+
+
+def _after(cursor: str | None) -> tuple[str, str] | None:
+    if cursor is None:
+        return None
+    try:
+        channel, address = orjson.loads(base64.urlsafe_b64decode(cursor))
+        return str(channel), str(address)
+    except (ValueError, TypeError):
+        raise InvalidRequest("not a cursor this endpoint gave out") from None
+
+
+@router.get("/v1/suppressions", summary="Suppressed addresses, by channel then address")
+async def list_suppressions(
+    channel: Channel | None = None,
+    address: Annotated[str | None, Query(min_length=1, max_length=320)] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    cursor: Annotated[str | None, Query(max_length=1000)] = None,
+    principal: Principal = Depends(require(Scope.READ)),
+    runtime: Runtime = Depends(get_runtime),
+) -> SuppressionList:
+    async with runtime.engine.connect() as conn:
+        if address is not None:
+            if channel is None:
+                raise InvalidRequest("filtering by address needs `channel` too")
+            found = await service.get_suppression(
+                conn, principal.tenant_id, channel, _normalised(channel, address, "query.address")
+            )
+            return SuppressionList(data=[found] if found else [])
+        views = await service.list_suppressions(
+            conn, principal.tenant_id, channel=channel, limit=limit + 1, after=_after(cursor)
+        )
+    more = len(views) > limit
+    views = views[:limit]
+    next_cursor = (
+        base64.urlsafe_b64encode(orjson.dumps([views[-1].channel, views[-1].address])).decode()
+        if more
+        else None
+    )
+    return SuppressionList(data=views, next_cursor=next_cursor)
+
+
+@router.post(
+    "/v1/suppressions",
+    status_code=201,
+    summary="Suppress an address (hard_bounce and complaint apply to every category)",
+)
+async def add_suppression(
+    body: SuppressionIn,
+    principal: Principal = Depends(require(Scope.SEND)),
+    runtime: Runtime = Depends(get_runtime),
+) -> SuppressionView:
+    address = _normalised(body.channel, body.address, "body.address")
+    async with runtime.transaction() as tx:
+        await service.suppress(tx, principal.tenant_id, body.channel, address, body.reason)
+        view = await service.get_suppression(tx.conn, principal.tenant_id, body.channel, address)
+    assert view is not None
+    return view
+
+
+@router.delete("/v1/suppressions", status_code=204, summary="Lift a suppression")
+async def delete_suppression(
+    channel: Channel,
+    address: Address,
+    principal: Principal = Depends(require(Scope.ADMIN)),
+    runtime: Runtime = Depends(get_runtime),
+) -> Response:
+    normalised = _normalised(channel, address, "query.address")
+    async with runtime.transaction() as tx:
+        if not await service.unsuppress(tx, principal.tenant_id, channel, normalised):
+            raise NotFound(f"{channel.value} address {normalised} is not suppressed")
+    return Response(status_code=204)
+
+
+@router.get("/v1/policy", summary="The tenant's delivery policy (time zone, quiet hours, caps)")
+async def get_policy(
+    principal: Principal = Depends(require(Scope.READ)),
+    runtime: Runtime = Depends(get_runtime),
+) -> PolicyView:
+    async with runtime.engine.connect() as conn:
+        policy = await service.tenant_policy(conn, principal.tenant_id, runtime.settings)
+    return service.policy_view(policy)
+
+
+@router.put("/v1/policy", summary="Set the tenant's delivery policy")
+async def put_policy(
+    body: PolicyIn,
+    principal: Principal = Depends(require(Scope.ADMIN)),
+    runtime: Runtime = Depends(get_runtime),
+) -> PolicyView:
+    async with runtime.transaction() as tx:
+        return await service.save_tenant_policy(
+            tx, principal.tenant_id, body, runtime.settings, utcnow()
+        )
+
+
+@router.post(
+    "/v1/unsubscribe/{token}",
+    summary="One-click unsubscribe (RFC 8058), the target of an email's List-Unsubscribe",
+)
+async def unsubscribe(token: str, runtime: Runtime = Depends(get_runtime)) -> Unsubscribed:
+    found = service.read_unsubscribe_token(
+        runtime.settings.unsubscribe_secret.get_secret_value(), token
+    )
+    if found is None:
+        raise NotFound("no such unsubscribe link")
+    tenant_id, channel, address = found
+    async with runtime.transaction() as tx:
+        await service.suppress(
+            tx, tenant_id, channel, address, Reason.UNSUBSCRIBED, source="unsubscribe"
+        )
+    return Unsubscribed(channel=channel)
+
+
+@router.post(
+    "/v1/providers/{provider}/inbound",
+    tags=["providers"],
+    summary="Messages recipients sent (STOP/START replies), signed with the provider's scheme",
+)
+async def provider_inbound(
+    provider: str, request: Request, runtime: Runtime = Depends(get_runtime)
+) -> InboundReceipt:
+    try:
+        adapter = runtime.providers.for_callbacks(provider)
+    except UnknownProvider:
+        raise NotFound(f"no provider {provider!r}") from None
+    if not isinstance(adapter, InboundReceiver):
+        raise NotFound(f"provider {provider!r} takes no inbound messages")
+    query = f"?{request.url.query}" if request.url.query else ""
+    callback = ProviderCallback(
+        method=request.method,
+        url=f"{runtime.settings.callback_base}{request.url.path}{query}",
+        headers=dict(request.headers),
+        body=await request.body(),
+        query=dict(request.query_params),
+    )
+    try:
+        inbound = await adapter.parse_inbound(callback)
+    except InvalidSignature as exc:
+        raise Unauthorized(f"provider signature rejected: {exc}") from None
+    except MalformedCallback as exc:
+        raise MalformedBody(str(exc)) from None
+    applied = 0
+    async with runtime.transaction() as tx:
+        for message in inbound:
+            applied += await service.apply_inbound(tx, message, runtime.settings, utcnow())
+    return InboundReceipt(received=len(inbound), applied=applied)

@@ -1,0 +1,513 @@
+"""Marketing policy: suppressions, quiet hours, frequency caps, unsubscribe links, STOP.
+
+`gate_step` is what the cascade asks before it claims a step: send, defer to the end of
+the recipient's quiet hours, skip a suppressed address, or suppress the whole message
+over its frequency cap. Suppression applies to marketing only, except hard bounces and
+complaints, which stop every category.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, time, timedelta
+from typing import Any
+
+import phonenumbers
+from sqlalchemy import delete, func, select, text, tuple_
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from app.db import Transaction
+from app.errors import FieldError, InvalidRequest
+from app.ledger.repository import MessageRow
+from app.policy.quiet_hours import next_allowed, zone
+from app.policy.schemas import (
+    ALL_CATEGORY_REASONS,
+    FrequencyCap,
+    PolicyIn,
+    PolicyView,
+    QuietHours,
+    Reason,
+    SuppressionView,
+)
+from app.policy.tables import marketing_sends, suppressions, tenant_settings
+from app.settings import Settings
+from providers.base import Category, Channel, InboundMessage
+
+STOP_KEYWORDS = frozenset(
+    {"STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT", "OPTOUT", "REVOKE"}
+)
+START_KEYWORDS = frozenset({"START", "UNSTOP", "YES"})
+
+# Where each channel finds its addresses in a stored recipient (messenger has several).
+RECIPIENT_FIELDS: Mapping[Channel, tuple[str, ...]] = {
+    Channel.PUSH: ("push_token",),
+    Channel.MESSENGER: ("whatsapp", "telegram_chat_id", "viber_id"),
+    Channel.SMS: ("phone",),
+    Channel.EMAIL: ("email",),
+}
+
+
+# --- addresses -------------------------------------------------------------------------
+
+
+def normalise_address(channel: Channel, address: str) -> str:
+    """One spelling per address: E.164 phones, lower-case emails, trimmed ids.
+
+    Raises ValueError for a phone or email that is not one.
+    """
+    value = address.strip()
+    if channel is Channel.EMAIL:
+        if value.count("@") != 1 or any(c.isspace() for c in value):
+            raise ValueError("not an email address")
+        return value.lower()
+    if channel is Channel.SMS or (channel is Channel.MESSENGER and value.startswith("+")):
+        try:
+            number = phonenumbers.parse(value, None)
+        except phonenumbers.NumberParseException:
+            raise ValueError("not an E.164 phone number") from None
+        return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+    return value
+
+
+def address_keys(recipient: Mapping[str, Any], channels: Iterable[Channel]) -> list[str]:
+    """`channel:address` for each address the cascade's channels would use."""
+    keys: set[str] = set()
+    for channel in channels:
+        for name in RECIPIENT_FIELDS[channel]:
+            value = recipient.get(name)
+            if isinstance(value, str) and value:
+                try:
+                    keys.add(f"{channel.value}:{normalise_address(channel, value)}")
+                except ValueError:
+                    continue
+    if Channel.PUSH in channels and isinstance(recipient.get("web_push"), Mapping):
+        keys.add(f"push:{recipient['web_push'].get('endpoint', '')}")
+    return sorted(keys)
+
+
+# --- suppressions ----------------------------------------------------------------------
+
+
+async def suppress(
+    tx: Transaction,
+    tenant_id: uuid.UUID,
+    channel: Channel | str,
+    address: str,
+    reason: Reason | str,
+    *,
+    source: str = "api",
+    at: datetime | None = None,
+) -> bool:
+    """Suppress an address (idempotent); returns whether anything changed.
+
+    An existing entry keeps its reason unless the new one suppresses more (a hard bounce
+    or complaint on an unsubscribed address applies to every category from then on).
+    Provider bounce and complaint handling calls this.
+    """
+    channel, reason = Channel(channel), Reason(reason)
+    statement = pg_insert(suppressions).values(
+        tenant_id=tenant_id,
+        channel=channel.value,
+        address=normalise_address(channel, address),
+        reason=reason.value,
+        source=source,
+        created_at=at or func.now(),
+    )
+    wider = [r.value for r in ALL_CATEGORY_REASONS]
+    upsert = statement.on_conflict_do_update(
+        index_elements=["tenant_id", "channel", "address"],
+        set_={"reason": statement.excluded.reason, "source": statement.excluded.source},
+        where=suppressions.c.reason.not_in(wider) & statement.excluded.reason.in_(wider),
+    ).returning(suppressions.c.address)
+    return (await tx.conn.execute(upsert)).first() is not None
+
+
+async def unsuppress(
+    tx: Transaction,
+    tenant_id: uuid.UUID,
+    channel: Channel,
+    address: str,
+    only: Iterable[Reason] | None = None,
+) -> bool:
+    statement = delete(suppressions).where(
+        suppressions.c.tenant_id == tenant_id,
+        suppressions.c.channel == channel.value,
+        suppressions.c.address == normalise_address(channel, address),
+    )
+    if only is not None:
+        statement = statement.where(suppressions.c.reason.in_([r.value for r in only]))
+    result = await tx.conn.execute(statement.returning(suppressions.c.address))
+    return result.first() is not None
+
+
+def _view(row: Any) -> SuppressionView:
+    return SuppressionView(
+        channel=row.channel,
+        address=row.address,
+        reason=row.reason,
+        source=row.source,
+        applies_to="all" if Reason(row.reason) in ALL_CATEGORY_REASONS else "marketing",
+        created_at=row.created_at,
+    )
+
+
+async def get_suppression(
+    conn: AsyncConnection, tenant_id: uuid.UUID, channel: Channel, address: str
+) -> SuppressionView | None:
+    row = (
+        await conn.execute(
+            select(suppressions).where(
+                suppressions.c.tenant_id == tenant_id,
+                suppressions.c.channel == channel.value,
+                suppressions.c.address == normalise_address(channel, address),
+            )
+        )
+    ).first()
+    return _view(row) if row else None
+
+
+async def list_suppressions(
+    conn: AsyncConnection,
+    tenant_id: uuid.UUID,
+    *,
+    channel: Channel | None,
+    limit: int,
+    after: tuple[str, str] | None,
+) -> list[SuppressionView]:
+    query = select(suppressions).where(suppressions.c.tenant_id == tenant_id)
+    if channel is not None:
+        query = query.where(suppressions.c.channel == channel.value)
+    if after is not None:
+        query = query.where(tuple_(suppressions.c.channel, suppressions.c.address) > after)
+    query = query.order_by(suppressions.c.channel, suppressions.c.address).limit(limit)
+    return [_view(row) for row in await conn.execute(query)]
+
+
+async def blocking_suppression(
+    conn: AsyncConnection,
+    tenant_id: uuid.UUID,
+    category: Category,
+    channel: Channel,
+    address: str,
+) -> Reason | None:
+    """The suppression that stops this send, if any."""
+    try:
+        normalised = normalise_address(channel, address)
+    except ValueError:
+        return None
+    row = (
+        await conn.execute(
+            select(suppressions.c.reason).where(
+                suppressions.c.tenant_id == tenant_id,
+                suppressions.c.channel == channel.value,
+                suppressions.c.address == normalised,
+            )
+        )
+    ).first()
+    if row is None:
+        return None
+    reason = Reason(row.reason)
+    return reason if category is Category.MARKETING or reason in ALL_CATEGORY_REASONS else None
+
+
+# --- tenant policy ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TenantPolicy:
+    timezone: str
+    locale: str
+    quiet_hours: tuple[time, time] | None = None
+    frequency_cap: tuple[int, timedelta] | None = None
+    updated_at: datetime | None = None
+
+
+async def tenant_policy(
+    conn: AsyncConnection, tenant_id: uuid.UUID, settings: Settings
+) -> TenantPolicy:
+    row = (
+        await conn.execute(select(tenant_settings).where(tenant_settings.c.tenant_id == tenant_id))
+    ).first()
+    if row is None:
+        return TenantPolicy(settings.default_timezone, settings.default_locale)
+    return TenantPolicy(
+        timezone=row.timezone,
+        locale=row.locale,
+        quiet_hours=(
+            (row.quiet_hours_start, row.quiet_hours_end) if row.quiet_hours_start else None
+        ),
+        frequency_cap=(
+            (row.frequency_cap, timedelta(seconds=row.frequency_window_seconds))
+            if row.frequency_cap
+            else None
+        ),
+        updated_at=row.updated_at,
+    )
+
+
+def policy_view(policy: TenantPolicy) -> PolicyView:
+    return PolicyView(
+        timezone=policy.timezone,
+        locale=policy.locale,
+        quiet_hours=(
+            QuietHours(start=policy.quiet_hours[0], end=policy.quiet_hours[1])
+            if policy.quiet_hours
+            else None
+        ),
+        frequency_cap=(
+            FrequencyCap(
+                limit=policy.frequency_cap[0],
+                window_seconds=int(policy.frequency_cap[1].total_seconds()),
+            )
+            if policy.frequency_cap
+            else None
+        ),
+        updated_at=policy.updated_at,
+    )
+
+
+async def save_tenant_policy(
+    tx: Transaction, tenant_id: uuid.UUID, policy: PolicyIn, settings: Settings, at: datetime
+) -> PolicyView:
+    cap = policy.frequency_cap
+    if cap and timedelta(seconds=cap.window_seconds) > settings.marketing_log_retention:
+        raise InvalidRequest(
+            errors=[
+                FieldError(
+                    path="body.frequency_cap.window_seconds",
+                    message="longer than the marketing send log is kept"
+                    f" ({int(settings.marketing_log_retention.total_seconds())} s)",
+                    type="too_long",
+                )
+            ]
+        )
+    values = {
+        "timezone": policy.timezone,
+        "locale": policy.locale,
+        "quiet_hours_start": policy.quiet_hours.start if policy.quiet_hours else None,
+        "quiet_hours_end": policy.quiet_hours.end if policy.quiet_hours else None,
+        "frequency_cap": cap.limit if cap else None,
+        "frequency_window_seconds": cap.window_seconds if cap else None,
+        "updated_at": at,
+    }
+    statement = pg_insert(tenant_settings).values(tenant_id=tenant_id, **values)
+    await tx.conn.execute(
+        statement.on_conflict_do_update(index_elements=["tenant_id"], set_=values)
+    )
+    return PolicyView(**policy.model_dump(), updated_at=at)
+
+
+# --- the gate before each step ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Proceed:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Defer:
+    until: datetime
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class SkipStep:
+    reason: Reason
+
+
+@dataclass(frozen=True, slots=True)
+class SuppressMessage:
+    reason: str
+
+
+Verdict = Proceed | Defer | SkipStep | SuppressMessage
+PROCEED = Proceed()
+
+
+async def gate_step(
+    tx: Transaction,
+    message: MessageRow,
+    channel: Channel,
+    address: str,
+    *,
+    first_send: bool,
+    settings: Settings,
+    at: datetime,
+) -> Verdict:
+    """What policy says about sending this step now (`first_send`: no earlier step of the
+    message reached a provider, so this one counts against the frequency cap)."""
+    category = Category(message.category)
+    reason = await blocking_suppression(tx.conn, message.tenant_id, category, channel, address)
+    if reason is not None:
+        return SkipStep(reason)
+    if category is not Category.MARKETING:
+        return PROCEED
+    policy = await tenant_policy(tx.conn, message.tenant_id, settings)
+    if policy.quiet_hours is not None:
+        time_zone = message.recipient.get("timezone") or policy.timezone
+        until = next_allowed(at, zone(time_zone), *policy.quiet_hours)
+        if until is not None:
+            return Defer(until, "quiet_hours")
+    if first_send:
+        channels = [Channel(step["channel"]) for step in message.cascade]
+        keys = address_keys(message.recipient, channels)
+        if not await record_marketing_send(
+            tx, message.tenant_id, message.id, keys, policy.frequency_cap, at
+        ):
+            return SuppressMessage("frequency_cap")
+    return PROCEED
+
+
+def _lock_id(tenant_id: uuid.UUID, key: str) -> int:
+    digest = hashlib.sha256(tenant_id.bytes + key.encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+async def record_marketing_send(
+    tx: Transaction,
+    tenant_id: uuid.UUID,
+    message_id: uuid.UUID,
+    keys: list[str],
+    cap: tuple[int, timedelta] | None,
+    at: datetime,
+) -> bool:
+    """Count this message against each of the recipient's addresses; False (and nothing
+    recorded) when any of them already had `cap` marketing messages in the window.
+
+    Concurrent sends to a shared address serialise on a transaction-scoped advisory lock
+    per address, taken in sorted order (no deadlocks), so two can never both take the
+    last slot; the count and the insert commit or roll back with the send itself.
+    """
+    if not keys:
+        return True
+    if cap is not None:
+        limit, window = cap
+        for key in sorted(keys):
+            await tx.conn.execute(
+                text("SELECT pg_advisory_xact_lock(:id)"), {"id": _lock_id(tenant_id, key)}
+            )
+        sent = (
+            await tx.conn.execute(
+                select(func.count(func.distinct(marketing_sends.c.message_id))).where(
+                    marketing_sends.c.tenant_id == tenant_id,
+                    marketing_sends.c.address_key.in_(keys),
+                    marketing_sends.c.at > at - window,
+                    marketing_sends.c.message_id != message_id,
+                )
+            )
+        ).scalar_one()
+        if sent >= limit:
+            return False
+    await tx.conn.execute(
+        pg_insert(marketing_sends)
+        .values(
+            [
+                {"tenant_id": tenant_id, "address_key": k, "message_id": message_id, "at": at}
+                for k in keys
+            ]
+        )
+        .on_conflict_do_nothing()
+    )
+    return True
+
+
+async def prune_marketing_sends(tx: Transaction, before: datetime) -> int:
+    result = await tx.conn.execute(delete(marketing_sends).where(marketing_sends.c.at < before))
+    return int(result.rowcount)
+
+
+# --- unsubscribe links and replies -----------------------------------------------------
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(value: str) -> bytes:
+    return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+
+
+def unsubscribe_token(secret: str, tenant_id: uuid.UUID, channel: Channel, address: str) -> str:
+    """`<payload>.<signature>`: the tenant, channel and address, HMAC-SHA256 signed."""
+    payload = _b64(f"{tenant_id.hex}\n{channel.value}\n{address}".encode())
+    signature = hmac.new(secret.encode(), payload.encode(), hashlib.sha256).digest()[:16]
+    return f"{payload}.{_b64(signature)}"
+
+
+def read_unsubscribe_token(secret: str, token: str) -> tuple[uuid.UUID, Channel, str] | None:
+    payload, _, signature = token.rpartition(".")
+    expected = hmac.new(secret.encode(), payload.encode(), hashlib.sha256).digest()[:16]
+    try:
+        if not hmac.compare_digest(_unb64(signature), expected):
+            return None
+        tenant, channel, address = _unb64(payload).decode().split("\n", 2)
+        return uuid.UUID(hex=tenant), Channel(channel), address
+    except ValueError:  # bad base64, UTF-8, UUID or channel
+        return None
+
+
+def unsubscribe_headers(settings: Settings, tenant_id: uuid.UUID, address: str) -> dict[str, str]:
+    """RFC 8058 one-click unsubscribe headers for a marketing email."""
+    token = unsubscribe_token(
+        settings.unsubscribe_secret.get_secret_value(), tenant_id, Channel.EMAIL, address
+    )
+    return {
+        "List-Unsubscribe": f"<{settings.callback_base}/v1/unsubscribe/{token}>",
+        "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
+    }
+
+
+def keyword(text_: str) -> str:
+    return text_.strip().strip(".!").upper()
+
+
+async def apply_inbound(
+    tx: Transaction, inbound: InboundMessage, settings: Settings, at: datetime
+) -> int:
+    """A `STOP` reply suppresses the sender for marketing, a `START` lifts that, for each
+    tenant that sent it marketing lately; returns how many tenants it changed.
+
+    Provider accounts are shared between tenants, so the reply is matched to the tenants
+    whose marketing reached that address within `marketing_log_retention`.
+    """
+    word = keyword(inbound.text)
+    if word not in STOP_KEYWORDS | START_KEYWORDS:
+        return 0
+    try:
+        address = normalise_address(inbound.channel, inbound.sender)
+    except ValueError:
+        return 0
+    tenants = (
+        await tx.conn.execute(
+            select(marketing_sends.c.tenant_id)
+            .where(
+                marketing_sends.c.address_key == f"{inbound.channel.value}:{address}",
+                marketing_sends.c.at >= at - settings.marketing_log_retention,
+            )
+            .distinct()
+        )
+    ).scalars()
+    changed = 0
+    for tenant_id in tenants:
+        if word in STOP_KEYWORDS:
+            changed += await suppress(
+                tx,
+                tenant_id,
+                inbound.channel,
+                address,
+                Reason.UNSUBSCRIBED,
+                source="inbound",
+                at=at,
+            )
+        else:
+            changed += await unsuppress(
+                tx, tenant_id, inbound.channel, address, only=[Reason.UNSUBSCRIBED]
+            )
+    return changed

@@ -1,0 +1,40 @@
+"""Policy tables (migration 0004): tenant settings, suppressions, the marketing send log."""
+
+from __future__ import annotations
+
+from sqlalchemy import Column, DateTime, Integer, Table, Text, Time, Uuid
+
+from app.ledger.tables import metadata
+
+tenant_settings = Table(
+    "tenant_settings",
+    metadata,
+    Column("tenant_id", Uuid, primary_key=True),
+    Column("timezone", Text, nullable=False),
+    Column("locale", Text, nullable=False),
+    Column("quiet_hours_start", Time),
+    Column("quiet_hours_end", Time),
+    Column("frequency_cap", Integer),
+    Column("frequency_window_seconds", Integer),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+suppressions = Table(
+    "suppressions",
+    metadata,
+    Column("tenant_id", Uuid, primary_key=True),
+    Column("channel", Text, primary_key=True),
+    Column("address", Text, primary_key=True),
+    Column("reason", Text, nullable=False),
+    Column("source", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+marketing_sends = Table(
+    "marketing_sends",
+    metadata,
+    Column("tenant_id", Uuid, primary_key=True),
+    Column("address_key", Text, primary_key=True),
+    Column("message_id", Uuid, primary_key=True),
+    Column("at", DateTime(timezone=True), nullable=False),
+)

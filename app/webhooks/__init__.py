@@ -1,0 +1,1 @@
+"""Customer webhooks: endpoints integrators register, and signed, retried deliveries."""

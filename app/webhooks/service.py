@@ -1,0 +1,604 @@
+"""Webhook endpoints, the fan-out of ledger events to them, and delivery bookkeeping.
+
+Flow: a transaction that appends ledger events calls `notify_after_commit`, which (only
+for tenants with endpoints) asks for a `dispatch_webhooks` job after commit. Dispatch
+turns the message's events past its cursor into deliveries, one per matching endpoint,
+in one transaction with the cursor move. Each delivery is claimed, sent outside any
+transaction, and recorded; failures are retried on `retries.RETRY_SCHEDULE`. The sweeper
+covers every lost job: events past the cursors and deliveries overdue.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import structlog
+
+from app.db import Transaction
+from app.errors import Conflict, FieldError, InvalidRequest, NotFound
+from app.ids import from_public, new_id, to_public
+from app.ledger import repository as ledger
+from app.ledger.repository import MessageRow
+from app.queue import Job
+from app.settings import Settings
+from app.webhooks import repository as repo
+from app.webhooks.events import (
+    TEST_EVENT_TYPE,
+    event_type,
+    iso,
+    message_event_data,
+    payload,
+)
+from app.webhooks.repository import DeliveryStatus, EndpointRow, LedgerEvent
+from app.webhooks.retries import DISABLE_AFTER, next_retry_delay, should_disable
+from app.webhooks.schemas import (
+    CreateEndpointRequest,
+    DeliveryPage,
+    DeliveryView,
+    EndpointView,
+    ReplayRequest,
+    UpdateEndpointRequest,
+)
+from app.webhooks.sender import Outcome
+from app.webhooks.signing import new_secret
+from app.webhooks.ssrf import UnsafeUrl, check_url
+from providers.base import Category
+
+log = structlog.get_logger()
+
+WEBHOOKS_QUEUE = "cascade:webhooks"
+MAX_ENDPOINTS_PER_TENANT = 50
+SECRET_OVERLAP = timedelta(hours=24)
+# A claimed attempt not recorded by then (crashed worker) is retried by the sweeper.
+IN_FLIGHT_LEASE = timedelta(seconds=60)
+# A deferred job may fire a hair before its time; within this it counts as due.
+EARLY_SLACK = timedelta(seconds=1)
+SWEEP_BATCH = 1000
+
+
+# Jobs
+
+
+def dispatch_job(message_id: uuid.UUID, category: str) -> Job:
+    # A fresh id per commit: a dispatch already running must not swallow later events.
+    return Job(
+        "dispatch_webhooks",
+        Category(category),
+        f"wh:dispatch:{message_id.hex}:{new_id().hex}",
+        (to_public("msg", message_id),),
+        queue=WEBHOOKS_QUEUE,
+    )
+
+
+def deliver_job(
+    delivery_id: uuid.UUID, attempt: int, category: str, defer: timedelta | None = None
+) -> Job:
+    # Deferred retries get ids of their own: a replay or a sweep asking for the same attempt
+    # now must not collapse into a retry still waiting hours in the queue.
+    return Job(
+        "deliver_webhook",
+        Category(category),
+        f"wh:delivery:{delivery_id.hex}:{attempt}" + (":retry" if defer else ""),
+        (to_public("whd", delivery_id), attempt),
+        defer,
+        queue=WEBHOOKS_QUEUE,
+    )
+
+
+# The hook the ledger's writers call
+
+
+TENANT_CACHE_TTL_SECONDS = 5.0
+_TENANT_CACHE_MAX = 10_000
+_tenants_with_endpoints: dict[uuid.UUID, tuple[float, bool]] = {}
+
+
+async def tenant_has_endpoints(tx: Transaction, tenant_id: uuid.UUID) -> bool:
+    """Cached per process for a few seconds; a stale "no" only delays events to the sweep."""
+    now = time.monotonic()
+    cached = _tenants_with_endpoints.get(tenant_id)
+    if cached is not None and cached[0] > now:
+        return cached[1]
+    found = await repo.has_enabled_endpoint(tx.conn, tenant_id)
+    if len(_tenants_with_endpoints) >= _TENANT_CACHE_MAX:
+        _tenants_with_endpoints.clear()
+    _tenants_with_endpoints[tenant_id] = (now + TENANT_CACHE_TTL_SECONDS, found)
+    return found
+
+
+def forget_tenant(tenant_id: uuid.UUID) -> None:
+    _tenants_with_endpoints.pop(tenant_id, None)
+
+
+async def notify_after_commit(
+    tx: Transaction, tenant_id: uuid.UUID, message_id: uuid.UUID, category: str
+) -> None:
+    """Call wherever ledger events are appended: dispatches them once the tx commits."""
+    if not await tenant_has_endpoints(tx, tenant_id):
+        return
+    public_id = to_public("msg", message_id)
+    # Two changes to one message in one transaction sit close together: a look at the last
+    # few jobs dedupes them in O(1) (a batch of 1000 messages must not scan quadratically;
+    # a duplicate that slips through only costs a no-op dispatch).
+    recent = tx.jobs[-8:]
+    if any(j.function == "dispatch_webhooks" and j.args == (public_id,) for j in recent):
+        return
+    tx.enqueue_after_commit(dispatch_job(message_id, category))
+
+
+# Endpoints (API)
+
+
+def endpoint_view(endpoint: EndpointRow) -> EndpointView:
+    return EndpointView(
+        id=to_public("whe", endpoint.id),
+        url=endpoint.url,
+        description=endpoint.description,
+        event_types=endpoint.event_types,
+        categories=endpoint.categories,
+        enabled=endpoint.disabled_at is None,
+        disabled_at=endpoint.disabled_at,
+        disabled_reason=endpoint.disabled_reason,
+        failing_since=endpoint.failing_since,
+        created_at=endpoint.created_at,
+        updated_at=endpoint.updated_at,
+    )
+
+
+async def _checked_url(url: str, settings: Settings) -> str:
+    try:
+        await check_url(url, settings.webhooks_allow_loopback_http)
+    except UnsafeUrl as exc:
+        raise InvalidRequest(
+            detail="the webhook URL is not allowed",
+            errors=[FieldError(path="body.url", message=str(exc), type="unsafe_url")],
+        ) from None
+    return url
+
+
+async def create_endpoint(
+    tx: Transaction,
+    tenant_id: uuid.UUID,
+    request: CreateEndpointRequest,
+    settings: Settings,
+    at: datetime,
+) -> tuple[EndpointRow, str]:
+    url = await _checked_url(request.url, settings)
+    if await repo.count_endpoints(tx.conn, tenant_id) >= MAX_ENDPOINTS_PER_TENANT:
+        raise Conflict(f"a tenant can have at most {MAX_ENDPOINTS_PER_TENANT} webhook endpoints")
+    secret = new_secret()
+    endpoint = await repo.insert_endpoint(
+        tx.conn,
+        {
+            "id": new_id(),
+            "tenant_id": tenant_id,
+            "url": url,
+            "description": request.description,
+            "event_types": _values(request.event_types),
+            "categories": _values(request.categories),
+            "secret": secret,
+            "created_at": at,
+            "updated_at": at,
+        },
+    )
+    forget_tenant(tenant_id)
+    return endpoint, secret
+
+
+def _values(items: list[Any] | None) -> list[str] | None:
+    return [str(item.value) for item in items] if items is not None else None
+
+
+async def get_endpoint(
+    tx: Transaction, tenant_id: uuid.UUID, public_id: str, *, lock: bool = False
+) -> EndpointRow:
+    endpoint_id = from_public("whe", public_id)
+    endpoint = (
+        await repo.get_endpoint(tx.conn, tenant_id, endpoint_id, lock=lock) if endpoint_id else None
+    )
+    if endpoint is None:
+        raise NotFound(f"no webhook endpoint {public_id}")
+    return endpoint
+
+
+async def list_endpoints(tx: Transaction, tenant_id: uuid.UUID) -> list[EndpointRow]:
+    return await repo.list_endpoints(tx.conn, tenant_id)
+
+
+async def update_endpoint(
+    tx: Transaction,
+    tenant_id: uuid.UUID,
+    public_id: str,
+    request: UpdateEndpointRequest,
+    settings: Settings,
+    at: datetime,
+) -> EndpointRow:
+    endpoint = await get_endpoint(tx, tenant_id, public_id, lock=True)
+    given = request.model_fields_set
+    values: dict[str, Any] = {}
+    if "url" in given and request.url is not None and request.url != endpoint.url:
+        values["url"] = await _checked_url(request.url, settings)
+    if "description" in given and request.description is not None:
+        values["description"] = request.description
+    if "event_types" in given:
+        values["event_types"] = _values(request.event_types)
+    if "categories" in given:
+        values["categories"] = _values(request.categories)
+    if request.enabled is True and endpoint.disabled_at is not None:
+        values.update(disabled_at=None, disabled_reason=None, failing_since=None)
+    elif request.enabled is False and endpoint.disabled_at is None:
+        values.update(disabled_at=at, disabled_reason="disabled through the API")
+        await repo.fail_pending_deliveries(tx.conn, endpoint.id, at, "endpoint disabled")
+    forget_tenant(tenant_id)
+    if not values:
+        return endpoint
+    return await repo.update_endpoint(tx.conn, endpoint.id, at, **values)
+
+
+async def delete_endpoint(tx: Transaction, tenant_id: uuid.UUID, public_id: str) -> None:
+    endpoint_id = from_public("whe", public_id)
+    if endpoint_id is None or not await repo.delete_endpoint(tx.conn, tenant_id, endpoint_id):
+        raise NotFound(f"no webhook endpoint {public_id}")
+    forget_tenant(tenant_id)
+
+
+async def rotate_secret(
+    tx: Transaction, tenant_id: uuid.UUID, public_id: str, at: datetime
+) -> tuple[str, datetime]:
+    """A new secret; the one it replaces keeps signing beside it for 24 hours."""
+    endpoint = await get_endpoint(tx, tenant_id, public_id, lock=True)
+    secret = new_secret()
+    expires = at + SECRET_OVERLAP
+    await repo.update_endpoint(
+        tx.conn,
+        endpoint.id,
+        at,
+        secret=secret,
+        previous_secret=endpoint.secret,
+        previous_secret_expires_at=expires,
+    )
+    return secret, expires
+
+
+# Dispatch: ledger events -> deliveries
+
+
+def _attempt_data(event: LedgerEvent) -> dict[str, Any] | None:
+    if event.attempt_id is None:
+        return None
+    detail = event.detail or {}
+    return {
+        "id": to_public("att", event.attempt_id),
+        "step": event.step,
+        "channel": event.channel,
+        "provider": event.provider,
+        # The attempt's status as of this event, not as of now.
+        "status": event.status,
+        "error": (
+            {"code": detail["code"], "detail": detail.get("detail")} if "code" in detail else None
+        ),
+    }
+
+
+def _event_payload(message: MessageRow, event: LedgerEvent, type_: str) -> str:
+    return payload(
+        type_,
+        event.at,
+        message_event_data(
+            message_id=to_public("msg", message.id),
+            category=message.category,
+            status=message.status.value,
+            sequence=event.seq,
+            delivered_channel=message.delivered_channel,
+            metadata=message.metadata,
+            attempt=_attempt_data(event),
+        ),
+    )
+
+
+async def dispatch_message_events(tx: Transaction, message_id: uuid.UUID, at: datetime) -> int:
+    """Deliveries for the message's events past its cursor; returns how many were made."""
+    cursor = await repo.lock_cursor(tx.conn, message_id, at)
+    new_events = await repo.ledger_events_after(tx.conn, message_id, cursor)
+    if not new_events:
+        return 0
+    message = await ledger.get_message(tx.conn, message_id)
+    if message is None:
+        return 0
+    endpoints = await repo.enabled_endpoints(tx.conn, message.tenant_id)
+    created = 0
+    for event in new_events:
+        type_ = event_type(event.status, event.attempt_id is not None)
+        targets = [
+            endpoint
+            for endpoint in endpoints
+            # An endpoint receives what happened from its creation on.
+            if endpoint.created_at <= event.at
+            and endpoint.subscription.wants(type_, message.category)
+        ]
+        if not targets:
+            continue
+        event_id = await repo.insert_event(
+            tx.conn,
+            {
+                "id": new_id(),
+                "tenant_id": message.tenant_id,
+                "message_id": message.id,
+                "category": message.category,
+                "ledger_event_id": event.id,
+                "type": type_,
+                "payload": _event_payload(message, event, type_),
+                "created_at": at,
+            },
+        )
+        for endpoint in targets:
+            delivery_id = await repo.insert_delivery(
+                tx.conn,
+                {
+                    "id": new_id(),
+                    "tenant_id": message.tenant_id,
+                    "endpoint_id": endpoint.id,
+                    "event_id": event_id,
+                    "status": DeliveryStatus.PENDING,
+                    "attempts": 0,
+                    "schedule_start": 0,
+                    "next_attempt_at": at,
+                    "created_at": at,
+                    "updated_at": at,
+                },
+            )
+            if delivery_id is not None:
+                tx.enqueue_after_commit(deliver_job(delivery_id, 0, message.category))
+                created += 1
+    await repo.advance_cursor(tx.conn, message_id, new_events[-1].seq, at)
+    return created
+
+
+# Delivery: claim, send (outside any transaction), record
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryPlan:
+    delivery_id: uuid.UUID
+    endpoint_id: uuid.UUID
+    tenant_id: uuid.UUID
+    attempts: int  # counting this one
+    schedule_start: int
+    category: str
+    url: str
+    webhook_id: str
+    body: str
+    keys: list[str]
+
+
+async def begin_delivery(
+    tx: Transaction, delivery_id: uuid.UUID, attempt: int, at: datetime
+) -> DeliveryPlan | None:
+    """Claim attempt number `attempt + 1`, or None when it is not due or already taken.
+
+    The claim is committed before the request leaves and holds the delivery for
+    IN_FLIGHT_LEASE: a worker that dies mid-request leaves it to the sweeper.
+    """
+    claimed = await repo.claim_delivery(
+        tx.conn, delivery_id, attempt, at, due_by=at + EARLY_SLACK, lease_until=at + IN_FLIGHT_LEASE
+    )
+    if claimed is None:
+        await repo.fail_if_endpoint_disabled(tx.conn, delivery_id, at)
+        return None
+    return DeliveryPlan(
+        delivery_id=claimed.id,
+        endpoint_id=claimed.endpoint_id,
+        tenant_id=claimed.tenant_id,
+        attempts=claimed.attempts,
+        schedule_start=claimed.schedule_start,
+        category=claimed.category,
+        url=claimed.url,
+        webhook_id=to_public("evt", claimed.event_id),
+        body=claimed.payload,
+        keys=claimed.signing_keys(at),
+    )
+
+
+async def record_delivery_result(
+    tx: Transaction,
+    plan: DeliveryPlan,
+    outcome: Outcome,
+    at: datetime,
+    rand: float | None = None,
+) -> str | None:
+    """Store the answer and decide what follows; returns the delivery's new status (None
+    when the delivery moved on meanwhile, e.g. its endpoint was deleted)."""
+    answer: dict[str, Any] = {
+        "response_status": outcome.status_code,
+        "response_body": outcome.response_body,
+        "latency_ms": outcome.latency_ms,
+        "error": outcome.error,
+    }
+    if outcome.succeeded:
+        recorded = await repo.record_attempt(
+            tx.conn,
+            plan.delivery_id,
+            plan.attempts,
+            at,
+            status=DeliveryStatus.SUCCEEDED,
+            next_attempt_at=None,
+            **answer,
+        )
+        if not recorded:
+            return None
+        await repo.clear_failing(tx.conn, plan.endpoint_id)
+        return DeliveryStatus.SUCCEEDED
+
+    failing_since, disabled_at = await repo.record_failing(tx.conn, plan.endpoint_id, at)
+    delay = next_retry_delay(
+        plan.attempts - plan.schedule_start, random.random() if rand is None else rand
+    )
+    if disabled_at is None and should_disable(failing_since, at):
+        assert failing_since is not None
+        reason = (
+            f"every attempt failed for {DISABLE_AFTER.days} days (since {iso(failing_since)});"
+            f" last error: {outcome.error}"
+        )
+        await repo.disable_endpoint(tx.conn, plan.endpoint_id, at, reason)
+        await repo.fail_pending_deliveries(tx.conn, plan.endpoint_id, at, "endpoint disabled")
+        forget_tenant(plan.tenant_id)
+        log.warning("webhook_endpoint_disabled", endpoint=to_public("whe", plan.endpoint_id))
+        delay = None
+    elif disabled_at is not None:
+        delay = None
+    if delay is None:
+        status = DeliveryStatus.FAILED
+        answer.update(status=status, next_attempt_at=None)
+    else:
+        status = DeliveryStatus.PENDING
+        answer["next_attempt_at"] = at + delay
+    if not await repo.record_attempt(tx.conn, plan.delivery_id, plan.attempts, at, **answer):
+        return None
+    if delay is not None:
+        tx.enqueue_after_commit(deliver_job(plan.delivery_id, plan.attempts, plan.category, delay))
+    return status
+
+
+# Replay and the delivery log
+
+
+async def replay(
+    tx: Transaction,
+    tenant_id: uuid.UUID,
+    endpoint_public_id: str,
+    request: ReplayRequest,
+    at: datetime,
+) -> int:
+    """Send again on a fresh retry schedule: one delivery, or all failed since a time."""
+    endpoint = await get_endpoint(tx, tenant_id, endpoint_public_id)
+    if endpoint.disabled_at is not None:
+        raise Conflict("the endpoint is disabled: enable it (PATCH enabled=true) first")
+    if request.since is not None:
+        requeued = await repo.requeue_failed_since(tx.conn, endpoint.id, request.since, at)
+        for requeued_id, attempts, category in requeued:
+            tx.enqueue_after_commit(deliver_job(requeued_id, attempts, category))
+        return len(requeued)
+    assert request.delivery_id is not None
+    delivery_id = from_public("whd", request.delivery_id)
+    delivery = await repo.lock_delivery(tx.conn, delivery_id, tenant_id) if delivery_id else None
+    if delivery is None or delivery.endpoint_id != endpoint.id:
+        raise NotFound(f"no delivery {request.delivery_id} for this endpoint")
+    if delivery.status == DeliveryStatus.PENDING:
+        raise Conflict("the delivery is still pending; its next attempt is scheduled")
+    await repo.update_delivery(
+        tx.conn,
+        delivery.id,
+        at,
+        status=DeliveryStatus.PENDING,
+        schedule_start=delivery.attempts,
+        next_attempt_at=at,
+    )
+    category = await repo.event_category(tx.conn, delivery.event_id)
+    tx.enqueue_after_commit(deliver_job(delivery.id, delivery.attempts, category))
+    return 1
+
+
+async def delivery_page(
+    tx: Transaction,
+    tenant_id: uuid.UUID,
+    endpoint_public_id: str,
+    *,
+    status: str | None,
+    before: str | None,
+    limit: int,
+) -> DeliveryPage:
+    endpoint = await get_endpoint(tx, tenant_id, endpoint_public_id)
+    before_id = from_public("whd", before) if before else None
+    if before is not None and before_id is None:
+        raise InvalidRequest(
+            detail="`before` is not a delivery id",
+            errors=[FieldError(path="query.before", message="not a whd_ id", type="value_error")],
+        )
+    rows = await repo.delivery_log(
+        tx.conn, endpoint.id, status=status, before=before_id, limit=limit
+    )
+    views = [
+        DeliveryView(
+            id=to_public("whd", row.delivery.id),
+            event_id=to_public("evt", row.delivery.event_id),
+            event_type=row.event_type,
+            message_id=to_public("msg", row.message_id),
+            status=row.delivery.status,
+            attempts=row.delivery.attempts,
+            response_status_code=row.delivery.response_status,
+            latency_ms=row.delivery.latency_ms,
+            response_body=row.delivery.response_body,
+            error=row.delivery.error,
+            next_retry_at=(
+                row.delivery.next_attempt_at
+                if row.delivery.status == DeliveryStatus.PENDING
+                else None
+            ),
+            last_attempt_at=row.delivery.last_attempt_at,
+            created_at=row.delivery.created_at,
+        )
+        for row in rows
+    ]
+    return DeliveryPage(data=views, next_cursor=views[-1].id if len(views) == limit else None)
+
+
+# The test event
+
+
+@dataclass(frozen=True, slots=True)
+class TestPlan:
+    url: str
+    webhook_id: str
+    body: str
+    keys: list[str]
+
+
+async def plan_test_event(
+    tx: Transaction, tenant_id: uuid.UUID, public_id: str, at: datetime
+) -> TestPlan:
+    endpoint = await get_endpoint(tx, tenant_id, public_id)
+    return TestPlan(
+        url=endpoint.url,
+        webhook_id=to_public("evt", new_id()),
+        body=payload(TEST_EVENT_TYPE, at, {"endpoint_id": public_id}),
+        keys=endpoint.signing_keys(at),
+    )
+
+
+# Sweep
+
+
+@dataclass(frozen=True, slots=True)
+class SweepResult:
+    dispatched: int
+    requeued: int
+
+
+async def sweep(tx: Transaction, at: datetime, grace: timedelta) -> SweepResult:
+    """Dispatch events whose job was lost and re-enqueue overdue deliveries.
+
+    Covers the ledger's events past a high-water mark up to the last one older than
+    `grace` (a younger event's own dispatch job may still be on its way), then moves the
+    mark there. Dispatch happens here, inline: its result is in Postgres, not in Redis.
+    """
+    cutoff = at - grace
+    mark = await repo.lock_sweep_mark(tx.conn)
+    settled = await repo.last_settled_event(tx.conn, mark, cutoff)
+    dispatched = 0
+    if settled is not None:
+        lagging = await repo.undispatched_messages(tx.conn, mark, settled, SWEEP_BATCH)
+        for message_id in lagging:
+            await dispatch_message_events(tx, message_id, at)
+        dispatched = len(lagging)
+        # A full batch may have left some: the next sweep scans the same range again.
+        if len(lagging) < SWEEP_BATCH:
+            await repo.set_sweep_mark(tx.conn, settled)
+    overdue = await repo.overdue_deliveries(tx.conn, cutoff, SWEEP_BATCH)
+    for delivery_id, attempts, category in overdue:
+        tx.enqueue_after_commit(deliver_job(delivery_id, attempts, category))
+    return SweepResult(dispatched, len(overdue))

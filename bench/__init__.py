@@ -1,0 +1,1 @@
+"""Benchmarks with same-run baselines: `bench/run` or `.venv/bin/python -m bench`."""

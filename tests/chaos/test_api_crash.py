@@ -1,0 +1,61 @@
+"""The API dies after committing a message and before enqueueing its job: the sweeper
+delivers it (the client never got its 202; the ledger has the message all the same)."""
+
+from __future__ import annotations
+
+import signal
+
+import httpx
+import pytest
+from redis import asyncio as aioredis
+
+from tests.chaos.report import FaultRow
+from tests.chaos.stack import ChaosStack, sms_body
+
+KILLS = 3
+
+
+@pytest.mark.timeout(150)
+async def test_api_killed_between_commit_and_enqueue_the_sweeper_delivers(
+    stack: ChaosStack, report_fault: list[FaultRow]
+) -> None:
+    tenant = await stack.new_tenant()
+    refused = 0
+    for _ in range(KILLS):
+        stack.trap.on_enqueue = lambda: stack.api.send(signal.SIGKILL)
+        async with tenant.client() as client:
+            try:
+                await client.post("/v1/messages", json=sms_body("+48600100200"))
+            except httpx.HTTPError:
+                refused += 1
+        await stack.api.wait(within=10)
+        assert await _step_jobs(stack, await stack.message_ids(tenant.id)) == 0
+        await stack.start_api()
+
+    committed = await stack.message_statuses(tenant.id)
+    final = await stack.wait_until_final(tenant.id, within=60)
+    duplicates = await stack.duplicate_submits(final)
+    report_fault.append(
+        FaultRow(
+            "API SIGKILL between commit and enqueue",
+            KILLS,
+            len(committed),
+            KILLS - sum(status == "delivered" for status in final.values()),
+            duplicates,
+            0,
+            "delivered by the sweeper; no client saw a 202",
+        )
+    )
+    assert refused == KILLS
+    assert len(committed) == KILLS
+    assert set(final.values()) == {"delivered"}
+    assert duplicates == 0
+
+
+async def _step_jobs(stack: ChaosStack, message_ids: list[str]) -> int:
+    """How many of these messages have a step job in Redis (0: committed, never enqueued)."""
+    client = aioredis.Redis(unix_socket_path=str(stack.redis.socket))
+    try:
+        return int(await client.exists(*(f"arq:job:msg:{m}:step:0" for m in message_ids)))
+    finally:
+        await client.aclose()

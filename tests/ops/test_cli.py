@@ -1,0 +1,205 @@
+"""The `cascade` commands that talk to the API, run against the live test service.
+
+Each command runs in a worker thread (the API and workers share this test's event loop),
+through typer's CliRunner, with `--url` and `--key` like a user would pass them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner, Result
+
+from app.cli import cli
+from tests.conftest import Service, Tenant
+from tests.helpers import message_body, send, wait_until_final
+
+runner = CliRunner()
+
+
+async def cascade(service: Service, tenant: Tenant, *args: str) -> Result:
+    argv = [*args, "--url", service.base_url, "--key", tenant.key]
+    return await asyncio.to_thread(runner.invoke, cli, argv, env={"COLUMNS": "220"})
+
+
+def ok(result: Result) -> str:
+    assert result.exit_code == 0, (result.stdout, result.stderr, result.exception)
+    return result.stdout
+
+
+async def test_send_with_flags_then_status_shows_the_timeline(
+    service: Service, tenant: Tenant
+) -> None:
+    sent = ok(
+        await cascade(
+            service,
+            tenant,
+            "send",
+            "--push-token",
+            "device-reject",
+            "--phone",
+            "+48600100200",
+            "--text",
+            "Your code is 4711",
+            "--meta",
+            "order=A-7",
+        )
+    )
+    message_id = sent.strip()
+    assert message_id.startswith("msg_")
+    await wait_until_final(tenant.client, message_id)
+
+    raw = json.loads(ok(await cascade(service, tenant, "status", message_id, "--json")))
+    assert raw["cascade"][0]["channel"] == "push" and raw["cascade"][1]["channel"] == "sms"
+    assert raw["metadata"] == {"order": "A-7"}
+    table = ok(await cascade(service, tenant, "status", message_id))
+    assert f"{message_id}  delivered on sms (step 2)" in table
+    assert "sandbox:rejected" in table
+    assert "Timeline" in table
+
+
+async def test_send_a_json_file_and_wait_for_the_outcome(
+    service: Service, tenant: Tenant, tmp_path: Path
+) -> None:
+    body = tmp_path / "msg.json"
+    body.write_text(json.dumps(message_body(cascade=[{"channel": "email"}])))
+
+    out = ok(await cascade(service, tenant, "send", "--file", str(body), "--wait"))
+
+    message_id = out.splitlines()[0]
+    assert f"{message_id}  delivered on email" in out
+    assert "Timeline" in out
+
+
+async def test_send_a_csv_batch_reports_rejected_rows(
+    service: Service, tenant: Tenant, tmp_path: Path
+) -> None:
+    batch = tmp_path / "batch.csv"
+    batch.write_text(
+        "phone,email,meta.campaign,idempotency_key\n"
+        "+48600100210,,spring,row-1\n"
+        ",ann@example.com,spring,row-2\n"
+        "not-a-phone,,spring,row-3\n"
+    )
+
+    result = await cascade(
+        service, tenant, "send", "--batch", str(batch), "--text", "Hello", "--chunk", "2"
+    )
+
+    assert result.exit_code == 1, (result.stdout, result.stderr)
+    assert "accepted 2, rejected 1" in result.stdout, result.stderr
+    assert "4" in result.stdout and "to.phone" in result.stdout  # CSV line 4
+    listed = (
+        await tenant.client.get("/v1/messages", params={"metadata": "campaign=spring"})
+    ).json()
+    assert sorted(m["to"].get("phone") or m["to"]["email"] for m in listed["data"]) == [
+        "+48600100210",
+        "ann@example.com",
+    ]
+
+
+async def test_tail_prints_recent_events_and_can_wait_for_a_failure(
+    service: Service, tenant: Tenant
+) -> None:
+    delivered = await send(tenant.client, message_body(cascade=[{"channel": "push"}]))
+    await wait_until_final(tenant.client, delivered)
+    await asyncio.sleep(1.1)  # the feed holds back events younger than a second
+
+    recent = ok(await cascade(service, tenant, "tail", "--no-follow", "-n", "50"))
+    assert delivered in recent
+    assert "delivered" in recent and "push/sandbox" in recent
+
+    waiting = asyncio.create_task(
+        cascade(
+            service,
+            tenant,
+            "tail",
+            "-n",
+            "0",
+            "--status",
+            "rejected",
+            "--status",
+            "failed",
+            "--count",
+            "2",
+            "--interval",
+            "0.2",
+        )
+    )
+    failing = await send(
+        tenant.client,
+        message_body(
+            category="service", to={"phone": "+48600100201"}, cascade=[{"channel": "sms"}]
+        ),
+    )
+    lines = ok(await asyncio.wait_for(waiting, timeout=30)).splitlines()
+    assert len(lines) == 2 and all(failing in line for line in lines)
+    assert "rejected  step 1 sms/sandbox sandbox:rejected" in lines[0]
+    assert "failed" in lines[1]
+
+
+async def test_stats_as_tables_and_json(service: Service, tenant: Tenant) -> None:
+    for body in (
+        message_body(to={"push_token": "ok"}, cascade=[{"channel": "push"}]),
+        message_body(
+            to={"push_token": "device-reject", "phone": "+48600100200"},
+            cascade=[{"channel": "push"}, {"channel": "sms"}],
+        ),
+    ):
+        await wait_until_final(tenant.client, await send(tenant.client, body))
+
+    raw = json.loads(ok(await cascade(service, tenant, "stats", "--since", "1h", "--json")))
+    assert raw["bucket"] == "minute"
+    assert raw["messages"] == 2 and raw["failover_rate"] == 0.5
+    tables = ok(await cascade(service, tenant, "stats", "--since", "7d"))
+    assert "2 messages finished in the last 7d: delivered 2" in tables
+    assert "failover rate 50.0%" in tables
+    assert "Failover funnel" in tables and "By category" in tables
+
+
+async def test_keys_create_list_and_revoke_through_the_api(
+    service: Service, tenant: Tenant
+) -> None:
+    created = await cascade(
+        service, tenant, "keys", "create", "--name", "robot", "--scopes", "read"
+    )
+    new_key = ok(created).strip()
+    assert new_key.startswith("csk_")
+    listed = ok(await cascade(service, tenant, "keys", "list"))
+    line = next(line for line in listed.splitlines() if "robot" in line)
+    key_id = next(word for word in line.split() if word.startswith("key_"))
+    assert new_key[:10] in line and "read" in line
+
+    ok(await cascade(service, tenant, "keys", "revoke", key_id))
+
+    refused = await asyncio.to_thread(
+        runner.invoke, cli, ["status", "msg_x", "--url", service.base_url, "--key", new_key]
+    )
+    assert refused.exit_code == 1
+    assert "Missing or invalid API key" in refused.stderr
+
+
+async def test_webhooks_create_list_and_delete(service: Service, tenant: Tenant) -> None:
+    created = await cascade(
+        service, tenant, "webhooks", "create", "http://127.0.0.1:9/hook", "--category", "service"
+    )
+    assert ok(created).strip().startswith("whsec_")
+    listed = ok(await cascade(service, tenant, "webhooks", "list"))
+    endpoint_id = next(w for w in listed.split() if w.startswith("whe_"))
+    assert "http://127.0.0.1:9/hook" in listed and "service" in listed
+
+    ok(await cascade(service, tenant, "webhooks", "delete", endpoint_id))
+    assert endpoint_id not in ok(await cascade(service, tenant, "webhooks", "list"))
+
+
+async def test_problems_end_the_command_with_their_message(
+    service: Service, tenant: Tenant
+) -> None:
+    result = await cascade(service, tenant, "send", "--phone", "12345", "--text", "x")
+    assert result.exit_code == 1
+    assert "The request is not valid" in result.stderr
+    assert "body.to.phone" in result.stderr
+    unknown = await cascade(service, tenant, "status", "msg_nope")
+    assert unknown.exit_code == 1 and "No such resource" in unknown.stderr
