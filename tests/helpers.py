@@ -31,7 +31,7 @@ async def send(client: httpx.AsyncClient, body: dict[str, Any], **kwargs: Any) -
 
 
 async def wait_until_final(
-    client: httpx.AsyncClient, message_id: str, within: float = 15.0
+    client: httpx.AsyncClient, message_id: str, within: float = 30.0
 ) -> dict[str, Any]:
     """Poll the public API until the message reaches a final status."""
     loop = asyncio.get_running_loop()
