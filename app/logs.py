@@ -22,5 +22,7 @@ def configure_logging(level: int = logging.INFO, *, json: bool = True) -> None:
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-        cache_logger_on_first_use=True,
+        # Not cached: configuring again (a second app in one process, tests capturing logs)
+        # must reach loggers that modules created at import time.
+        cache_logger_on_first_use=False,
     )

@@ -5,13 +5,12 @@ from __future__ import annotations
 import asyncio
 import re
 import uuid
-from collections.abc import MutableMapping
 from typing import Any
 
 import httpx
+import structlog
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.cascade import jobs
 from tests.conftest import Service, Tenant
 from tests.helpers import message_body, send, wait_until_final
 
@@ -174,21 +173,15 @@ async def test_admin_keys_are_shown_once_listed_and_revoked(
 
 
 async def test_worker_logs_name_the_message_attempt_and_tenant(tenant: Tenant) -> None:
-    # Watch the processor list the worker's (cached) logger really runs: logging may have
-    # been configured again since it was first used.
-    processors = jobs.log.bind()._processors
-    lines: list[dict[str, Any]] = []
-
-    def watch(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-        lines.append(dict(event))
-        return event
-
-    processors.insert(len(processors) - 1, watch)
+    capture = structlog.testing.LogCapture()
+    previous = structlog.get_config()
+    structlog.configure(processors=[structlog.contextvars.merge_contextvars, capture])
     try:
         message_id = await send(tenant.client, message_body(cascade=[{"channel": "push"}]))
         message = await wait_until_final(tenant.client, message_id)
     finally:
-        processors.remove(watch)
+        structlog.configure(**previous)
+    lines = capture.entries
 
     sent = [line for line in lines if line.get("message_id") == message_id]
     assert any(line["event"] == "step_sent" for line in sent), lines

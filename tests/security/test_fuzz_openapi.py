@@ -65,7 +65,10 @@ async def test_fuzzing_every_operation_finds_no_5xx_and_no_drift_from_the_spec(
         command += ["--exclude-name", name]
     # A subprocess: schemathesis is synchronous and the service runs in this event loop.
     process = await asyncio.create_subprocess_exec(
-        *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+        *command,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        cwd=tmp_path,  # its cache (`.schemathesis/`) stays out of the work tree
     )
     output, _ = await process.communicate()
 
