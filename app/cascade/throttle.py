@@ -1,7 +1,7 @@
 """Per-provider-account send guards shared by every worker through Redis.
 
-- A rate limit (GCRA, the token bucket's exact twin) so several workers respect one
-  provider limit between them.
+- A rate limit (GCRA, `app/ratelimit.py`) so several workers respect one provider limit
+  between them.
 - A circuit breaker that opens after `breaker_threshold` provider-attributed transient
   errors within `breaker_window_seconds`; while open the step falls over at once instead
   of waiting out its whole timeout. Recipient errors never count (one dead number must not
@@ -12,24 +12,8 @@ from __future__ import annotations
 
 from arq.connections import ArqRedis
 
+from app.ratelimit import Gcra
 from providers.accounts import ProviderAccount
-
-# Redis' own clock, so workers on hosts with skewed clocks share one schedule.
-_GCRA = """
-local now_parts = redis.call('TIME')
-local now = tonumber(now_parts[1]) * 1000 + math.floor(tonumber(now_parts[2]) / 1000)
-local interval = tonumber(ARGV[1])
-local burst = tonumber(ARGV[2])
-local tat = tonumber(redis.call('GET', KEYS[1]) or now)
-local new_tat = math.max(tat, now) + interval
-local allow_at = new_tat - interval * burst
-if now < allow_at then
-  return allow_at - now
-end
-redis.call('SET', KEYS[1], new_tat, 'PX', math.ceil(new_tat - now) + 1000)
-return 0
-"""
-
 
 # Failures counted in a window that starts at the first one; at the threshold the circuit
 # opens for the cooldown and the count starts over.
@@ -50,18 +34,16 @@ return 0
 class SendGuards:
     def __init__(self, redis: ArqRedis) -> None:
         self._redis = redis
-        self._gcra = redis.register_script(_GCRA)
+        self._gcra = Gcra(redis)
         self._trip = redis.register_script(_TRIP)
 
     async def wait_for_rate(self, account: ProviderAccount) -> float:
         """Seconds until this account may send again (0: send now, the slot is taken)."""
         if account.rate_per_second is None:
             return 0.0
-        interval_ms = 1000.0 / account.rate_per_second
-        wait_ms = await self._gcra(
-            keys=[f"cascade:rate:{account.name}"], args=[interval_ms, account.burst]
+        return await self._gcra.wait(
+            f"cascade:rate:{account.name}", account.rate_per_second, account.burst
         )
-        return float(wait_ms) / 1000.0
 
     async def circuit_open(self, account: ProviderAccount) -> bool:
         return bool(await self._redis.exists(f"cascade:circuit:{account.name}:open"))

@@ -1,0 +1,35 @@
+"""GCRA rate limiting in Redis (the token bucket's exact twin, one key per limited thing).
+
+Redis' own clock, so processes on hosts with skewed clocks share one schedule. Used for
+per-API-key request limits and per-provider-account send limits.
+"""
+
+from __future__ import annotations
+
+from arq.connections import ArqRedis
+
+# Returns 0 (allowed, the slot is taken) or the milliseconds until the next slot frees.
+_GCRA = """
+local now_parts = redis.call('TIME')
+local now = tonumber(now_parts[1]) * 1000 + math.floor(tonumber(now_parts[2]) / 1000)
+local interval = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+local new_tat = math.max(tat, now) + interval
+local allow_at = new_tat - interval * burst
+if now < allow_at then
+  return math.ceil(allow_at - now)
+end
+redis.call('SET', KEYS[1], new_tat, 'PX', math.ceil(new_tat - now) + 1000)
+return 0
+"""
+
+
+class Gcra:
+    def __init__(self, redis: ArqRedis) -> None:
+        self._script = redis.register_script(_GCRA)
+
+    async def wait(self, key: str, rate_per_second: float, burst: int) -> float:
+        """Seconds until `key` may go again; 0 means go ahead (the slot is taken)."""
+        wait_ms = await self._script(keys=[key], args=[1000.0 / rate_per_second, max(1, burst)])
+        return float(wait_ms) / 1000.0
