@@ -10,6 +10,7 @@ WATCH/MULTI), so a batch of 1000 messages is one round trip, not 1000.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -100,6 +101,9 @@ return 0
 """
 
 
+ENQUEUE_TIMEOUT_SECONDS = 2.0
+
+
 class JobQueue:
     def __init__(self, redis: ArqRedis) -> None:
         self.redis = redis
@@ -121,17 +125,21 @@ class JobQueue:
         if not jobs:
             return
         try:
-            await self.enqueue_many(jobs)
+            # Bounded: a hanging Redis must not hold the caller (a claimed send) until
+            # arq's job timeout cancels it.
+            async with asyncio.timeout(ENQUEUE_TIMEOUT_SECONDS):
+                await self.enqueue_many(jobs)
             return
-        except (RedisError, OSError) as exc:
+        except (RedisError, OSError, TimeoutError) as exc:
             log.warning("enqueue_script_failed", jobs=len(jobs), error=repr(exc))
             if len(jobs) == 1:
                 return
         # One by one instead: arq's enqueue skips any the pipeline did add.
         for job in jobs:
             try:
-                await self.enqueue(job)
-            except (RedisError, OSError) as exc:
+                async with asyncio.timeout(ENQUEUE_TIMEOUT_SECONDS):
+                    await self.enqueue(job)
+            except (RedisError, OSError, TimeoutError) as exc:
                 log.warning("enqueue_failed", job_id=job.job_id, error=repr(exc))
 
     async def enqueue_many(self, jobs: list[Job]) -> int:

@@ -51,6 +51,9 @@ async def send_step(ctx: dict[str, Any], message_id: str, step: int) -> None:
     structlog.contextvars.unbind_contextvars("message_id", "attempt", "provider")
 
 
+# A Redis that hangs (mid-restart) must not hold a claimed send until arq's job timeout
+# cancels it: that would leave the attempt `sending`, unsent or with its answer lost.
+GUARDS_TIMEOUT_SECONDS = 1.0
 # Short waits for a rate-limit slot happen in the job; longer ones re-enqueue it deferred.
 MAX_INLINE_RATE_WAIT = 1.0
 
@@ -59,16 +62,20 @@ async def _send_guarded(rt: Runtime, plan: service.SendPlan) -> SendResult | Tra
     account = rt.providers.account(plan.provider.name)
     guards = SendGuards(rt.redis)
     try:
-        if await guards.circuit_open(account):
+        async with asyncio.timeout(GUARDS_TIMEOUT_SECONDS):
+            circuit_open = await guards.circuit_open(account)
+        if circuit_open:
             return Rejected(
                 "circuit_open",
                 f"{account.name} is failing with transient errors; skipped for now",
             )
-        wait = await guards.wait_for_rate(account)
+        async with asyncio.timeout(GUARDS_TIMEOUT_SECONDS):
+            wait = await guards.wait_for_rate(account)
         while 0 < wait <= MAX_INLINE_RATE_WAIT:
             await asyncio.sleep(wait)
-            wait = await guards.wait_for_rate(account)
-    except (RedisError, OSError) as exc:
+            async with asyncio.timeout(GUARDS_TIMEOUT_SECONDS):
+                wait = await guards.wait_for_rate(account)
+    except (RedisError, OSError, TimeoutError) as exc:
         # The guards live in Redis: without them, retry within the window rather than
         # leave the claimed attempt unsent until its deadline.
         return TransientProviderError("guards_unavailable", repr(exc)[:200], provider_fault=False)
@@ -96,8 +103,9 @@ async def _send_guarded(rt: Runtime, plan: service.SendPlan) -> SendResult | Tra
 async def _record(bookkeeping: Awaitable[T]) -> T | None:
     """Breaker bookkeeping after a send: a Redis outage must not lose what the provider said."""
     try:
-        return await bookkeeping
-    except (RedisError, OSError) as exc:
+        async with asyncio.timeout(GUARDS_TIMEOUT_SECONDS):
+            return await bookkeeping
+    except (RedisError, OSError, TimeoutError) as exc:
         log.warning("send_guards_unavailable", error=repr(exc))
         return None
 
