@@ -63,7 +63,7 @@ async def run(args: argparse.Namespace, stack: Stack) -> list[Figure]:
     empty_rate: float | None = None
     chosen = args.only.split(",") if args.only else list(ALL)
     for name in chosen:
-        print(f"== {name}", flush=True)
+        print(f"== {name} (load average {os.getloadavg()[0]:.2f})", flush=True)
         started = time.monotonic()
         if name == "accept":
             result = await scenarios.accept(stack, args.seconds, tuple(args.api_workers))
@@ -90,11 +90,11 @@ async def run(args: argparse.Namespace, stack: Stack) -> list[Figure]:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--only", help=f"comma-separated subset of: {', '.join(ALL)}")
-    parser.add_argument("--seconds", type=float, default=15, help="per measurement")
-    parser.add_argument("--messages", type=int, default=5000, help="delivery/callback count")
+    parser.add_argument("--seconds", type=float, default=10, help="per measurement")
+    parser.add_argument("--messages", type=int, default=1500, help="delivery/callback count")
     parser.add_argument("--backlog", type=int, default=50_000, help="marketing backlog")
     parser.add_argument("--rows", type=int, default=5_000_000, help="scale: ledger rows")
-    parser.add_argument("--fill-seconds", type=float, default=240, help="scale: fill budget")
+    parser.add_argument("--fill-seconds", type=float, default=180, help="scale: fill budget")
     parser.add_argument("--api-workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--quick", action="store_true", help="small counts, short runs")
     parser.add_argument("--write", type=Path, help="append the table to this markdown file")

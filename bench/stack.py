@@ -111,7 +111,23 @@ class Stack:
         )
         (data_dir / "logs").mkdir()
         asyncio.run(stack._issue_key())
+        asyncio.run(stack._warm_up())
         return stack
+
+    async def _warm_up(self) -> None:
+        """Write (and drop) ~300 MB so Postgres has its WAL segments: a fresh server creates
+        and zero-fills each one on first use, which slowed whichever benchmark came first."""
+        conn = await asyncpg.connect(plain_dsn(self.database_url))
+        try:
+            await conn.execute(
+                "CREATE TABLE bench_warm_up AS"
+                " SELECT i, repeat('x', 1000) AS pad FROM generate_series(1, 300000) AS i"
+            )
+            await conn.execute("DROP TABLE bench_warm_up")
+            with contextlib.suppress(asyncpg.InsufficientPrivilegeError):
+                await conn.execute("CHECKPOINT")
+        finally:
+            await conn.close()
 
     async def _issue_key(self) -> None:
         engine = create_engine(self.database_url, 1)
