@@ -87,6 +87,17 @@ def step_spec(message: MessageRow, step: int) -> dict[str, Any]:
     return message.cascade[step]
 
 
+async def record_events(
+    tx: Transaction, message: MessageRow, new: list[NewEvent], at: datetime, **values: Any
+) -> int:
+    """Append events, tell webhooks after commit, and move the message (its `seq` too)."""
+    added = await ledger.append_events(tx.conn, message, new, at)
+    if added:
+        await notify_after_commit(tx, message.tenant_id, message.id, message.category)
+    await ledger.update_message(tx.conn, message, at, seq=message.seq + added, **values)
+    return added
+
+
 async def apply_signal(
     tx: Transaction,
     message: MessageRow,
@@ -160,10 +171,7 @@ async def apply_signal(
         if decision.message_status in FINAL_MESSAGE:
             message_values["completed_at"] = at
             new_events.append(NewEvent(status=decision.message_status.value, source=source))
-    added = await ledger.append_events(tx.conn, message, new_events, at)
-    if added:
-        await notify_after_commit(tx, message.tenant_id, message.id, message.category)
-    await ledger.update_message(tx.conn, message, at, seq=message.seq + added, **message_values)
+    await record_events(tx, message, new_events, at, **message_values)
     await record_outcome(tx.conn, message, attempt, decision, source=source, at=at)
     return True
 
@@ -216,16 +224,8 @@ async def stop_now(
             )
         )
     new_events.append(NewEvent(status=decision.message_status.value, source=source, detail=reason))
-    added = await ledger.append_events(tx.conn, message, new_events, at)
-    if added:
-        await notify_after_commit(tx, message.tenant_id, message.id, message.category)
-    await ledger.update_message(
-        tx.conn,
-        message,
-        at,
-        status=decision.message_status.value,
-        completed_at=at,
-        seq=message.seq + added,
+    await record_events(
+        tx, message, new_events, at, status=decision.message_status.value, completed_at=at
     )
     await record_final_status(tx.conn, message, decision.message_status, message.current_step, at)
     if attempt is not None and attempt.status in (AttemptStatus.SENDING, AttemptStatus.SENT):
@@ -259,16 +259,8 @@ async def _defer(
         step=step,
         detail={"code": reason, "until": until.isoformat()},
     )
-    added = await ledger.append_events(tx.conn, message, [event], at)
-    if added:
-        await notify_after_commit(tx, message.tenant_id, message.id, message.category)
-    await ledger.update_message(
-        tx.conn,
-        message,
-        at,
-        status=MessageStatus.QUEUED.value,
-        not_before=until,
-        seq=message.seq + added,
+    await record_events(
+        tx, message, [event], at, status=MessageStatus.QUEUED.value, not_before=until
     )
     tx.enqueue_after_commit(
         send_step_job(
@@ -456,12 +448,7 @@ async def begin_send(
             )
         ]
     )
-    added = await ledger.append_events(tx.conn, message, new_events, at)
-    if added:
-        await notify_after_commit(tx, message.tenant_id, message.id, message.category)
-    await ledger.update_message(
-        tx.conn, message, at, status=MessageStatus.SENDING.value, seq=message.seq + added
-    )
+    await record_events(tx, message, new_events, at, status=MessageStatus.SENDING.value)
     return SendPlan(
         message.id,
         step,
