@@ -138,7 +138,7 @@ def build_adapters(account: ProviderAccount, context: AdapterContext) -> list[Pr
         sandbox = SandboxConfig.model_validate(
             {**resolve_secrets(account.config), "name": account.name}
         )
-        return [SandboxProvider(channel, sandbox, http=context.http) for channel in Channel]
+        return [SandboxProvider(channel, sandbox) for channel in Channel]
     module, _, provider_class = _ADAPTERS[account.type]
     config = adapter_config(account)
     cls = _import(module, provider_class)

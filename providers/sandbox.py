@@ -9,7 +9,8 @@ by their last two digits, emails by the local part, push tokens by the token):
 
 Receipts come back through the same public path a real provider uses,
 `POST /v1/providers/sandbox/status`, signed `X-Sandbox-Signature: t=<unix>,v1=<hex>`
-with HMAC-SHA256(secret, "<t>." + body).
+with HMAC-SHA256(secret, "<t>." + body); a post the service does not take (connection
+error, 5xx, 429) is sent again with backoff, as real providers retry their callbacks.
 
 Replies from recipients (`STOP`) are posted, signed the same way, to
 `POST /v1/providers/sandbox/inbound` as `{"event_id", "channel", "from", "text"}`; a send
@@ -86,6 +87,11 @@ def sign(secret: str, body: bytes, timestamp: int) -> str:
     return f"t={timestamp},v1={digest.hexdigest()}"
 
 
+# Receipt posts in flight per sandbox channel, and the waits before posting one again.
+RECEIPTS_IN_FLIGHT = 16
+RECEIPT_RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0)
+
+
 class SandboxConfig(BaseModel):
     name: str = "sandbox"
     callback_url: str
@@ -100,9 +106,18 @@ class SandboxProvider:
         self.name = config.name
         self.channel = channel
         self._config = config
-        self._http = http or httpx.AsyncClient(timeout=5.0)
+        # Its own small pool, as a provider calls back from its own servers: on the shared
+        # pool the receipts competed with sends for connections, and every request scans
+        # the shared pool's idle connections (httpcore), which cost more the larger it is.
+        self._http = http or httpx.AsyncClient(
+            timeout=5.0,
+            limits=httpx.Limits(
+                max_connections=RECEIPTS_IN_FLIGHT, max_keepalive_connections=RECEIPTS_IN_FLIGHT
+            ),
+        )
         self._owns_http = http is None
         self._receipts: set[asyncio.Task[None]] = set()
+        self._receipt_slots = asyncio.Semaphore(RECEIPTS_IN_FLIGHT)
         # Sends per attempt id, as a real provider would count submissions (tests read it).
         self.submissions: Counter[str] = Counter()
         self.cancelled: set[str] = set()
@@ -152,16 +167,29 @@ class SandboxProvider:
             payload["error_code"] = "sandbox:undeliverable"
             payload["error_detail"] = "the sandbox address reports failure"
         body = orjson.dumps(payload)
-        signature = sign(self._config.secret.get_secret_value(), body, int(time.time()))
-        try:
-            await self._http.post(
-                self._config.callback_url,
-                content=body,
-                headers={"content-type": "application/json", SIGNATURE_HEADER: signature},
-            )
-        except httpx.HTTPError as exc:
-            # Like a real provider whose DLR never arrives: the step times out.
-            log.warning("sandbox_receipt_failed", error=repr(exc))
+        # Like a real provider's callbacks: a bounded number in flight, and a receipt the
+        # service did not take (connection error, 5xx, 429) is posted again with backoff.
+        # Unbounded, a burst of sends queued thousands of posts on the HTTP pool, whose
+        # wait counts against the request timeout: receipts were dropped under load.
+        for retry_in in (*RECEIPT_RETRY_DELAYS, None):
+            try:
+                async with self._receipt_slots:
+                    signature = sign(self._config.secret.get_secret_value(), body, int(time.time()))
+                    response = await self._http.post(
+                        self._config.callback_url,
+                        content=body,
+                        headers={"content-type": "application/json", SIGNATURE_HEADER: signature},
+                    )
+                if response.status_code < 500 and response.status_code != 429:
+                    return
+                error = f"HTTP {response.status_code}"
+            except httpx.HTTPError as exc:
+                error = repr(exc)
+            if retry_in is None:
+                # Like a real provider whose DLR never arrives: the step times out.
+                log.warning("sandbox_receipt_failed", error=error)
+                return
+            await asyncio.sleep(retry_in)
 
     async def parse_status(self, callback: ProviderCallback) -> list[StatusUpdate]:
         self._verify(callback)

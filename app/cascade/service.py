@@ -88,14 +88,30 @@ def step_spec(message: MessageRow, step: int) -> dict[str, Any]:
 
 
 async def record_events(
-    tx: Transaction, message: MessageRow, new: list[NewEvent], at: datetime, **values: Any
-) -> int:
-    """Append events, tell webhooks after commit, and move the message (its `seq` too)."""
-    added = await ledger.append_events(tx.conn, message, new, at)
-    if added:
+    tx: Transaction,
+    message: MessageRow,
+    new: list[NewEvent],
+    at: datetime,
+    *,
+    attempt: AttemptRow | None = None,
+    attempt_values: dict[str, Any] | None = None,
+    new_attempt: dict[str, Any] | None = None,
+    **values: Any,
+) -> None:
+    """Write the change (attempt, events, message and its `seq`) in one statement, and
+    tell webhooks after commit."""
+    await ledger.write_transition(
+        tx.conn,
+        message,
+        at,
+        new,
+        values,
+        attempt=attempt,
+        attempt_values=attempt_values,
+        new_attempt=new_attempt,
+    )
+    if new:
         await notify_after_commit(tx, message.tenant_id, message.id, message.category)
-    await ledger.update_message(tx.conn, message, at, seq=message.seq + added, **values)
-    return added
 
 
 async def apply_signal(
@@ -152,9 +168,6 @@ async def apply_signal(
                 dedupe_key=dedupe_key,
             )
         )
-    if values:
-        await ledger.update_attempt(tx.conn, attempt, at, **values)
-
     message_values: dict[str, Any] = {}
     if decision.delivered_step is not None:
         message_values["delivered_step"] = decision.delivered_step
@@ -171,7 +184,9 @@ async def apply_signal(
         if decision.message_status in FINAL_MESSAGE:
             message_values["completed_at"] = at
             new_events.append(NewEvent(status=decision.message_status.value, source=source))
-    await record_events(tx, message, new_events, at, **message_values)
+    await record_events(
+        tx, message, new_events, at, attempt=attempt, attempt_values=values, **message_values
+    )
     await record_outcome(tx.conn, message, attempt, decision, source=source, at=at)
     return True
 
@@ -203,17 +218,15 @@ async def stop_now(
         return False
     reason = {"code": code, "detail": detail} if detail else {"code": code}
     new_events: list[NewEvent] = []
+    attempt_values: dict[str, Any] = {}
     if attempt is not None and decision.attempt_status not in (None, attempt.status):
         assert decision.attempt_status is not None
-        await ledger.update_attempt(
-            tx.conn,
-            attempt,
-            at,
-            status=decision.attempt_status.value,
-            completed_at=at,
-            error_code=code,
-            error_detail=detail[:500],
-        )
+        attempt_values = {
+            "status": decision.attempt_status.value,
+            "completed_at": at,
+            "error_code": code,
+            "error_detail": detail[:500],
+        }
         new_events.append(
             NewEvent(
                 status=decision.attempt_status.value,
@@ -225,7 +238,14 @@ async def stop_now(
         )
     new_events.append(NewEvent(status=decision.message_status.value, source=source, detail=reason))
     await record_events(
-        tx, message, new_events, at, status=decision.message_status.value, completed_at=at
+        tx,
+        message,
+        new_events,
+        at,
+        attempt=attempt,
+        attempt_values=attempt_values,
+        status=decision.message_status.value,
+        completed_at=at,
     )
     await record_final_status(tx.conn, message, decision.message_status, message.current_step, at)
     if attempt is not None and attempt.status in (AttemptStatus.SENDING, AttemptStatus.SENT):
@@ -384,23 +404,28 @@ async def begin_send(
             return None
         if isinstance(verdict, policy.SkipStep):
             skipped = verdict
+    new_attempt: dict[str, Any] | None = None
     if attempt is None:
-        attempt = await ledger.insert_attempt(
-            tx.conn,
-            {
-                "id": new_id(),
-                "message_id": message.id,
-                "category": message.category,
-                "step": step,
-                "channel": channel.value,
-                "provider": spec["provider"],
-                "status": AttemptStatus.PENDING.value,
-                "tries": 0,
-                "created_at": at,
-                "updated_at": at,
-                "deadline_at": at + timedelta(seconds=int(spec["timeout"])),
-            },
-        )
+        pending = {
+            "id": new_id(),
+            "message_id": message.id,
+            "category": message.category,
+            "step": step,
+            "channel": channel.value,
+            "provider": spec["provider"],
+            "status": AttemptStatus.PENDING.value,
+            "tries": 0,
+            "created_at": at,
+            "updated_at": at,
+            "deadline_at": at + timedelta(seconds=int(spec["timeout"])),
+        }
+        if skipped is not None or provider is None or address is None:
+            attempt = await ledger.insert_attempt(tx.conn, pending)
+        else:
+            # The usual case: the attempt is inserted already `sending`, in the statement
+            # that records the claim (below).
+            new_attempt = {**pending, "status": AttemptStatus.SENDING.value, "tries": 1}
+            attempt = ledger.new_attempt_row(pending)
         if skipped is not None:
             await apply_signal(
                 tx,
@@ -432,9 +457,6 @@ async def begin_send(
         )
         return None
 
-    await ledger.update_attempt(
-        tx.conn, attempt, at, status=AttemptStatus.SENDING.value, tries=attempt.tries + 1
-    )
     bind_message(message.id, message.tenant_id, message.category, attempt.id)
     new_events = (
         []
@@ -448,7 +470,16 @@ async def begin_send(
             )
         ]
     )
-    await record_events(tx, message, new_events, at, status=MessageStatus.SENDING.value)
+    await record_events(
+        tx,
+        message,
+        new_events,
+        at,
+        attempt=None if new_attempt else attempt,
+        attempt_values={"status": AttemptStatus.SENDING.value, "tries": attempt.tries + 1},
+        new_attempt=new_attempt,
+        status=MessageStatus.SENDING.value,
+    )
     return SendPlan(
         message.id,
         step,
@@ -568,11 +599,15 @@ async def record_status(
         )
         return False
     message = await ledger.lock_message(tx.conn, attempt.message_id)
-    dedupe_key = f"{provider_name}:{update.event_id}"
-    if message is None or await ledger.event_seen(tx.conn, dedupe_key):
+    if message is None:
         return False
+    dedupe_key = f"{provider_name}:{update.event_id}"
     # Re-read under the message lock: the attempt may have moved since the lookup.
-    current = await ledger.get_attempt(tx.conn, attempt.message_id, attempt.step)
+    current, seen = await ledger.get_attempt_and_seen(
+        tx.conn, attempt.message_id, attempt.step, dedupe_key
+    )
+    if seen:
+        return False
     assert current is not None
     error = (
         Error(update.error_code or "failed", update.error_detail or "")

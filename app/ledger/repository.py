@@ -11,7 +11,17 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Insert, Update, bindparam, insert, literal, select, update
+from sqlalchemy import (
+    Insert,
+    Update,
+    bindparam,
+    exists,
+    insert,
+    literal,
+    select,
+    union_all,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.dml import ReturningInsert
@@ -284,6 +294,139 @@ async def append_events(
         if (await conn.execute(_APPEND_EVENT, _bound(values))).first() is not None:
             added += 1
     return added
+
+
+@functools.cache
+def _transition(
+    event_count: int,
+    message_columns: tuple[str, ...],
+    attempt_columns: tuple[str, ...] | None,
+    new_attempt_columns: tuple[str, ...] | None,
+) -> Update:
+    """One statement for one change: the attempt (inserted or updated), the events and
+    the message, as data-modifying CTEs of the message's UPDATE. Built once per shape."""
+    ctes: list[Any] = []
+    if new_attempt_columns is not None:
+        ctes.append(
+            insert(attempts)
+            .values({n: bindparam(f"n_{n}", type_=attempts.c[n].type) for n in new_attempt_columns})
+            .cte("new_attempt")
+        )
+    if attempt_columns is not None:
+        ctes.append(
+            update(attempts)
+            .where(attempts.c.id == bindparam("a_id"))
+            .values({n: bindparam(f"a_{n}", type_=attempts.c[n].type) for n in attempt_columns})
+            .cte("changed_attempt")
+        )
+    if event_count:
+        # One INSERT … SELECT … UNION ALL: the rows (and their ids) keep `seq` order, which
+        # separate CTEs would not (Postgres runs sibling CTEs in no guaranteed order).
+        rows = [
+            select(*(bindparam(f"e{i}_{n}", type_=events.c[n].type) for n in _EVENT_COLUMNS))
+            for i in range(event_count)
+        ]
+        ctes.append(
+            pg_insert(events)
+            .from_select(_EVENT_COLUMNS, rows[0] if len(rows) == 1 else union_all(*rows))
+            .on_conflict_do_nothing(index_elements=["dedupe_key"])
+            .cte("new_events")
+        )
+    statement = _update_message(message_columns)
+    return statement.add_cte(*ctes) if ctes else statement
+
+
+async def write_transition(
+    conn: AsyncConnection,
+    message: MessageRow,
+    at: datetime,
+    new_events: list[NewEvent],
+    message_values: dict[str, Any],
+    *,
+    attempt: AttemptRow | None = None,
+    attempt_values: dict[str, Any] | None = None,
+    new_attempt: dict[str, Any] | None = None,
+) -> None:
+    """Write one state change in one round trip: insert or update the attempt, append
+    `new_events` after the message's last sequence number, and update the message.
+
+    Callers hold the message lock, so sequence numbers are gap-free. An event whose
+    `dedupe_key` exists is skipped (callers check `event_seen` under the lock first, so
+    that is a safety net: the message's `seq` still advances past it, never onto it).
+    """
+    params: dict[str, Any] = {"w_id": message.id, "w_category": message.category}
+    values = {**message_values, "seq": message.seq + len(new_events), "updated_at": at}
+    params.update(_bound(values))
+    attempt_columns = None
+    if attempt is not None and attempt_values:
+        changed = {**attempt_values, "updated_at": at}
+        attempt_columns = tuple(sorted(changed))
+        params["a_id"] = attempt.id
+        params.update({f"a_{n}": v for n, v in changed.items()})
+    new_attempt_columns = None
+    if new_attempt is not None:
+        new_attempt_columns = tuple(sorted(new_attempt))
+        params.update({f"n_{n}": v for n, v in new_attempt.items()})
+    for i, event in enumerate(new_events):
+        params.update(
+            {
+                f"e{i}_message_id": message.id,
+                f"e{i}_category": message.category,
+                f"e{i}_tenant_id": message.tenant_id,
+                f"e{i}_seq": message.seq + i + 1,
+                f"e{i}_attempt_id": event.attempt_id,
+                f"e{i}_step": event.step,
+                f"e{i}_status": event.status,
+                f"e{i}_source": event.source,
+                f"e{i}_detail": event.detail,
+                f"e{i}_dedupe_key": event.dedupe_key,
+                f"e{i}_at": at,
+            }
+        )
+    statement = _transition(
+        len(new_events), tuple(sorted(values)), attempt_columns, new_attempt_columns
+    )
+    await conn.execute(statement, params)
+
+
+def new_attempt_row(values: dict[str, Any]) -> AttemptRow:
+    """The row an attempt inserted with `values` reads back as."""
+    return AttemptRow(
+        **{
+            "provider_message_id": None,
+            "error_code": None,
+            "error_detail": None,
+            "sent_at": None,
+            "completed_at": None,
+            **values,
+            "status": AttemptStatus(values["status"]),
+        }
+    )
+
+
+_GET_ATTEMPT_AND_SEEN = select(
+    attempts,
+    exists().where(events.c.dedupe_key == bindparam("dedupe_key")).label("seen"),
+).where(attempts.c.message_id == bindparam("message_id"), attempts.c.step == bindparam("step"))
+
+
+async def get_attempt_and_seen(
+    conn: AsyncConnection, message_id: uuid.UUID, step: int, dedupe_key: str
+) -> tuple[AttemptRow | None, bool]:
+    """The attempt, and whether an event with `dedupe_key` is in the ledger (one query)."""
+    row = (
+        await conn.execute(
+            _GET_ATTEMPT_AND_SEEN,
+            {"message_id": message_id, "step": step, "dedupe_key": dedupe_key},
+        )
+    ).first()
+    if row is None:
+        seen = await event_seen(conn, dedupe_key)
+        return None, seen
+    data = dict(row._mapping)
+    seen = bool(data.pop("seen"))
+    data["status"] = AttemptStatus(data["status"])
+    return AttemptRow(**data), seen
 
 
 async def event_seen(conn: AsyncConnection, dedupe_key: str) -> bool:
