@@ -99,7 +99,9 @@ def dev(
     host: Annotated[str, typer.Option(help="API bind address.")] = "127.0.0.1",
     data_dir: Annotated[Path, typer.Option(help="Embedded servers' data.")] = Path(".cascade"),
 ) -> None:
-    """Everything on one machine: embedded Postgres + Redis, migrations, API, worker, sandbox."""
+    """Everything on one machine: embedded Postgres + Redis, migrations, API, workers, sandbox."""
+    from app.worker import PROCESS_SPLIT
+
     configure_logging()
     public_url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     settings = Settings(data_dir=data_dir, public_url=public_url)
@@ -136,7 +138,15 @@ def dev(
             ],
             env=env,
         ),
-        subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], env=env),
+        # Split as recommended for production: marketing in a process of its own, at a
+        # lower CPU priority, so a campaign does not slow transactional sends down.
+        *(
+            subprocess.Popen(
+                [sys.executable, "-m", "app.cli", "worker", "--queues", q, "--nice", str(n)],
+                env=env,
+            )
+            for q, n in PROCESS_SPLIT
+        ),
     ]
     console.print(
         Panel.fit(
@@ -197,19 +207,48 @@ def worker(
         int | None, typer.Option(help="Serve this worker's Prometheus metrics on this port.")
     ] = None,
     metrics_host: Annotated[str, typer.Option(help="Bind address for --metrics-port.")] = "0.0.0.0",
+    queues: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Queues this process works (repeat or comma-separate): transactional,"
+            " service, marketing, webhooks. Default: all.",
+        ),
+    ] = None,
+    nice: Annotated[
+        int,
+        typer.Option(
+            help="Add this to the process' nice value: e.g. 10 for a marketing-only worker,"
+            " so bulk sends yield the CPU to transactional ones on the same host.",
+        ),
+    ] = 0,
 ) -> None:
-    """Run the arq workers (one per traffic category) and the sweeper."""
+    """Run the arq workers: by default every queue (one per category, plus webhooks).
+
+    Recommended: two processes, `--queues transactional,service,webhooks` and
+    `--queues marketing --nice 10`. Each process binds its own SMPP sessions.
+    """
     from prometheus_client import start_http_server
 
-    from app.worker import serve
+    from app.worker import parse_queues, serve
 
+    try:
+        names = parse_queues(queues or [])
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--queues") from None
+    if nice:
+        try:
+            os.nice(nice)
+        except PermissionError:
+            raise typer.BadParameter(
+                "a negative value (a higher priority) needs privileges", param_hint="--nice"
+            ) from None
     configure_logging()
     if metrics_port is not None:
         start_http_server(metrics_port, addr=metrics_host)
     settings, servers = _resolved(Settings())
     try:
         # uvloop, as uvicorn uses for the API: cheaper socket I/O per job.
-        uvloop.run(serve(lambda: Runtime.start(settings)))
+        uvloop.run(serve(lambda: Runtime.start(settings), names))
     finally:
         servers.stop()
 

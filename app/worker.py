@@ -1,7 +1,10 @@
 """arq workers: one per traffic category, each on its own queue with its own concurrency.
 
 Separate queues mean a marketing campaign waits in its own line: transactional jobs
-are picked by their own worker however long the marketing queue is.
+are picked by their own worker however long the marketing queue is. A separate line is
+not a separate CPU, though: `cascade worker --queues` runs a subset of the workers per
+process, so a marketing backlog can be drained by a process of its own (run at a lower
+priority with `--nice`) instead of taking the event loop transactional sends run on.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+from collections.abc import Collection, Iterable
 from typing import Any
 
 import structlog
@@ -28,7 +32,40 @@ from providers.base import Category
 log = structlog.get_logger()
 
 
-def build_workers(runtime: Runtime) -> list[Worker]:
+WEBHOOKS = "webhooks"
+# What `cascade worker --queues` accepts, in the order the workers are built.
+QUEUES: tuple[str, ...] = (*(category.value for category in Category), WEBHOOKS)
+
+
+# The recommended split over processes (`cascade dev` and the isolation benchmark run it):
+# (queues, nice increment) per `cascade worker` process.
+PROCESS_SPLIT: tuple[tuple[str, int], ...] = (
+    ("transactional,service,webhooks", 0),
+    ("marketing", 10),
+)
+
+
+def parse_queues(values: Iterable[str]) -> tuple[str, ...]:
+    """Queue names from repeated and/or comma-separated values, in `QUEUES` order.
+
+    Nothing given means every queue; an unknown name is a ValueError naming the choices.
+    """
+    wanted = {name.strip() for value in values for name in value.split(",") if name.strip()}
+    unknown = sorted(wanted.difference(QUEUES))
+    if unknown:
+        raise ValueError(
+            f"unknown queue {', '.join(repr(u) for u in unknown)}; choose from {', '.join(QUEUES)}"
+        )
+    return tuple(name for name in QUEUES if name in wanted) or QUEUES
+
+
+def build_workers(runtime: Runtime, queues: Collection[str] = QUEUES) -> list[Worker]:
+    """The workers for `queues` (names from `QUEUES`), each with the cron jobs of its queue.
+
+    Each cron job stays on one queue's worker whichever process runs it (the sweep on
+    transactional, the marketing prune on marketing, the webhook sweep on webhooks), and
+    arq's `unique=True` keeps it to one run per tick when several processes run that queue.
+    """
     settings = runtime.settings
     timeout = settings.job_timeout_seconds
     functions = [
@@ -42,6 +79,8 @@ def build_workers(runtime: Runtime) -> list[Worker]:
     interval = max(1, settings.sweep_interval_seconds)
     workers = []
     for category in Category:
+        if category.value not in queues:
+            continue
         cron_jobs = (
             [
                 cron(
@@ -86,7 +125,8 @@ def build_workers(runtime: Runtime) -> list[Worker]:
                 job_completion_wait=10,
             )
         )
-    workers.append(webhook_worker(runtime))
+    if WEBHOOKS in queues:
+        workers.append(webhook_worker(runtime))
     return workers
 
 
@@ -122,9 +162,16 @@ def webhook_worker(runtime: Runtime) -> Worker:
     )
 
 
-async def run_workers(runtime: Runtime, stop: asyncio.Event) -> None:
-    """Run all category workers until `stop` is set, then let in-flight jobs finish."""
-    workers = build_workers(runtime)
+async def run_workers(
+    runtime: Runtime, stop: asyncio.Event, queues: Collection[str] = QUEUES
+) -> None:
+    """Run the workers for `queues` until `stop` is set, then let in-flight jobs finish.
+
+    Every worker process binds its own provider sessions (SMPP), whichever queues it runs:
+    receipts arrive on any bind and each is recorded wherever it lands. With the queues
+    split over N processes an SMPP account sees N binds, so its bind limit must allow them.
+    """
+    workers = build_workers(runtime, queues)
     await runtime.providers.connect_sessions()
     tasks = [asyncio.create_task(run_through_redis_outages(w, stop)) for w in workers]
     log.info("worker_started", queues=[w.queue_name for w in workers])
@@ -175,13 +222,13 @@ def _once(startup: StartupShutdown) -> StartupShutdown:
     return run
 
 
-async def serve(runtime_factory: Any) -> None:
+async def serve(runtime_factory: Any, queues: Collection[str] = QUEUES) -> None:
     runtime: Runtime = await runtime_factory()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        await run_workers(runtime, stop)
+        await run_workers(runtime, stop, queues)
     finally:
         await runtime.close()

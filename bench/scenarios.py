@@ -548,7 +548,8 @@ async def isolation(stack: Stack, backlog: int, seconds: float, rate: float = 50
         how = await queue_backlog(stack, client, backlog)
         log(f"marketing backlog of {backlog}: {how}")
         started = await scalar(dsn, "SELECT clock_timestamp()")
-        stack.start_worker()
+        # Marketing in a niced process of its own, as `cascade dev` and the README run it.
+        stack.start_worker(split=True)
         run = await open_loop(
             client.port,
             client.sender(message_body),

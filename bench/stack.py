@@ -3,7 +3,8 @@
 Embedded servers by default, or the ones `CASCADE_DATABASE_URL` / `CASCADE_REDIS_URL`
 name (a database of its own is created on that server and dropped at the end; the Redis
 database is flushed between benchmarks). `cascade api` and `cascade worker` run as
-subprocesses with their output in `<data dir>/logs/`, bound to 127.0.0.1 only.
+subprocesses with their output in `<data dir>/logs/`, bound to 127.0.0.1 only; the
+worker either as one process for every queue or split over two as `cascade dev` runs it.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from app.auth.service import ensure_tenant, issue_key
 from app.db import create_engine
 from app.runtime import utcnow
 from app.settings import Settings
+from app.worker import PROCESS_SPLIT
 
 ROOT = Path(__file__).resolve().parent.parent
 LEDGER_TABLES = "messages, attempts, events, idempotency_keys"
@@ -191,17 +193,33 @@ class Stack:
         self._wait_ready(process)
         return process
 
-    def start_worker(self, module: list[str] | None = None, **extra_env: str) -> Process:
-        args = module or ["app.cli", "worker"]
-        process = self.spawn(args[0], args, self.env(**extra_env))
+    def start_worker(
+        self, module: list[str] | None = None, *, split: bool = False, **extra_env: str
+    ) -> list[Process]:
+        """`cascade worker` for every queue, or (`split`) one process per entry of
+        `PROCESS_SPLIT` as `cascade dev` runs them; `module`: another worker to run."""
+        if module is not None:
+            commands = [module]
+        elif split:
+            commands = [
+                ["app.cli", "worker", "--queues", queues, "--nice", str(nice)]
+                for queues, nice in PROCESS_SPLIT
+            ]
+        else:
+            commands = [["app.cli", "worker"]]
+        processes = [self.spawn(args[0], args, self.env(**extra_env)) for args in commands]
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if process.popen.poll() is not None:
-                raise RuntimeError(f"the worker exited; see {process.log_path}")
-            if b"worker_started" in process.log_path.read_bytes():
-                return process
+        waiting = list(processes)
+        while waiting and time.monotonic() < deadline:
+            for process in list(waiting):
+                if process.popen.poll() is not None:
+                    raise RuntimeError(f"the worker exited; see {process.log_path}")
+                if b"worker_started" in process.log_path.read_bytes():
+                    waiting.remove(process)
             time.sleep(0.1)
-        raise RuntimeError(f"the worker did not start; see {process.log_path}")
+        if waiting:
+            raise RuntimeError(f"the worker did not start; see {waiting[0].log_path}")
+        return processes
 
     def _wait_ready(self, process: Process) -> None:
         import httpx

@@ -9,8 +9,10 @@ by their last two digits, emails by the local part, push tokens by the token):
 
 Receipts come back through the same public path a real provider uses,
 `POST /v1/providers/sandbox/status`, signed `X-Sandbox-Signature: t=<unix>,v1=<hex>`
-with HMAC-SHA256(secret, "<t>." + body); a post the service does not take (connection
-error, 5xx, 429) is sent again with backoff, as real providers retry their callbacks.
+with HMAC-SHA256(secret, "<t>." + body). The body is one report `{"event_id", "attempt_id",
+"provider_message_id", "status"[, "error_code", "error_detail"]}` or, when several are due
+at once, `{"receipts": [report, ...]}`; a post the service does not take (connection error,
+5xx, 429) is sent again with backoff, as real providers retry their callbacks.
 
 Replies from recipients (`STOP`) are posted, signed the same way, to
 `POST /v1/providers/sandbox/inbound` as `{"event_id", "channel", "from", "text"}`; a send
@@ -87,8 +89,10 @@ def sign(secret: str, body: bytes, timestamp: int) -> str:
     return f"t={timestamp},v1={digest.hexdigest()}"
 
 
-# Receipt posts in flight per sandbox channel, and the waits before posting one again.
+# Receipt posts in flight per sandbox channel, receipts per post at most, and the waits
+# before posting one again.
 RECEIPTS_IN_FLIGHT = 16
+RECEIPTS_PER_POST = 50
 RECEIPT_RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0)
 
 
@@ -117,7 +121,8 @@ class SandboxProvider:
         )
         self._owns_http = http is None
         self._receipts: set[asyncio.Task[None]] = set()
-        self._receipt_slots = asyncio.Semaphore(RECEIPTS_IN_FLIGHT)
+        self._outbox: list[dict[str, str]] = []
+        self._posters = 0
         # Sends per attempt id, as a real provider would count submissions (tests read it).
         self.submissions: Counter[str] = Counter()
         self.cancelled: set[str] = set()
@@ -166,20 +171,33 @@ class SandboxProvider:
         if status is ReceiptStatus.FAILED:
             payload["error_code"] = "sandbox:undeliverable"
             payload["error_detail"] = "the sandbox address reports failure"
-        body = orjson.dumps(payload)
-        # Like a real provider's callbacks: a bounded number in flight, and a receipt the
-        # service did not take (connection error, 5xx, 429) is posted again with backoff.
-        # Unbounded, a burst of sends queued thousands of posts on the HTTP pool, whose
-        # wait counts against the request timeout: receipts were dropped under load.
+        self._outbox.append(payload)
+        if self._posters >= RECEIPTS_IN_FLIGHT:
+            return  # a poster already running takes it with its next batch
+        self._posters += 1
+        try:
+            while self._outbox:
+                batch = self._outbox[:RECEIPTS_PER_POST]
+                del self._outbox[:RECEIPTS_PER_POST]
+                await self._post_receipts(batch)
+        finally:
+            self._posters -= 1
+
+    async def _post_receipts(self, batch: list[dict[str, str]]) -> None:
+        """Like a real provider's callbacks: a bounded number of posts in flight, receipts
+        that pile up meanwhile go together in the next one (as WhatsApp batches statuses),
+        and a post the service did not take (connection error, 5xx, 429) is sent again with
+        backoff. One post per receipt, unbounded, queued thousands of requests on the HTTP
+        pool in a burst, whose wait counts against the timeout: receipts were dropped."""
+        body = orjson.dumps(batch[0] if len(batch) == 1 else {"receipts": batch})
         for retry_in in (*RECEIPT_RETRY_DELAYS, None):
             try:
-                async with self._receipt_slots:
-                    signature = sign(self._config.secret.get_secret_value(), body, int(time.time()))
-                    response = await self._http.post(
-                        self._config.callback_url,
-                        content=body,
-                        headers={"content-type": "application/json", SIGNATURE_HEADER: signature},
-                    )
+                signature = sign(self._config.secret.get_secret_value(), body, int(time.time()))
+                response = await self._http.post(
+                    self._config.callback_url,
+                    content=body,
+                    headers={"content-type": "application/json", SIGNATURE_HEADER: signature},
+                )
                 if response.status_code < 500 and response.status_code != 429:
                     return
                 error = f"HTTP {response.status_code}"
@@ -187,7 +205,7 @@ class SandboxProvider:
                 error = repr(exc)
             if retry_in is None:
                 # Like a real provider whose DLR never arrives: the step times out.
-                log.warning("sandbox_receipt_failed", error=error)
+                log.warning("sandbox_receipt_failed", error=error, receipts=len(batch))
                 return
             await asyncio.sleep(retry_in)
 
@@ -195,17 +213,19 @@ class SandboxProvider:
         self._verify(callback)
         try:
             data = orjson.loads(callback.body)
+            reports = data.get("receipts", [data])
             return [
                 StatusUpdate(
-                    status=ReceiptStatus(data["status"]),
-                    event_id=str(data["event_id"]),
-                    provider_message_id=data.get("provider_message_id"),
-                    attempt_id=data.get("attempt_id"),
-                    error_code=data.get("error_code"),
-                    error_detail=data.get("error_detail"),
+                    status=ReceiptStatus(report["status"]),
+                    event_id=str(report["event_id"]),
+                    provider_message_id=report.get("provider_message_id"),
+                    attempt_id=report.get("attempt_id"),
+                    error_code=report.get("error_code"),
+                    error_detail=report.get("error_detail"),
                 )
+                for report in reports
             ]
-        except (orjson.JSONDecodeError, KeyError, ValueError, TypeError) as exc:
+        except (orjson.JSONDecodeError, KeyError, ValueError, TypeError, AttributeError) as exc:
             raise MalformedCallback(f"not a sandbox status report: {exc}") from exc
 
     async def parse_inbound(self, callback: ProviderCallback) -> list[InboundMessage]:
