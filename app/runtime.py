@@ -97,8 +97,8 @@ class Runtime:
         )
 
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[Transaction]:
-        async with transaction(self.engine, self.queue) as tx:
+    async def transaction(self, *, single_write: bool = False) -> AsyncIterator[Transaction]:
+        async with transaction(self.engine, self.queue, single_write=single_write) as tx:
             yield tx
 
     async def close(self) -> None:

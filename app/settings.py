@@ -79,7 +79,9 @@ class Settings(BaseSettings):
     marketing_log_retention: timedelta = timedelta(days=30)
     max_batch_body_bytes: int = 4 * 1024 * 1024
 
-    db_pool_size: int = 10
+    # Postgres connections per process, all kept open: with overflow connections on top,
+    # every burst opened and closed connections (a Postgres backend fork each).
+    db_pool_size: int = 20
 
     @cached_property
     def callback_base(self) -> str:

@@ -47,7 +47,9 @@ async def send_message(
     principal: Principal = Depends(require(Scope.SEND)),
     runtime: Runtime = Depends(get_runtime),
 ) -> AcceptedMessage:
-    async with runtime.transaction() as tx:
+    # Without an Idempotency-Key the message and its first event are the only write, one
+    # statement: it needs no BEGIN/COMMIT around it.
+    async with runtime.transaction(single_write=idempotency_key is None) as tx:
         acceptance = await service.accept_message(
             tx,
             principal.tenant_id,
