@@ -585,30 +585,30 @@ async def record_status(
 ) -> bool:
     """Apply one provider status report; the same report twice changes nothing."""
     attempt_id = from_public("att", update.attempt_id) if update.attempt_id else None
-    attempt = await ledger.find_attempt(
+    message = await ledger.lock_message_of_attempt(
         tx.conn,
         provider_name,
         attempt_id=attempt_id,
         provider_message_id=update.provider_message_id,
     )
-    if attempt is None:
+    if message is None:
         log.info(
             "status_for_unknown_attempt",
             provider=provider_name,
             provider_message_id=update.provider_message_id,
         )
         return False
-    message = await ledger.lock_message(tx.conn, attempt.message_id)
-    if message is None:
-        return False
     dedupe_key = f"{provider_name}:{update.event_id}"
-    # Re-read under the message lock: the attempt may have moved since the lookup.
-    current, seen = await ledger.get_attempt_and_seen(
-        tx.conn, attempt.message_id, attempt.step, dedupe_key
+    # Read under the message lock: the attempt may have moved while we waited for it.
+    current, seen = await ledger.attempt_and_seen(
+        tx.conn,
+        provider_name,
+        dedupe_key,
+        attempt_id=attempt_id,
+        provider_message_id=update.provider_message_id,
     )
-    if seen:
+    if seen or current is None:
         return False
-    assert current is not None
     error = (
         Error(update.error_code or "failed", update.error_detail or "")
         if (update.status is ReceiptStatus.FAILED)

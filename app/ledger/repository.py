@@ -13,7 +13,9 @@ from typing import Any
 
 from sqlalchemy import (
     Insert,
+    Select,
     Update,
+    and_,
     bindparam,
     exists,
     insert,
@@ -133,11 +135,6 @@ _LOCK_MESSAGE = _GET_MESSAGE.with_for_update()
 _GET_ATTEMPT = select(attempts).where(
     attempts.c.message_id == bindparam("message_id"), attempts.c.step == bindparam("step")
 )
-_FIND_ATTEMPT = select(attempts).where(attempts.c.provider == bindparam("provider")).limit(1)
-_FIND_ATTEMPT_BY_ID = _FIND_ATTEMPT.where(attempts.c.id == bindparam("attempt_id"))
-_FIND_ATTEMPT_BY_PROVIDER_ID = _FIND_ATTEMPT.where(
-    attempts.c.provider_message_id == bindparam("provider_message_id")
-)
 _EVENT_SEEN = select(events.c.id).where(events.c.dedupe_key == bindparam("dedupe_key"))
 _EVENT_COLUMNS = (
     "message_id",
@@ -232,26 +229,82 @@ async def list_attempts(conn: AsyncConnection, message_id: uuid.UUID) -> list[At
     return [_attempt(row) for row in rows]
 
 
-async def find_attempt(
+def _attempt_match(by_id: bool) -> Any:
+    match = attempts.c.provider == bindparam("provider")
+    if by_id:
+        return and_(match, attempts.c.id == bindparam("attempt_id"))
+    return and_(match, attempts.c.provider_message_id == bindparam("provider_message_id"))
+
+
+def _lock_message_of_attempt(by_id: bool) -> Select[Any]:
+    owner = select(attempts.c.message_id, attempts.c.category).where(_attempt_match(by_id))
+    owner = owner.limit(1)
+    return (
+        select(messages)
+        .where(
+            messages.c.id == owner.with_only_columns(attempts.c.message_id).scalar_subquery(),
+            messages.c.category == owner.with_only_columns(attempts.c.category).scalar_subquery(),
+        )
+        .with_for_update()
+    )
+
+
+def _attempt_and_seen(by_id: bool) -> Select[Any]:
+    seen = exists().where(events.c.dedupe_key == bindparam("dedupe_key")).label("seen")
+    return select(attempts, seen).where(_attempt_match(by_id)).limit(1)
+
+
+# Status reports name an attempt by our id or the provider's; a statement for each.
+_LOCK_MESSAGE_OF_ATTEMPT = {by_id: _lock_message_of_attempt(by_id) for by_id in (True, False)}
+_ATTEMPT_AND_SEEN = {by_id: _attempt_and_seen(by_id) for by_id in (True, False)}
+
+
+def _attempt_key(
+    provider: str, attempt_id: uuid.UUID | None, provider_message_id: str | None
+) -> tuple[bool, dict[str, Any]] | None:
+    if attempt_id is not None:
+        return True, {"provider": provider, "attempt_id": attempt_id}
+    if provider_message_id is not None:
+        return False, {"provider": provider, "provider_message_id": provider_message_id}
+    return None
+
+
+async def lock_message_of_attempt(
     conn: AsyncConnection,
     provider: str,
     *,
     attempt_id: uuid.UUID | None,
     provider_message_id: str | None,
-) -> AttemptRow | None:
-    if attempt_id is not None:
-        result = await conn.execute(
-            _FIND_ATTEMPT_BY_ID, {"provider": provider, "attempt_id": attempt_id}
-        )
-    elif provider_message_id is not None:
-        result = await conn.execute(
-            _FIND_ATTEMPT_BY_PROVIDER_ID,
-            {"provider": provider, "provider_message_id": provider_message_id},
-        )
-    else:
+) -> MessageRow | None:
+    """Find an attempt by our id or the provider's and lock its message (one query)."""
+    key = _attempt_key(provider, attempt_id, provider_message_id)
+    if key is None:
         return None
-    row = result.first()
-    return _attempt(row) if row else None
+    row = (await conn.execute(_LOCK_MESSAGE_OF_ATTEMPT[key[0]], key[1])).first()
+    return _message(row) if row else None
+
+
+async def attempt_and_seen(
+    conn: AsyncConnection,
+    provider: str,
+    dedupe_key: str,
+    *,
+    attempt_id: uuid.UUID | None,
+    provider_message_id: str | None,
+) -> tuple[AttemptRow | None, bool]:
+    """The attempt, and whether an event with `dedupe_key` is in the ledger (one query)."""
+    key = _attempt_key(provider, attempt_id, provider_message_id)
+    if key is None:
+        return None, False
+    row = (
+        await conn.execute(_ATTEMPT_AND_SEEN[key[0]], {**key[1], "dedupe_key": dedupe_key})
+    ).first()
+    if row is None:
+        return None, await event_seen(conn, dedupe_key)
+    data = dict(row._mapping)
+    seen = bool(data.pop("seen"))
+    data["status"] = AttemptStatus(data["status"])
+    return AttemptRow(**data), seen
 
 
 async def insert_attempt(conn: AsyncConnection, values: dict[str, Any]) -> AttemptRow:
@@ -402,31 +455,6 @@ def new_attempt_row(values: dict[str, Any]) -> AttemptRow:
             "status": AttemptStatus(values["status"]),
         }
     )
-
-
-_GET_ATTEMPT_AND_SEEN = select(
-    attempts,
-    exists().where(events.c.dedupe_key == bindparam("dedupe_key")).label("seen"),
-).where(attempts.c.message_id == bindparam("message_id"), attempts.c.step == bindparam("step"))
-
-
-async def get_attempt_and_seen(
-    conn: AsyncConnection, message_id: uuid.UUID, step: int, dedupe_key: str
-) -> tuple[AttemptRow | None, bool]:
-    """The attempt, and whether an event with `dedupe_key` is in the ledger (one query)."""
-    row = (
-        await conn.execute(
-            _GET_ATTEMPT_AND_SEEN,
-            {"message_id": message_id, "step": step, "dedupe_key": dedupe_key},
-        )
-    ).first()
-    if row is None:
-        seen = await event_seen(conn, dedupe_key)
-        return None, seen
-    data = dict(row._mapping)
-    seen = bool(data.pop("seen"))
-    data["status"] = AttemptStatus(data["status"])
-    return AttemptRow(**data), seen
 
 
 async def event_seen(conn: AsyncConnection, dedupe_key: str) -> bool:
