@@ -24,7 +24,7 @@ from app.ops.dashboard.endpoints import install_dashboard
 from app.ops.events.endpoints import router as events_router
 from app.ops.stats.endpoints import router as stats_router
 from app.policy.endpoints import router as policy_router
-from app.runtime import Runtime
+from app.runtime import Runtime, settle_gc
 from app.settings import Settings
 from app.templates.endpoints import router as templates_router
 from app.webhooks.endpoints import router as webhooks_router
@@ -117,6 +117,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             )
         runtime = await Runtime.start(resolved)
         app.state.runtime = runtime
+        settle_gc()
         try:
             yield
         finally:

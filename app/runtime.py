@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -22,6 +23,22 @@ from providers.accounts import (
 )
 from providers.base import StatusUpdate
 from providers.registry import ProviderRegistry
+
+_gc_settled = False
+
+
+def settle_gc() -> None:
+    """Once per process, after start-up: park the long-lived objects (modules, the app,
+    the pools) where the cycle collector no longer walks them, and collect the young
+    generation less often. Before, full collections walked the whole ~190 k-object heap
+    (~80 ms each) and took about a third of the API's CPU under a batch load."""
+    global _gc_settled
+    if _gc_settled:
+        return
+    _gc_settled = True
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 10)
 
 
 def utcnow() -> datetime:

@@ -24,7 +24,7 @@ from redis.exceptions import RedisError
 from app.cascade import jobs
 from app.policy import jobs as policy_jobs
 from app.queue import queue_name
-from app.runtime import Runtime, redis_settings
+from app.runtime import Runtime, redis_settings, settle_gc
 from app.webhooks import jobs as webhook_jobs
 from app.webhooks.service import WEBHOOKS_QUEUE
 from providers.base import Category
@@ -224,6 +224,7 @@ def _once(startup: StartupShutdown) -> StartupShutdown:
 
 async def serve(runtime_factory: Any, queues: Collection[str] = QUEUES) -> None:
     runtime: Runtime = await runtime_factory()
+    settle_gc()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

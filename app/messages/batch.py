@@ -1,10 +1,11 @@
 """Batch send: up to 1000 messages sharing defaults, accepted in one transaction.
 
 Each item is validated, rendered and resolved on its own, so one bad address costs one
-item, not the batch. The accepted ones go in with one multi-row insert (messages and
-their `accepted` events in one statement), and their jobs reach Redis after the commit
-in one pipelined round trip. An `Idempotency-Key` covers the whole batch; items may
-carry their own key, shared with `POST /v1/messages`.
+item, not the batch; items with nothing of their own but `to` and metadata reuse the
+first such item's row (see `_SharedRow`). The accepted ones go in with a binary COPY of
+the messages and one of their `accepted` events, and their jobs reach Redis after the
+commit in one script call. An `Idempotency-Key` covers the whole batch; items may carry
+their own key, shared with `POST /v1/messages`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 from sqlalchemy import (
+    JSON,
     Column,
     DateTime,
     Integer,
@@ -26,18 +28,17 @@ from sqlalchemy import (
     Table,
     Text,
     Uuid,
-    insert,
+    literal,
     select,
     update,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.cascade.machine import MessageStatus
 from app.db import Transaction
 from app.errors import Conflict, FieldError, InvalidRequest, Problem, ProblemError
-from app.ids import to_public
+from app.ids import new_id, to_public
 from app.ledger.tables import events, idempotency_keys, messages, metadata
 from app.messages.schemas import (
     AcceptedMessage,
@@ -51,7 +52,8 @@ from app.messages.schemas import (
 from app.messages.service import first_jobs, prepare_message, request_fingerprint
 from app.settings import Settings
 from app.templates.service import TemplateLookup
-from app.webhooks.service import notify_after_commit
+from app.webhooks.service import notify_after_commit, tenant_has_endpoints
+from providers.base import Provider, Recipient
 from providers.registry import ProviderRegistry
 
 batch_idempotency_keys = Table(
@@ -120,24 +122,62 @@ def _invalid(index: int, errors: list[FieldError]) -> Problem:
     return _problem(index, InvalidRequest(detail=f"{len(errors)} field error(s)", errors=errors))
 
 
-async def insert_accepted_messages(conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
-    """Many messages, then their `accepted` events: two statements, each sent once with
-    every row (asyncpg's executemany), not a statement per message."""
-    await conn.execute(insert(messages), rows)
-    await conn.execute(
-        insert(events),
-        [
-            {
-                "message_id": row["id"],
-                "category": row["category"],
-                "tenant_id": row["tenant_id"],
-                "seq": 1,
-                "status": MessageStatus.ACCEPTED.value,
-                "source": "api",
-                "at": row["created_at"],
-            }
+_JSON_COLUMNS = frozenset(c.name for c in messages.c if isinstance(c.type, JSON))
+_EVENT_COLUMNS = ("message_id", "category", "tenant_id", "seq", "status", "source", "at")
+
+
+def _json(value: Any) -> str:
+    # As the engine's json_serializer (app/db.py): asyncpg's jsonb codec, as SQLAlchemy
+    # sets it up, takes the JSON text.
+    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+
+
+_BEGIN = select(literal(1))
+
+
+async def _driver_connection(tx: Transaction) -> Any:
+    """The asyncpg connection under `tx`, inside `tx`'s database transaction.
+
+    SQLAlchemy begins lazily, at its first statement: until then the raw connection is
+    outside any transaction and a COPY on it would commit on its own."""
+    raw = await tx.conn.get_raw_connection()
+    driver: Any = raw.driver_connection
+    if not driver.is_in_transaction():
+        await tx.conn.execute(_BEGIN)
+    return driver
+
+
+async def insert_accepted_messages(tx: Transaction, rows: list[dict[str, Any]]) -> None:
+    """Many messages, then their `accepted` events: a binary COPY each, on the connection
+    (and in the transaction) of `tx`, so they commit or roll back with the rest.
+
+    Measured against the alternatives: a statement per row (executemany) cost Postgres
+    twice the CPU; one `INSERT ... SELECT FROM unnest(...)` of arrays cost it as much as
+    COPY but held each batch longer."""
+    driver = await _driver_connection(tx)
+    columns = tuple(rows[0])
+    json_at = [index for index, name in enumerate(columns) if name in _JSON_COLUMNS]
+    # Rows that follow the batch share their content and cascade: encoded once each.
+    encoded: dict[int, str] = {}
+    records = []
+    for row in rows:
+        values = [row[name] for name in columns]
+        for index in json_at:
+            value = values[index]
+            json_text = encoded.get(id(value))
+            if json_text is None:
+                json_text = encoded[id(value)] = _json(value)
+            values[index] = json_text
+        records.append(values)
+    await driver.copy_records_to_table(messages.name, records=records, columns=columns)
+    accepted = MessageStatus.ACCEPTED.value
+    await driver.copy_records_to_table(
+        events.name,
+        records=[
+            (row["id"], row["category"], row["tenant_id"], 1, accepted, "api", row["created_at"])
             for row in rows
         ],
+        columns=_EVENT_COLUMNS,
     )
 
 
@@ -252,6 +292,59 @@ def _accepted(row: Mapping[str, Any]) -> AcceptedMessage:
     )
 
 
+def _follows_batch(item: BatchMessageIn) -> bool:
+    """Nothing of its own but `to` and metadata: the batch's content, cascade and schedule."""
+    return (
+        item.content is None
+        and not item.data
+        and item.locale is None
+        and item.cascade is None
+        and item.send_at is None
+        and item.expires_at is None
+        and item.idempotency_key is None
+    )
+
+
+class _SharedRow:
+    """The row of the first accepted item that follows the batch, reused for the others.
+
+    `prepare_message` would give each of them the same content, cascade and schedule: they
+    differ in `to` and metadata alone. What depends on `to` is whether every step has an
+    address; an item lacking one takes the full path, for its exact errors. A 1000-message
+    batch thus renders, resolves and validates its defaults once, not 1000 times.
+    """
+
+    def __init__(self, batch: SendBatchRequest, registry: ProviderRegistry) -> None:
+        self._batch = batch
+        self._registry = registry
+        self._row: dict[str, Any] | None = None
+        self._providers: list[Provider] = []
+
+    def learn(self, row: dict[str, Any]) -> None:
+        if self._row is not None:
+            return
+        # The lookups `resolve_cascade` just made for this row, so they cannot fail.
+        self._providers = [
+            self._registry.get(step.channel, step.provider, self._batch.category)
+            for step in self._batch.cascade or ()
+        ]
+        self._row = row
+
+    def row_for(self, item: BatchMessageIn) -> dict[str, Any] | None:
+        if self._row is None:
+            return None
+        recipient = item.to.model_dump(exclude_none=True)
+        to = Recipient.from_mapping(recipient)
+        if any(provider.address(to) is None for provider in self._providers):
+            return None
+        return {
+            **self._row,
+            "id": new_id(),
+            "recipient": recipient,
+            "metadata": item.metadata if item.metadata is not None else self._batch.metadata,
+        }
+
+
 async def accept_batch(
     tx: Transaction,
     tenant_id: uuid.UUID,
@@ -262,13 +355,14 @@ async def accept_batch(
     settings: Settings,
     at: datetime,
 ) -> BatchAcceptance:
-    fingerprint = body_fingerprint(raw_body)
     if idempotency_key is not None:
+        fingerprint = body_fingerprint(raw_body)
         replay = await _claim_batch_key(tx, tenant_id, idempotency_key, fingerprint, at)
         if replay is not None:
             return replay
 
     lookup = TemplateLookup(tx.conn, tenant_id, settings)
+    shared = _SharedRow(batch, registry)
     results: dict[int, BatchItemResult] = {}
     rows: dict[int, dict[str, Any]] = {}
     keyed: list[tuple[int, str, bytes, dict[str, Any]]] = []
@@ -276,40 +370,47 @@ async def accept_batch(
         if isinstance(item, InvalidBatchItem):
             results[index] = BatchItemResult(index=index, problem=_invalid(index, item.errors))
             continue
-        try:
-            request = SendMessageRequest.model_validate(merged_request(batch, item))
-            row = await prepare_message(tenant_id, request, registry, settings, lookup, at)
-        except ValidationError as exc:
-            errors = [
-                FieldError(
-                    path=".".join(str(part) for part in err["loc"]),
-                    message=err["msg"],
-                    type=err["type"],
-                )
-                for err in exc.errors()
-            ]
-            results[index] = BatchItemResult(index=index, problem=_invalid(index, errors))
-            continue
-        except ProblemError as exc:
-            results[index] = BatchItemResult(index=index, problem=_problem(index, exc))
-            continue
+        follows_batch = _follows_batch(item)
+        row = shared.row_for(item) if follows_batch else None
+        if row is None:
+            try:
+                request = SendMessageRequest.model_validate(merged_request(batch, item))
+                row = await prepare_message(tenant_id, request, registry, settings, lookup, at)
+            except ValidationError as exc:
+                errors = [
+                    FieldError(
+                        path=".".join(str(part) for part in err["loc"]),
+                        message=err["msg"],
+                        type=err["type"],
+                    )
+                    for err in exc.errors()
+                ]
+                results[index] = BatchItemResult(index=index, problem=_invalid(index, errors))
+                continue
+            except ProblemError as exc:
+                results[index] = BatchItemResult(index=index, problem=_problem(index, exc))
+                continue
+            if follows_batch:
+                shared.learn(row)
+            if item.idempotency_key is not None:
+                keyed.append((index, item.idempotency_key, request_fingerprint(request), row))
         rows[index] = row
-        if item.idempotency_key is not None:
-            keyed.append((index, item.idempotency_key, request_fingerprint(request), row))
 
     for index, result in (await _claim_item_keys(tx, tenant_id, keyed, at)).items():
         results[index] = result
         rows.pop(index, None)
 
+    notify = bool(rows) and await tenant_has_endpoints(tx, tenant_id)
     if rows:
-        await insert_accepted_messages(tx.conn, list(rows.values()))
+        await insert_accepted_messages(tx, list(rows.values()))
     for index, row in rows.items():
         results[index] = BatchItemResult(
             index=index, id=to_public("msg", row["id"]), status=row["status"]
         )
         for job in first_jobs(row):
             tx.enqueue_after_commit(job)
-        await notify_after_commit(tx, tenant_id, row["id"], row["category"])
+        if notify:
+            await notify_after_commit(tx, tenant_id, row["id"], row["category"])
 
     ordered = [results[index] for index in range(len(batch.messages))]
     accepted = sum(1 for result in ordered if result.id is not None)

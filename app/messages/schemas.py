@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from datetime import datetime
 from typing import Annotated, Any, Self
 
@@ -27,7 +28,11 @@ from app.templates.schemas import LocaleTag, TemplateName
 from providers.base import Category, Channel
 
 
+@functools.lru_cache(maxsize=16384)
 def _e164(value: str) -> str:
+    # Cached by the raw string: parsing is most of a batch item's validation, and a
+    # number that comes again (the same audience in the next campaign, a retried send)
+    # is not parsed again. Invalid numbers raise, so they are never cached.
     try:
         number = phonenumbers.parse(value, None)
     except phonenumbers.NumberParseException as exc:
@@ -81,7 +86,12 @@ class ContentIn(Strict):
     template: TemplateName | None = Field(
         default=None, description="A template's name: rendered with `data` at accept time"
     )
-    data: dict[str, Any] = Field(default={}, description="The template's variables")
+    data: dict[str, Any] = Field(
+        default_factory=dict,
+        description="The template's variables",
+        # A factory, not `default={}`, which pydantic deep-copies per model.
+        json_schema_extra={"default": {}},
+    )
     locale: LocaleTag | None = Field(
         default=None,
         description="Template locale; falls back `pl-PL` → `pl` → the tenant's → `en`",
@@ -199,7 +209,11 @@ class BatchMessageIn(Strict):
     """One recipient of a batch: `to` and `data`, plus anything it overrides."""
 
     to: RecipientIn
-    data: dict[str, Any] = Field(default={}, description="Merged over the batch's `content.data`")
+    data: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Merged over the batch's `content.data`",
+        json_schema_extra={"default": {}},  # see ContentIn.data
+    )
     locale: LocaleTag | None = Field(default=None, description="Overrides `content.locale`")
     content: ContentIn | None = Field(default=None, description="Replaces the batch's content")
     cascade: Annotated[list[CascadeStepIn], Field(min_length=1, max_length=8)] | None = None

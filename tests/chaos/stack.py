@@ -154,7 +154,9 @@ class EnqueueTrap:
     """A unix-socket proxy in front of Redis. Armed, it calls `on_enqueue` (which kills the
     API) the moment a message job's key crosses it, before forwarding a byte of it."""
 
-    MARKER = b"arq:job:msg:"
+    # A message job's id (`msg:msg_…:step:k`), as it crosses in the enqueue script's
+    # packed argument.
+    MARKER = b"msg:msg_"
 
     def __init__(self, upstream: Path, listen: Path) -> None:
         self.upstream = upstream
