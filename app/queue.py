@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -43,6 +43,8 @@ class Job:
     # A queue of its own instead of the category's (webhooks: slow receivers never delay sends).
     queue: str | None = None
     defer_until: datetime | None = None
+    # Remove this job (queued, not yet run) instead of adding it: see `withdrawn`.
+    withdraw: bool = False
 
 
 def send_step_job(
@@ -91,6 +93,14 @@ def step_deadline_job(message_id: str, category: Category, step: int, defer: tim
     )
 
 
+def withdrawn(job: Job) -> Job:
+    """The same job, to be taken off its queue: a step that ended (delivered, failed) has
+    no use for its deadline check, which would otherwise run, lock the message and find
+    nothing to do, once per message, a step's timeout later. Best effort: one that runs
+    anyway changes nothing."""
+    return replace(job, withdraw=True, defer=None, defer_until=None, args=(), kwargs={})
+
+
 # arq's enqueue_job check-and-add, for each job in turn: skip one whose id is queued,
 # running or has a result. The jobs come as one argument (see `_JOB_HEADER`), not as
 # 7 arguments each: redis-py packs a command's arguments one by one in Python, which
@@ -108,7 +118,12 @@ while pos <= #jobs do
     local payload = string.sub(jobs, pos, pos + payload_len - 1)
     pos = pos + payload_len
     local job_key = job_prefix .. id
-    if redis.call('exists', job_key, result_prefix .. id) == 0 then
+    if payload_len == 0 then
+        -- a withdrawal (`withdrawn`): off the queue, if it is still waiting there
+        if redis.call('zrem', queue, id) == 1 then
+            redis.call('del', job_key)
+        end
+    elseif redis.call('exists', job_key, result_prefix .. id) == 0 then
         redis.call('psetex', job_key, expires, payload)
         redis.call('zadd', queue, score, id)
         added = added + 1
@@ -157,8 +172,11 @@ class JobQueue:
             log.warning("enqueue_script_failed", jobs=len(jobs), error=repr(exc))
             if len(jobs) == 1:
                 return
-        # One by one instead: arq's enqueue skips any the pipeline did add.
+        # One by one instead: arq's enqueue skips any the pipeline did add. Withdrawals
+        # are dropped: the jobs they would remove run and find nothing to do.
         for job in jobs:
+            if job.withdraw:
+                continue
             try:
                 async with asyncio.timeout(ENQUEUE_TIMEOUT_SECONDS):
                     await self.enqueue(job)
@@ -193,8 +211,12 @@ class JobQueue:
                 score = now_ms + round(job.defer.total_seconds() * 1000)
             else:
                 score = now_ms
-            payload = serialize_job(
-                job.function, job.args, job.kwargs, None, now_ms, serializer=serializer
+            payload = (
+                b""
+                if job.withdraw
+                else serialize_job(
+                    job.function, job.args, job.kwargs, None, now_ms, serializer=serializer
+                )
             )
             job_id = job.job_id.encode()
             queue = (job.queue or queue_name(job.category)).encode()

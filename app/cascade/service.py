@@ -38,7 +38,13 @@ from app.ledger.tables import attempts, messages
 from app.observability import bind_message
 from app.ops.stats.service import record_final_status, record_outcome
 from app.policy import service as policy
-from app.queue import cancel_provider_send_job, expire_message_job, send_step_job, step_deadline_job
+from app.queue import (
+    cancel_provider_send_job,
+    expire_message_job,
+    send_step_job,
+    step_deadline_job,
+    withdrawn,
+)
 from app.settings import Settings
 from app.templates.rendering import channel_content
 from app.webhooks.service import notify_after_commit
@@ -145,6 +151,12 @@ async def apply_signal(
     ):
         # Given up on: withdraw it at the provider if it can, so it never arrives late.
         _cancel_at_provider(tx, message, attempt)
+    if (
+        signal is not Signal.TIMEOUT
+        and attempt.status in OPEN_ATTEMPT
+        and decision.attempt_status not in OPEN_ATTEMPT
+    ):
+        _withdraw_deadline(tx, message, attempt.step)
     values = dict(attempt_values or {})
     if not decision.changes(view):
         if values:
@@ -189,6 +201,14 @@ async def apply_signal(
     )
     await record_outcome(tx.conn, message, attempt, decision, source=source, at=at)
     return True
+
+
+def _withdraw_deadline(tx: Transaction, message: MessageRow, step: int) -> None:
+    """The step ended before its timeout: its deadline job has nothing left to check."""
+    job = step_deadline_job(
+        to_public("msg", message.id), Category(message.category), step, timedelta(0)
+    )
+    tx.enqueue_after_commit(withdrawn(job))
 
 
 def _cancel_at_provider(tx: Transaction, message: MessageRow, attempt: AttemptRow) -> None:
@@ -250,6 +270,8 @@ async def stop_now(
     await record_final_status(tx.conn, message, decision.message_status, message.current_step, at)
     if attempt is not None and attempt.status in (AttemptStatus.SENDING, AttemptStatus.SENT):
         _cancel_at_provider(tx, message, attempt)
+    if attempt is not None and attempt.status in OPEN_ATTEMPT:
+        _withdraw_deadline(tx, message, attempt.step)
     return True
 
 

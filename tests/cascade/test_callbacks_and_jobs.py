@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
+from datetime import timedelta
 from typing import Any
 
 import httpx
 import orjson
+from arq.constants import job_key_prefix
 
 from app.cascade import jobs
 from app.cascade import service as cascade
@@ -15,6 +18,7 @@ from app.cascade.machine import MessageStatus
 from app.ids import to_public
 from app.messages.schemas import SendMessageRequest
 from app.messages.service import accept_message
+from app.queue import Job, queue_name, withdrawn
 from app.runtime import utcnow
 from providers.base import Category, Channel
 from providers.sandbox import SandboxProvider, sign
@@ -200,3 +204,52 @@ def test_public_ids_are_prefixed() -> None:
     import uuid
 
     assert to_public("msg", uuid.UUID(int=1)).startswith("msg_")
+
+
+async def test_a_step_that_ends_takes_its_deadline_job_off_the_queue(
+    service: Service, tenant: Tenant
+) -> None:
+    """Delivered before its timeout: no deadline check is left to run a step's timeout
+    later; a silent step keeps its own."""
+    delivered = await send(
+        tenant.client, message_body(to={"phone": "+48600100200"}, cascade=[{"channel": "sms"}])
+    )
+    silent = await _silent_sms(tenant)
+    assert (await wait_until_final(tenant.client, delivered))["status"] == "delivered"
+    redis = service.worker_runtime.redis
+    queued = {
+        member.decode() for member in await redis.zrange(queue_name(Category.TRANSACTIONAL), 0, -1)
+    }
+
+    assert f"msg:{delivered}:deadline:0" not in queued
+    assert not await redis.exists(f"{job_key_prefix}msg:{delivered}:deadline:0")
+    assert f"msg:{silent['id']}:deadline:0" in queued
+
+
+async def test_withdrawing_removes_a_queued_job_and_nothing_else(service: Service) -> None:
+    runtime = service.worker_runtime
+    name = f"test:withdraw:{uuid.uuid4().hex}"
+    waiting = Job(
+        "f", Category.TRANSACTIONAL, uuid.uuid4().hex, defer=timedelta(hours=1), queue=name
+    )
+    running = Job("f", Category.TRANSACTIONAL, uuid.uuid4().hex, queue=name)
+    await runtime.queue.enqueue_many([waiting])
+    # Picked by a worker already: off the queue, its key still there until it finishes.
+    await runtime.redis.set(f"{job_key_prefix}{running.job_id}", b"payload")
+    try:
+        await runtime.queue.enqueue_many([withdrawn(waiting), withdrawn(running)])
+        queued = await runtime.redis.zrange(name, 0, -1)
+        keys = [
+            await runtime.redis.exists(f"{job_key_prefix}{job.job_id}")
+            for job in (waiting, running)
+        ]
+        # Withdrawn, it may be added again (a deterministic id is not burnt).
+        again = await runtime.queue.enqueue_many([waiting])
+    finally:
+        await runtime.redis.delete(
+            name, *(f"{job_key_prefix}{job.job_id}" for job in (waiting, running))
+        )
+
+    assert queued == []
+    assert keys == [0, 1]
+    assert again == 1
