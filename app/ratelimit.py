@@ -8,21 +8,23 @@ from __future__ import annotations
 
 from arq.connections import ArqRedis
 
-# Returns 0 (allowed, the slot is taken) or the milliseconds until the next slot frees.
-_GCRA = """
-local now_parts = redis.call('TIME')
-local now = tonumber(now_parts[1]) * 1000 + math.floor(tonumber(now_parts[2]) / 1000)
-local interval = tonumber(ARGV[1])
-local burst = tonumber(ARGV[2])
-local tat = tonumber(redis.call('GET', KEYS[1]) or now)
-local new_tat = math.max(tat, now) + interval
-local allow_at = new_tat - interval * burst
-if now < allow_at then
-  return math.ceil(allow_at - now)
+# `gcra(key, interval_ms, burst)`: 0 (allowed, the slot is taken) or the milliseconds until
+# the next slot frees. A function, so scripts that check more in the same call reuse it.
+GCRA_LUA = """
+local function gcra(key, interval, burst)
+  local now_parts = redis.call('TIME')
+  local now = tonumber(now_parts[1]) * 1000 + math.floor(tonumber(now_parts[2]) / 1000)
+  local tat = tonumber(redis.call('GET', key) or now)
+  local new_tat = math.max(tat, now) + interval
+  local allow_at = new_tat - interval * burst
+  if now < allow_at then
+    return math.ceil(allow_at - now)
+  end
+  redis.call('SET', key, new_tat, 'PX', math.ceil(new_tat - now) + 1000)
+  return 0
 end
-redis.call('SET', KEYS[1], new_tat, 'PX', math.ceil(new_tat - now) + 1000)
-return 0
 """
+_GCRA = GCRA_LUA + "return gcra(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]))"
 
 
 class Gcra:

@@ -60,17 +60,16 @@ MAX_INLINE_RATE_WAIT = 1.0
 
 async def _send_guarded(rt: Runtime, plan: service.SendPlan) -> SendResult | TransientProviderError:
     account = rt.providers.account(plan.provider.name)
-    guards = SendGuards(rt.redis)
+    guards = _guards(rt)
     try:
         async with asyncio.timeout(GUARDS_TIMEOUT_SECONDS):
-            circuit_open = await guards.circuit_open(account)
-        if circuit_open:
+            admission = await guards.admit(account)
+        if admission.circuit_open:
             return Rejected(
                 "circuit_open",
                 f"{account.name} is failing with transient errors; skipped for now",
             )
-        async with asyncio.timeout(GUARDS_TIMEOUT_SECONDS):
-            wait = await guards.wait_for_rate(account)
+        wait = admission.wait
         while 0 < wait <= MAX_INLINE_RATE_WAIT:
             await asyncio.sleep(wait)
             async with asyncio.timeout(GUARDS_TIMEOUT_SECONDS):
@@ -96,8 +95,22 @@ async def _send_guarded(rt: Runtime, plan: service.SendPlan) -> SendResult | Tra
         # An adapter that failed in an unclassified way: treat as transient, retry in window.
         log.warning("provider_send_error", error=repr(exc))
         return TransientProviderError("provider_error", repr(exc)[:200])
-    await _record(guards.record_success(account))
+    if admission.failures:
+        # Failures were counted: this success resets them (none counted, nothing to reset:
+        # a Redis round trip saved on nearly every send).
+        await _record(guards.record_success(account))
     return result
+
+
+_GUARDS: dict[int, SendGuards] = {}
+
+
+def _guards(rt: Runtime) -> SendGuards:
+    """One per Redis client (its scripts registered once), not one per send."""
+    guards = _GUARDS.get(id(rt.redis))
+    if guards is None or guards.redis is not rt.redis:
+        guards = _GUARDS[id(rt.redis)] = SendGuards(rt.redis)
+    return guards
 
 
 async def _record(bookkeeping: Awaitable[T]) -> T | None:

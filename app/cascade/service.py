@@ -36,7 +36,7 @@ from app.ledger import repository as ledger
 from app.ledger.repository import AttemptRow, MessageRow, NewEvent
 from app.ledger.tables import attempts, messages
 from app.observability import bind_message
-from app.ops.stats.service import record_final_status, record_outcome
+from app.ops.stats.service import Rollup, final_status_rollup, observe_outcome
 from app.policy import service as policy
 from app.queue import (
     cancel_provider_send_job,
@@ -102,10 +102,11 @@ async def record_events(
     attempt: AttemptRow | None = None,
     attempt_values: dict[str, Any] | None = None,
     new_attempt: dict[str, Any] | None = None,
+    rollup: Rollup | None = None,
     **values: Any,
 ) -> None:
-    """Write the change (attempt, events, message and its `seq`) in one statement, and
-    tell webhooks after commit."""
+    """Write the change (attempt, events, message and its `seq`, the stats rollup of a
+    final status) in one statement, and tell webhooks after commit."""
     await ledger.write_transition(
         tx.conn,
         message,
@@ -115,7 +116,10 @@ async def record_events(
         attempt=attempt,
         attempt_values=attempt_values,
         new_attempt=new_attempt,
+        also=(rollup.statement, rollup.params) if rollup is not None else None,
     )
+    if rollup is not None:
+        rollup.counted()
     if new:
         await notify_after_commit(tx, message.tenant_id, message.id, message.category)
 
@@ -196,10 +200,17 @@ async def apply_signal(
         if decision.message_status in FINAL_MESSAGE:
             message_values["completed_at"] = at
             new_events.append(NewEvent(status=decision.message_status.value, source=source))
+    rollup = observe_outcome(message, attempt, decision, source=source, at=at)
     await record_events(
-        tx, message, new_events, at, attempt=attempt, attempt_values=values, **message_values
+        tx,
+        message,
+        new_events,
+        at,
+        attempt=attempt,
+        attempt_values=values,
+        rollup=rollup,
+        **message_values,
     )
-    await record_outcome(tx.conn, message, attempt, decision, source=source, at=at)
     return True
 
 
@@ -264,10 +275,10 @@ async def stop_now(
         at,
         attempt=attempt,
         attempt_values=attempt_values,
+        rollup=final_status_rollup(message, decision.message_status, message.current_step, at),
         status=decision.message_status.value,
         completed_at=at,
     )
-    await record_final_status(tx.conn, message, decision.message_status, message.current_step, at)
     if attempt is not None and attempt.status in (AttemptStatus.SENDING, AttemptStatus.SENT):
         _cancel_at_provider(tx, message, attempt)
     if attempt is not None and attempt.status in OPEN_ATTEMPT:

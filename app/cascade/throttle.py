@@ -10,9 +10,11 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from arq.connections import ArqRedis
 
-from app.ratelimit import Gcra
+from app.ratelimit import GCRA_LUA, Gcra
 from providers.accounts import ProviderAccount
 
 # Failures counted in a window that starts at the first one; at the threshold the circuit
@@ -31,11 +33,56 @@ return 0
 """
 
 
+# Before a send, one call: is the circuit open, else take a rate slot (when the account
+# has a rate), and how many failures are counted (a success need reset nothing when none).
+_ADMIT = (
+    GCRA_LUA
+    + """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return {1, 0, 0}
+end
+local failures = tonumber(redis.call('GET', KEYS[2]) or '0')
+local wait = 0
+if ARGV[1] ~= '' then
+  wait = gcra(KEYS[3], tonumber(ARGV[1]), tonumber(ARGV[2]))
+end
+return {0, wait, failures}
+"""
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    circuit_open: bool
+    # Seconds until the rate allows a send (0: the slot is taken, send now).
+    wait: float
+    # Provider failures counted in the breaker's window when admitted.
+    failures: int
+
+
 class SendGuards:
     def __init__(self, redis: ArqRedis) -> None:
         self._redis = redis
         self._gcra = Gcra(redis)
         self._trip = redis.register_script(_TRIP)
+        self._admit = redis.register_script(_ADMIT)
+
+    @property
+    def redis(self) -> ArqRedis:
+        return self._redis
+
+    async def admit(self, account: ProviderAccount) -> Admission:
+        """`circuit_open`, then `wait_for_rate`, in one round trip."""
+        rate = account.rate_per_second
+        circuit_open, wait_ms, failures = await self._admit(
+            keys=[
+                f"cascade:circuit:{account.name}:open",
+                f"cascade:circuit:{account.name}:failures",
+                f"cascade:rate:{account.name}",
+            ],
+            args=["", 0] if rate is None else [1000.0 / rate, max(1, account.burst)],
+        )
+        return Admission(bool(circuit_open), float(wait_ms) / 1000.0, int(failures))
 
     async def wait_for_rate(self, account: ProviderAccount) -> float:
         """Seconds until this account may send again (0: send now, the slot is taken)."""

@@ -355,6 +355,7 @@ def _transition(
     message_columns: tuple[str, ...],
     attempt_columns: tuple[str, ...] | None,
     new_attempt_columns: tuple[str, ...] | None,
+    also: Insert | None,
 ) -> Update:
     """One statement for one change: the attempt (inserted or updated), the events and
     the message, as data-modifying CTEs of the message's UPDATE. Built once per shape."""
@@ -385,6 +386,8 @@ def _transition(
             .on_conflict_do_nothing(index_elements=["dedupe_key"])
             .cte("new_events")
         )
+    if also is not None:
+        ctes.append(also.cte("also"))
     statement = _update_message(message_columns)
     return statement.add_cte(*ctes) if ctes else statement
 
@@ -399,9 +402,11 @@ async def write_transition(
     attempt: AttemptRow | None = None,
     attempt_values: dict[str, Any] | None = None,
     new_attempt: dict[str, Any] | None = None,
+    also: tuple[Insert, dict[str, Any]] | None = None,
 ) -> None:
     """Write one state change in one round trip: insert or update the attempt, append
-    `new_events` after the message's last sequence number, and update the message.
+    `new_events` after the message's last sequence number, update the message, and run
+    `also` (a statement built once, with its parameters; the stats rollup) with them.
 
     Callers hold the message lock, so sequence numbers are gap-free. An event whose
     `dedupe_key` exists is skipped (callers check `event_seen` under the lock first, so
@@ -436,8 +441,14 @@ async def write_transition(
                 f"e{i}_at": at,
             }
         )
+    if also is not None:
+        params.update(also[1])
     statement = _transition(
-        len(new_events), tuple(sorted(values)), attempt_columns, new_attempt_columns
+        len(new_events),
+        tuple(sorted(values)),
+        attempt_columns,
+        new_attempt_columns,
+        also[0] if also is not None else None,
     )
     await conn.execute(statement, params)
 

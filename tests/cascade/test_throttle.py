@@ -85,3 +85,30 @@ async def test_a_rate_limited_send_waits_and_shows_why(tenant: Tenant) -> None:
     assert [m["status"] for m in messages] == ["delivered", "delivered"]
     errors = [m["attempts"][0]["error"] for m in messages]
     assert {"code": "rate_limited", "detail": "sandbox-slow allows 0.5/s"} in errors
+
+
+async def test_admit_checks_the_circuit_takes_a_rate_slot_and_counts_failures(
+    service: Service,
+) -> None:
+    guards = SendGuards(service.worker_runtime.redis)
+    account = _account(rate_per_second=1, burst=2, breaker_threshold=3)
+
+    first = await guards.admit(account)
+    await guards.record_provider_failure(account)
+    second = await guards.admit(account)
+    limited = await guards.admit(account)
+    await guards.record_provider_failure(account)
+    await guards.record_provider_failure(account)
+    tripped = await guards.admit(account)
+
+    assert (first.circuit_open, first.wait, first.failures) == (False, 0.0, 0)
+    assert (second.circuit_open, second.wait, second.failures) == (False, 0.0, 1)
+    assert not limited.circuit_open and 0.0 < limited.wait <= 1.0
+    assert tripped.circuit_open
+
+
+async def test_admit_without_a_rate_never_waits(service: Service) -> None:
+    guards = SendGuards(service.worker_runtime.redis)
+    account = _account()
+    admissions = [await guards.admit(account) for _ in range(20)]
+    assert {(a.circuit_open, a.wait, a.failures) for a in admissions} == {(False, 0.0, 0)}

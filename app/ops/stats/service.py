@@ -1,7 +1,8 @@
 """Delivery stats from rollups: bumped once per message when it reaches a final status.
 
-The write is one multi-row upsert (minute, hour and day rows) inside the transaction that
-finalises the message, so the rollups never disagree with the ledger. Reads add up the
+The write is one upsert of the minute, hour and day rows, part of the very statement that
+finalises the message (`ledger.write_transition`), so the rollups never disagree with the
+ledger. Reads add up the
 rows of one resolution over a range; they never scan `messages`.
 """
 
@@ -57,18 +58,30 @@ def truncate(at: datetime, bucket: Bucket) -> datetime:
     return at.replace(hour=0, minute=0, second=0, microsecond=0)
 
 
-async def record_final_status(
-    conn: AsyncConnection,
+@dataclass(frozen=True, slots=True)
+class Rollup:
+    """The rollup upsert for one message reaching a final status, written by the statement
+    that finalises the message (`ledger.write_transition`)."""
+
+    statement: Insert
+    params: dict[str, Any]
+    category: str
+    channel: str
+    status: str
+
+    def counted(self) -> None:
+        observability.count_message_finished(self.category, self.channel, self.status)
+
+
+def final_status_rollup(
     message: MessageRow,
     status: MessageStatus,
     step: int,
     at: datetime,
     cost: Decimal | None = None,
-) -> None:
-    """Count a message that just reached final `status` on cascade step `step`.
-
-    Call it exactly once per message, in the transaction that sets the final status.
-    """
+) -> Rollup:
+    """Count a message that just reached final `status` on cascade step `step`: write it
+    exactly once per message, in the transaction that sets the final status."""
     latency_ms = (
         max(0, int((at - message.created_at).total_seconds() * 1000))
         if status is MessageStatus.DELIVERED
@@ -90,8 +103,7 @@ async def record_final_status(
     params = {f"{name}_{i}": value for name, value in row.items() for i in range(len(Bucket))}
     for i, b in enumerate(Bucket):
         params[f"resolution_{i}"], params[f"bucket_{i}"] = b.value, truncate(at, b)
-    await conn.execute(_bump_rollups(tuple(row)), params)
-    observability.count_message_finished(message.category, channel, status.value)
+    return Rollup(_bump_rollups(tuple(row)), params, message.category, channel, status.value)
 
 
 @functools.cache
@@ -125,16 +137,16 @@ def _bump_rollups(columns: tuple[str, ...]) -> Insert:
     )
 
 
-async def record_outcome(
-    conn: AsyncConnection,
+def observe_outcome(
     message: MessageRow,
     attempt: AttemptRow,
     decision: Decision,
     *,
     source: str,
     at: datetime,
-) -> None:
-    """Metrics, log context and the rollup for one signal the cascade just applied."""
+) -> Rollup | None:
+    """Metrics and log context for one signal the cascade just applied, and the rollup to
+    write with it when it finalises the message."""
     observability.bind_message(message.id, message.tenant_id, message.category, attempt.id)
     if decision.attempt_status != attempt.status:
         observability.observe_attempt(
@@ -150,7 +162,8 @@ async def record_outcome(
         )
     if decision.message_status != message.status and decision.message_status in FINAL_MESSAGE:
         step = attempt.step if decision.delivered_step is None else decision.delivered_step
-        await record_final_status(conn, message, decision.message_status, step, at)
+        return final_status_rollup(message, decision.message_status, step, at)
+    return None
 
 
 @dataclass
