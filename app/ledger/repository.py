@@ -149,12 +149,6 @@ _EVENT_COLUMNS = (
     "dedupe_key",
     "at",
 )
-_APPEND_EVENT = (
-    pg_insert(events)
-    .values({name: bindparam(f"v_{name}", type_=events.c[name].type) for name in _EVENT_COLUMNS})
-    .on_conflict_do_nothing(index_elements=["dedupe_key"])
-    .returning(events.c.id)
-)
 
 
 @functools.cache
@@ -205,16 +199,6 @@ async def lock_message(conn: AsyncConnection, message_id: uuid.UUID) -> MessageR
     """Serialises every change to one message: jobs and callbacks take this lock first."""
     row = (await conn.execute(_LOCK_MESSAGE, {"message_id": message_id})).first()
     return _message(row) if row else None
-
-
-async def update_message(
-    conn: AsyncConnection, message: MessageRow, at: datetime, **values: Any
-) -> None:
-    values["updated_at"] = at
-    await conn.execute(
-        _update_message(tuple(sorted(values))),
-        {"w_id": message.id, "w_category": message.category, **_bound(values)},
-    )
 
 
 async def get_attempt(conn: AsyncConnection, message_id: uuid.UUID, step: int) -> AttemptRow | None:
@@ -319,34 +303,6 @@ async def update_attempt(
     await conn.execute(
         _update_attempt(tuple(sorted(values))), {"w_id": attempt.id, **_bound(values)}
     )
-
-
-async def append_events(
-    conn: AsyncConnection, message: MessageRow, new: list[NewEvent], at: datetime
-) -> int:
-    """Append events after the message's last sequence number; returns how many were new.
-
-    Callers hold the message lock, so sequence numbers are gap-free per message; an event
-    whose `dedupe_key` was seen before is skipped.
-    """
-    added = 0
-    for event in new:
-        values = {
-            "message_id": message.id,
-            "category": message.category,
-            "tenant_id": message.tenant_id,
-            "seq": message.seq + added + 1,
-            "attempt_id": event.attempt_id,
-            "step": event.step,
-            "status": event.status,
-            "source": event.source,
-            "detail": event.detail,
-            "dedupe_key": event.dedupe_key,
-            "at": at,
-        }
-        if (await conn.execute(_APPEND_EVENT, _bound(values))).first() is not None:
-            added += 1
-    return added
 
 
 @functools.cache
