@@ -7,11 +7,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import cached_property
 
 import httpx
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.cascade.throttle import SendGuards
 from app.db import Transaction, create_engine, transaction
 from app.queue import JobQueue
 from app.settings import Settings
@@ -91,6 +93,11 @@ class Runtime:
     queue: JobQueue
     providers: ProviderRegistry
     http: httpx.AsyncClient
+
+    @cached_property
+    def send_guards(self) -> SendGuards:
+        """Per-account rate limits and breakers (their Redis scripts registered once)."""
+        return SendGuards(self.redis)
 
     @classmethod
     async def start(cls, settings: Settings) -> Runtime:

@@ -10,7 +10,6 @@ import structlog
 from redis.exceptions import RedisError
 
 from app.cascade import service
-from app.cascade.throttle import SendGuards
 from app.ids import from_public
 from app.runtime import Runtime, utcnow
 from providers.base import (
@@ -60,7 +59,7 @@ MAX_INLINE_RATE_WAIT = 1.0
 
 async def _send_guarded(rt: Runtime, plan: service.SendPlan) -> SendResult | TransientProviderError:
     account = rt.providers.account(plan.provider.name)
-    guards = _guards(rt)
+    guards = rt.send_guards
     try:
         async with asyncio.timeout(GUARDS_TIMEOUT_SECONDS):
             admission = await guards.admit(account)
@@ -100,17 +99,6 @@ async def _send_guarded(rt: Runtime, plan: service.SendPlan) -> SendResult | Tra
         # a Redis round trip saved on nearly every send).
         await _record(guards.record_success(account))
     return result
-
-
-_GUARDS: dict[int, SendGuards] = {}
-
-
-def _guards(rt: Runtime) -> SendGuards:
-    """One per Redis client (its scripts registered once), not one per send."""
-    guards = _GUARDS.get(id(rt.redis))
-    if guards is None or guards.redis is not rt.redis:
-        guards = _GUARDS[id(rt.redis)] = SendGuards(rt.redis)
-    return guards
 
 
 async def _record(bookkeeping: Awaitable[T]) -> T | None:
