@@ -14,6 +14,7 @@ from app.runtime import Runtime, utcnow
 from providers.base import (
     InvalidSignature,
     MalformedCallback,
+    Provider,
     ProviderCallback,
     SubscriptionHandshake,
 )
@@ -32,10 +33,7 @@ router = APIRouter(prefix="/v1/providers", tags=["providers"], responses=PROBLEM
 async def provider_handshake(
     provider: str, request: Request, runtime: Runtime = Depends(get_runtime)
 ) -> PlainTextResponse:
-    try:
-        adapter = runtime.providers.for_callbacks(provider)
-    except UnknownProvider:
-        raise NotFound(f"no provider {provider!r}") from None
+    adapter = callback_adapter(runtime, provider)
     challenge = (
         adapter.verify_subscription(dict(request.query_params))
         if isinstance(adapter, SubscriptionHandshake)
@@ -44,6 +42,27 @@ async def provider_handshake(
     if challenge is None:
         raise Forbidden("verification token rejected")
     return PlainTextResponse(challenge)
+
+
+def callback_adapter(runtime: Runtime, provider: str) -> Provider:
+    """The adapter that verifies and parses `provider`'s callbacks; 404 when unknown."""
+    try:
+        return runtime.providers.for_callbacks(provider)
+    except UnknownProvider:
+        raise NotFound(f"no provider {provider!r}") from None
+
+
+async def provider_callback(runtime: Runtime, request: Request) -> ProviderCallback:
+    """The request as an adapter verifies it."""
+    query = f"?{request.url.query}" if request.url.query else ""
+    return ProviderCallback(
+        method=request.method,
+        # Signatures cover the URL the provider called: our public URL, not the socket's.
+        url=f"{runtime.settings.callback_base}{request.url.path}{query}",
+        headers=dict(request.headers),
+        body=await request.body(),
+        query=dict(request.query_params),
+    )
 
 
 class CallbackReceipt(BaseModel):
@@ -58,21 +77,9 @@ class CallbackReceipt(BaseModel):
 async def provider_status(
     provider: str, request: Request, runtime: Runtime = Depends(get_runtime)
 ) -> CallbackReceipt:
+    adapter = callback_adapter(runtime, provider)
     try:
-        adapter = runtime.providers.for_callbacks(provider)
-    except UnknownProvider:
-        raise NotFound(f"no provider {provider!r}") from None
-    query = f"?{request.url.query}" if request.url.query else ""
-    callback = ProviderCallback(
-        method=request.method,
-        # Signatures cover the URL the provider called: our public URL, not the socket's.
-        url=f"{runtime.settings.callback_base}{request.url.path}{query}",
-        headers=dict(request.headers),
-        body=await request.body(),
-        query=dict(request.query_params),
-    )
-    try:
-        updates = await adapter.parse_status(callback)
+        updates = await adapter.parse_status(await provider_callback(runtime, request))
     except InvalidSignature as exc:
         log.warning("provider_callback_refused", provider=provider, error=repr(exc))
         raise Unauthorized(f"provider signature rejected: {exc}") from None

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 
 from app.auth.dependencies import get_runtime, require
 from app.auth.service import Principal, Scope
+from app.cascade.endpoints import callback_adapter, provider_callback
 from app.errors import (
     PROBLEM_RESPONSES,
     FieldError,
@@ -36,9 +37,7 @@ from providers.base import (
     InboundReceiver,
     InvalidSignature,
     MalformedCallback,
-    ProviderCallback,
 )
-from providers.registry import UnknownProvider
 
 router = APIRouter(tags=["policy"], responses=PROBLEM_RESPONSES)
 
@@ -174,22 +173,11 @@ async def unsubscribe(token: str, runtime: Runtime = Depends(get_runtime)) -> Un
 async def provider_inbound(
     provider: str, request: Request, runtime: Runtime = Depends(get_runtime)
 ) -> InboundReceipt:
-    try:
-        adapter = runtime.providers.for_callbacks(provider)
-    except UnknownProvider:
-        raise NotFound(f"no provider {provider!r}") from None
+    adapter = callback_adapter(runtime, provider)
     if not isinstance(adapter, InboundReceiver):
         raise NotFound(f"provider {provider!r} takes no inbound messages")
-    query = f"?{request.url.query}" if request.url.query else ""
-    callback = ProviderCallback(
-        method=request.method,
-        url=f"{runtime.settings.callback_base}{request.url.path}{query}",
-        headers=dict(request.headers),
-        body=await request.body(),
-        query=dict(request.query_params),
-    )
     try:
-        inbound = await adapter.parse_inbound(callback)
+        inbound = await adapter.parse_inbound(await provider_callback(runtime, request))
     except InvalidSignature as exc:
         raise Unauthorized(f"provider signature rejected: {exc}") from None
     except MalformedCallback as exc:
