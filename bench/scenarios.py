@@ -706,65 +706,48 @@ async def scale(
                 "baseline: the empty-ledger figure (benchmark 1)",
             )
         )
-        lookups = await open_loop(
-            client.port,
-            lambda i: client.get(f"/v1/messages/{sample[i % len(sample)]}"),
-            rate=LOOKUP_RATE,
-            count=10**6,
-            seconds=seconds,
-            connections=16,
+        by_id = await _lookup_p99(
+            client,
+            lambda i: f"/v1/messages/{sample[i % len(sample)]}",
+            "GET /v1/messages/{id}",
+            f", {rows / 1e6:.1f} M rows",
+            seconds,
         )
-        check(lookups, "scale: lookups")
-        log(
-            f"GET /v1/messages/{{id}} at {LOOKUP_RATE}/s: p50 {ms(lookups.percentile(50)):.1f} ms,"
-            f" p99 {ms(lookups.percentile(99)):.1f} ms"
+        listed = await _lookup_p99(
+            client,
+            lambda _: "/v1/messages?limit=50&status=failed&category=transactional",
+            "GET /v1/messages?limit=50&status=failed&category=transactional",
+            "",
+            seconds,
         )
-        figures.append(
-            Figure(
-                f"GET /v1/messages/{{id}} p99 at {LOOKUP_RATE}/s, {rows / 1e6:.1f} M rows",
-                ms(lookups.percentile(99)),
-                "ms",
-                None,
-                "< 20 ms",
-                ms(lookups.percentile(99)) < 20,
-                f"p50 {ms(lookups.percentile(50)):.1f} ms",
-            )
-        )
-        paths = await client.spec_paths()
-        listing = paths.get("/v1/messages", {}).get("get")
-        if listing is None:
-            figures.append(
-                Figure("GET /v1/messages (filtered list) p99", math.nan, "ms", note="pending")
-            )
-        else:
-            names = {p["name"] for p in listing.get("parameters", [])}
-            query = "?limit=50" if "limit" in names else "?"
-            if "status" in names:
-                query += "&status=failed"
-            if "category" in names:
-                query += "&category=transactional"
-            lists = await open_loop(
-                client.port,
-                lambda _: client.get(f"/v1/messages{query}"),
-                rate=LOOKUP_RATE,
-                count=10**6,
-                seconds=seconds,
-                connections=16,
-            )
-            check(lists, "scale: list")
-            log(f"GET /v1/messages{query}: p99 {ms(lists.percentile(99)):.1f} ms")
-            figures.append(
-                Figure(
-                    f"GET /v1/messages{query} p99 at {LOOKUP_RATE}/s",
-                    ms(lists.percentile(99)),
-                    "ms",
-                    None,
-                    "< 20 ms",
-                    ms(lists.percentile(99)) < 20,
-                    f"p50 {ms(lists.percentile(50)):.1f} ms",
-                )
-            )
+        figures += [by_id, listed]
     return figures
+
+
+async def _lookup_p99(
+    client: Client, path: Callable[[int], str], label: str, suffix: str, seconds: float
+) -> Figure:
+    """`GET path(i)` at LOOKUP_RATE for `seconds`: its p99 against the 20 ms target."""
+    run = await open_loop(
+        client.port,
+        lambda i: client.get(path(i)),
+        rate=LOOKUP_RATE,
+        count=10**6,
+        seconds=seconds,
+        connections=16,
+    )
+    check(run, f"scale: {label}")
+    p50, p99 = ms(run.percentile(50)), ms(run.percentile(99))
+    log(f"{label} at {LOOKUP_RATE}/s: p50 {p50:.1f} ms, p99 {p99:.1f} ms")
+    return Figure(
+        f"{label} p99 at {LOOKUP_RATE}/s{suffix}",
+        p99,
+        "ms",
+        None,
+        "< 20 ms",
+        p99 < 20,
+        f"p50 {p50:.1f} ms",
+    )
 
 
 Scenario = Callable[[], Awaitable[list[Figure]]]
