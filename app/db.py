@@ -8,10 +8,10 @@ the transaction are enqueued only after it commits and dropped if it rolls back.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from sqlalchemy import event
@@ -19,6 +19,9 @@ from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from app.queue import Job, JobQueue
+
+if TYPE_CHECKING:
+    from app.ledger.repository import Change
 
 
 def async_url(url: str) -> str:
@@ -72,9 +75,28 @@ def _ping_idle_connections(engine: AsyncEngine) -> None:
 class Transaction:
     conn: AsyncConnection
     jobs: list[Job] = field(default_factory=list)
+    # Categories whose delivery engines to wake after commit (new work is due now).
+    wakes: set[str] = field(default_factory=set)
+    # Run after commit (metrics that must count only what was committed).
+    committed: list[Callable[[], None]] = field(default_factory=list)
+    # Inside a delivery-engine batch: the messages' changes, written together (see
+    # `app.cascade.service.write`); None writes each change at once.
+    changes: list[Change] | None = None
 
     def enqueue_after_commit(self, job: Job) -> None:
         self.jobs.append(job)
+
+    def wake_after_commit(self, category: str) -> None:
+        self.wakes.add(category)
+
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        self.committed.append(callback)
+
+    async def finish(self, queue: JobQueue) -> None:
+        """What waited for the commit: the jobs and wake-ups (one Redis call), callbacks."""
+        for callback in self.committed:
+            callback()
+        await queue.enqueue_all(self.jobs, wake=sorted(self.wakes))
 
 
 @asynccontextmanager
@@ -93,4 +115,4 @@ async def transaction(
         async with engine.begin() as conn:
             tx = Transaction(conn)
             yield tx
-    await queue.enqueue_all(tx.jobs)
+    await tx.finish(queue)

@@ -1,7 +1,9 @@
 """Jobs on arq, one queue per traffic category, with deterministic job ids.
 
-A deterministic id (`msg:{id}:step:{k}`) makes a second enqueue of the same job a no-op
-while the first is queued or running, so the sweeper can re-enqueue freely.
+Sending is not a job: the delivery engine (`app/cascade/engine.py`) claims due messages
+from Postgres in batches, and Redis only wakes it (`wake_key`). What stays here are the
+side jobs (customer webhooks, withdrawing a send at the provider), whose deterministic ids
+make a second enqueue of the same job a no-op while the first is queued or running.
 
 After a commit, all the jobs it requested go to Redis in one round trip: one Lua script
 call carries them all and runs, per job, the same check-and-add arq's `enqueue_job` does
@@ -12,7 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import struct
-from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -32,6 +35,11 @@ def queue_name(category: Category | str) -> str:
     return f"cascade:{Category(category).value}"
 
 
+def wake_key(category: Category | str) -> str:
+    """The list a category's delivery engines block on between batches (`BLPOP`)."""
+    return f"cascade:wake:{Category(category).value}"
+
+
 @dataclass(frozen=True, slots=True)
 class Job:
     function: str
@@ -47,36 +55,6 @@ class Job:
     withdraw: bool = False
 
 
-def send_step_job(
-    message_id: str,
-    category: Category,
-    step: int,
-    try_number: int = 0,
-    defer: timedelta | None = None,
-    not_before: datetime | None = None,
-    deferred_again: bool = False,
-) -> Job:
-    """`not_before` defers the send to a moment; `deferred_again` marks a re-deferral from
-    inside a running send job, whose own id is still taken until it finishes."""
-    suffix = f":try:{try_number}" if try_number else ""
-    if not_before is not None and deferred_again:
-        suffix += f":at:{to_unix_ms(not_before)}"
-    return Job(
-        "send_step",
-        category,
-        f"msg:{message_id}:step:{step}{suffix}",
-        (message_id, step),
-        defer,
-        defer_until=not_before,
-    )
-
-
-def expire_message_job(message_id: str, category: Category, at: datetime) -> Job:
-    return Job(
-        "expire_message", category, f"msg:{message_id}:expire", (message_id,), defer_until=at
-    )
-
-
 def cancel_provider_send_job(category: Category, provider: str, provider_message_id: str) -> Job:
     """Withdraw a send the cascade gave up on, where the provider can (see `Cancellable`)."""
     return Job(
@@ -87,26 +65,17 @@ def cancel_provider_send_job(category: Category, provider: str, provider_message
     )
 
 
-def step_deadline_job(message_id: str, category: Category, step: int, defer: timedelta) -> Job:
-    return Job(
-        "step_deadline", category, f"msg:{message_id}:deadline:{step}", (message_id, step), defer
-    )
-
-
-def withdrawn(job: Job) -> Job:
-    """The same job, to be taken off its queue: a step that ended (delivered, failed) has
-    no use for its deadline check, which would otherwise run, lock the message and find
-    nothing to do, once per message, a step's timeout later. Best effort: one that runs
-    anyway changes nothing."""
-    return replace(job, withdraw=True, defer=None, defer_until=None, args=(), kwargs={})
-
-
 # arq's enqueue_job check-and-add, for each job in turn: skip one whose id is queued,
 # running or has a result. The jobs come as one argument (see `_JOB_HEADER`), not as
 # 7 arguments each: redis-py packs a command's arguments one by one in Python, which
 # cost more than everything else the enqueue did.
 _ENQUEUE_IF_NEW = """
 local jobs, job_prefix, result_prefix = ARGV[1], ARGV[2], ARGV[3]
+-- ARGV[4..]: delivery engines to wake (a list each, holding at most one token)
+for i = 4, #ARGV do
+    redis.call('lpush', ARGV[i], '1')
+    redis.call('ltrim', ARGV[i], 0, 0)
+end
 local pos, added = 1, 0
 while pos <= #jobs do
     local id_len, queue_len, payload_len, expires, score
@@ -147,6 +116,18 @@ class JobQueue:
         self.redis = redis
         self._enqueue_if_new = redis.register_script(_ENQUEUE_IF_NEW)
 
+    async def wait_for_wake(self, category: Category | str, seconds: float) -> None:
+        """Block until the category's engines are woken (new work committed) or `seconds`
+        pass. Redis unreachable: just the pause (the engines poll Postgres)."""
+        try:
+            # BLPOP takes fractional seconds (Redis >= 6); redis-py's stub says int.
+            await self.redis.execute_command(  # type: ignore[no-untyped-call]
+                "BLPOP", wake_key(category), max(seconds, 0.001)
+            )
+        except (RedisError, OSError) as exc:
+            log.warning("wake_wait_failed", error=repr(exc))
+            await asyncio.sleep(seconds)
+
     async def enqueue(self, job: Job) -> None:
         await self.redis.enqueue_job(
             job.function,
@@ -158,19 +139,20 @@ class JobQueue:
             **job.kwargs,
         )
 
-    async def enqueue_all(self, jobs: list[Job]) -> None:
-        """Enqueue after commit; a Redis failure here loses nothing (the sweeper re-enqueues)."""
-        if not jobs:
+    async def enqueue_all(self, jobs: list[Job], wake: Sequence[str] = ()) -> None:
+        """Enqueue after commit and wake the delivery engines of `wake` (categories), in one
+        round trip. A Redis failure here loses nothing: the engines poll Postgres anyway,
+        and the webhook sweep finds undispatched events."""
+        if not jobs and not wake:
             return
         try:
-            # Bounded: a hanging Redis must not hold the caller (a claimed send) until
-            # arq's job timeout cancels it.
+            # Bounded: a hanging Redis must not hold the caller (a request, a batch) long.
             async with asyncio.timeout(ENQUEUE_TIMEOUT_SECONDS):
-                await self.enqueue_many(jobs)
+                await self.enqueue_many(jobs, [wake_key(c) for c in wake])
             return
         except (RedisError, OSError, TimeoutError) as exc:
             log.warning("enqueue_script_failed", jobs=len(jobs), error=repr(exc))
-            if len(jobs) == 1:
+            if len(jobs) <= 1:
                 return
         # One by one instead: arq's enqueue skips any the pipeline did add. Withdrawals
         # are dropped: the jobs they would remove run and find nothing to do.
@@ -183,16 +165,17 @@ class JobQueue:
             except (RedisError, OSError, TimeoutError) as exc:
                 log.warning("enqueue_failed", job_id=job.job_id, error=repr(exc))
 
-    async def enqueue_many(self, jobs: list[Job]) -> int:
+    async def enqueue_many(self, jobs: list[Job], wake_keys: Sequence[str] = ()) -> int:
         """All `jobs` in one round trip (one script call per `SCRIPT_CHUNK` jobs, pipelined
-        when there are more); returns how many were new."""
-        if not jobs:
+        when there are more), waking the engines on `wake_keys`; returns how many were new."""
+        if not jobs and not wake_keys:
             return 0
         now_ms = timestamp_ms()
         calls: list[list[bytes | str]] = [
             [self._packed(jobs[start : start + SCRIPT_CHUNK], now_ms), *_KEY_PREFIXES]
-            for start in range(0, len(jobs), SCRIPT_CHUNK)
+            for start in range(0, max(len(jobs), 1), SCRIPT_CHUNK)
         ]
+        calls[0] += wake_keys
         if len(calls) == 1:
             return int(await self._enqueue_if_new(args=calls[0]))
         async with self.redis.pipeline(transaction=False) as pipe:

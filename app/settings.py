@@ -50,16 +50,20 @@ class Settings(BaseSettings):
     api_burst: int = 200
     max_cascade_steps: int = 8
 
-    # Worker: concurrent jobs per category queue; transactional gets the largest share.
+    # Delivery engine, per category and worker process: messages with their providers at
+    # once (transactional gets the largest share), messages per claim, and the longest
+    # pause between looks at the ledger when no wake-up comes (Redis lost, a timer).
     worker_concurrency: dict[Category, int] = Field(
         default_factory=lambda: {
-            Category.TRANSACTIONAL: 40,
-            Category.SERVICE: 20,
-            Category.MARKETING: 20,
+            Category.TRANSACTIONAL: 256,
+            Category.SERVICE: 128,
+            Category.MARKETING: 128,
         }
     )
+    engine_batch_size: int = Field(default=100, ge=1, le=1000)
+    engine_poll_seconds: float = Field(default=1.0, gt=0)
     worker_poll_delay: float = 0.05
-    # A message untouched this long in a non-final state is re-enqueued by the sweeper.
+    # Webhook events undispatched this long are dispatched by the webhook sweep.
     sweep_grace: timedelta = timedelta(seconds=30)
     sweep_interval_seconds: int = 10
     # arq re-runs a job whose worker died only once this (plus 10 s) has passed.

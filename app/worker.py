@@ -1,10 +1,12 @@
-"""arq workers: one per traffic category, each on its own queue with its own concurrency.
+"""Worker processes: a delivery engine per traffic category, plus arq for side jobs.
 
-Separate queues mean a marketing campaign waits in its own line: transactional jobs
-are picked by their own worker however long the marketing queue is. A separate line is
-not a separate CPU, though: `cascade worker --queues` runs a subset of the workers per
-process, so a marketing backlog can be drained by a process of its own (run at a lower
-priority with `--nice`) instead of taking the event loop transactional sends run on.
+Each category has its own engine (`app/cascade/engine.py`) claiming only its own
+messages, with its own capacity: transactional messages are claimed by their own loop
+however many marketing messages are due. A separate loop is not a separate CPU, though:
+`cascade worker --queues` runs a subset per process, so a marketing backlog can be drained
+by a process of its own (run at a lower priority with `--nice`) instead of taking the
+event loop transactional sends run on. arq runs what is still a job: customer webhooks
+(a queue of their own), withdrawing a send at a provider, and the hourly prune.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from arq.worker import Worker, func
 from redis.exceptions import RedisError
 
 from app.cascade import jobs
+from app.cascade.engine import DeliveryEngine
 from app.policy import jobs as policy_jobs
 from app.queue import queue_name
 from app.runtime import Runtime, redis_settings, settle_gc
@@ -60,41 +63,21 @@ def parse_queues(values: Iterable[str]) -> tuple[str, ...]:
 
 
 def build_workers(runtime: Runtime, queues: Collection[str] = QUEUES) -> list[Worker]:
-    """The workers for `queues` (names from `QUEUES`), each with the cron jobs of its queue.
-
-    Each cron job stays on one queue's worker whichever process runs it (the sweep on
-    transactional, the marketing prune on marketing, the webhook sweep on webhooks), and
-    arq's `unique=True` keeps it to one run per tick when several processes run that queue.
-    """
+    """The arq workers for `queues` (names from `QUEUES`): a category's queue carries its
+    side jobs (withdrawing sends at providers; the marketing prune on marketing's), and
+    arq's `unique=True` keeps a cron job to one run per tick across processes."""
     settings = runtime.settings
     timeout = settings.job_timeout_seconds
     functions = [
-        func(jobs.send_step, name="send_step", timeout=timeout, keep_result=0),
-        func(jobs.step_deadline, name="step_deadline", timeout=timeout, keep_result=0),
-        func(jobs.expire_message, name="expire_message", timeout=timeout, keep_result=0),
         func(
             jobs.cancel_provider_send, name="cancel_provider_send", timeout=timeout, keep_result=0
         ),
     ]
-    interval = max(1, settings.sweep_interval_seconds)
     workers = []
     for category in Category:
         if category.value not in queues:
             continue
-        cron_jobs = (
-            [
-                cron(
-                    jobs.sweep,
-                    name="sweep",
-                    second=set(range(0, 60, interval)),
-                    unique=True,
-                    run_at_startup=True,
-                    keep_result=0,
-                )
-            ]
-            if category is Category.TRANSACTIONAL
-            else []
-        )
+        cron_jobs = []
         if category is Category.MARKETING:
             # Hourly: marketing sends older than the retention no longer count for anything.
             cron_jobs.append(
@@ -115,9 +98,7 @@ def build_workers(runtime: Runtime, queues: Collection[str] = QUEUES) -> list[Wo
                 # Each worker owns its pool: Worker.close() closes the pool it was given.
                 redis_settings=redis_settings(settings.redis_url or ""),
                 ctx={"runtime": runtime},
-                max_jobs=settings.worker_concurrency[category],
-                # Also bounds cron jobs (arq's default is 300 s): a dead worker's jobs are
-                # re-run only after the longest job timeout + 10 s.
+                max_jobs=10,
                 job_timeout=timeout,
                 poll_delay=settings.worker_poll_delay,
                 handle_signals=False,
@@ -172,11 +153,14 @@ async def run_workers(
     split over N processes an SMPP account sees N binds, so its bind limit must allow them.
     """
     workers = build_workers(runtime, queues)
+    engines = [DeliveryEngine(runtime, c.value) for c in Category if c.value in queues]
     await runtime.providers.connect_sessions()
     tasks = [asyncio.create_task(run_through_redis_outages(w, stop)) for w in workers]
+    tasks += [asyncio.create_task(engine.run(stop)) for engine in engines]
     log.info("worker_started", queues=[w.queue_name for w in workers])
     waiter = asyncio.create_task(stop.wait())
     await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
+    stop.set()
     for worker in workers:
         worker.handle_sig_wait_for_completion(signal.SIGTERM)
     await asyncio.gather(*tasks, return_exceptions=True)

@@ -50,6 +50,8 @@ class ProviderAccount(BaseModel):
     categories: list[Category] = []
     rate_per_second: float | None = Field(default=None, gt=0)
     burst: int = Field(default=10, ge=1)
+    # Requests to this account in flight at once, per worker process.
+    max_in_flight: int = Field(default=64, ge=1)
     breaker_threshold: int = Field(default=5, ge=1)
     breaker_window_seconds: float = Field(default=30, gt=0)
     breaker_cooldown_seconds: float = Field(default=30, gt=0)

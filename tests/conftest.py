@@ -226,8 +226,6 @@ def settings(
         public_url=f"http://127.0.0.1:{port}",
         sandbox_delay=timedelta(milliseconds=50),
         worker_poll_delay=0.02,
-        # The sweeper is driven explicitly by the tests that need it.
-        sweep_interval_seconds=3600,
         retry_base_delay=0.05,
         # Webhook receivers in the tests listen on 127.0.0.1 over plain http.
         webhooks_allow_loopback_http=True,

@@ -224,3 +224,35 @@ def retry_delay(
         return max(0.0, retry_after)
     backoff: float = base * 2.0 ** max(0, tries - 1)
     return min(cap, backoff) * (0.5 + jitter / 2)
+
+
+class Due(StrEnum):
+    """What the delivery engine does with a message whose `due_at` has come."""
+
+    SEND = "send"  # the current step is not yet with a provider (first try or a retry)
+    TIMEOUT = "timeout"  # the current step's window closed without success
+    EXPIRE = "expire"  # the message's own `expires_at` came first
+    RETIME = "retime"  # nothing is due yet (woken early): look again at `next_due`
+    FORGET = "forget"  # already final: it leaves the engine's index
+
+
+def due_action(
+    message_status: MessageStatus,
+    attempt_status: AttemptStatus | None,
+    *,
+    deadline_passed: bool,
+    expired: bool,
+    held: bool,
+) -> Due:
+    """The decision for a due message. `attempt_status`: the current step's attempt (None
+    before its first try); `deadline_passed`: that attempt's window has closed; `expired`:
+    the message's `expires_at` has come; `held`: its `not_before` is still ahead."""
+    if message_status in FINAL_MESSAGE:
+        return Due.FORGET
+    if expired:
+        return Due.EXPIRE
+    if attempt_status is None or (attempt_status is AttemptStatus.PENDING and not deadline_passed):
+        return Due.RETIME if held else Due.SEND
+    if deadline_passed:
+        return Due.TIMEOUT
+    return Due.RETIME

@@ -1,8 +1,10 @@
-"""Drives the state machine: load and lock, decide, persist, request the next jobs.
+"""Drives the state machine: decide, then write the change; the next work is `due_at`.
 
-Two transactions wrap every provider call: `begin_send` marks the attempt `sending`
-(committed before the request leaves, so a rerun never sends the same attempt twice)
-and `record_send_result` applies what the provider answered.
+Every function takes a message its caller has locked (`SELECT … FOR UPDATE`) and writes
+through `write`: at once (one statement), or, inside a delivery-engine batch, gathered
+with the batch's other messages into one statement (`ledger.write_changes`).
+A step is claimed `sending`, committed, before its request leaves (`begin_send`), so a
+rerun never sends the same attempt twice; `record_send_result` applies the answer.
 """
 
 from __future__ import annotations
@@ -14,9 +16,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
-from sqlalchemy import and_, exists, or_, select
 
-from app.auth.service import receipt_token
 from app.cascade.machine import (
     FINAL_MESSAGE,
     OPEN_ATTEMPT,
@@ -30,29 +30,21 @@ from app.cascade.machine import (
     retry_delay,
     stop_message,
 )
+from app.cascade.outbound import outbound_message
 from app.db import Transaction
-from app.ids import from_public, new_id, to_public
+from app.ids import from_public, new_id
 from app.ledger import repository as ledger
-from app.ledger.repository import AttemptRow, MessageRow, NewEvent
-from app.ledger.tables import attempts, messages
+from app.ledger.repository import AttemptRow, Change, MessageRow, NewEvent
 from app.observability import bind_message
 from app.ops.stats.service import Rollup, final_status_rollup, observe_outcome
 from app.policy import service as policy
-from app.queue import (
-    cancel_provider_send_job,
-    expire_message_job,
-    send_step_job,
-    step_deadline_job,
-    withdrawn,
-)
+from app.queue import cancel_provider_send_job
 from app.settings import Settings
-from app.templates.rendering import channel_content
 from app.webhooks.service import notify_after_commit
 from providers.base import (
     Accepted,
     Category,
     Channel,
-    Content,
     OutboundMessage,
     Provider,
     ReceiptStatus,
@@ -71,7 +63,7 @@ RECEIPT_SIGNALS = {
     ReceiptStatus.READ: Signal.READ,
     ReceiptStatus.FAILED: Signal.FAILED,
 }
-# A deferred job may fire a hair early; within this it counts as on time.
+# A timer may be looked at a hair early; within this it counts as on time.
 DEADLINE_SLACK = timedelta(milliseconds=100)
 
 
@@ -84,13 +76,30 @@ class Error:
 @dataclass(frozen=True, slots=True)
 class SendPlan:
     message_id: uuid.UUID
+    category: str
     step: int
+    attempt_id: uuid.UUID
     provider: Provider
     outbound: OutboundMessage
 
 
 def step_spec(message: MessageRow, step: int) -> dict[str, Any]:
     return message.cascade[step]
+
+
+def due(message: MessageRow, at: datetime | None) -> datetime | None:
+    """When the engine must look at the message next: `at`, or its expiry if sooner."""
+    if at is None or message.expires_at is None:
+        return at if at is not None else message.expires_at
+    return min(at, message.expires_at)
+
+
+async def write(tx: Transaction, change: Change) -> None:
+    """Write one message's change now, or gather it into the engine's batch statement."""
+    if tx.changes is not None:
+        tx.changes.append(change)
+    else:
+        await ledger.write_changes(tx.conn, [change])
 
 
 async def record_events(
@@ -106,20 +115,25 @@ async def record_events(
     **values: Any,
 ) -> None:
     """Write the change (attempt, events, message and its `seq`, the stats rollup of a
-    final status) in one statement, and tell webhooks after commit."""
-    await ledger.write_transition(
-        tx.conn,
-        message,
-        at,
-        new,
-        values,
-        attempt=attempt,
-        attempt_values=attempt_values,
-        new_attempt=new_attempt,
-        also=(rollup.statement, rollup.params) if rollup is not None else None,
+    final status) and tell webhooks after commit. A final message leaves the engine's
+    index (`due_at` NULL)."""
+    if values.get("status") in FINAL_MESSAGE:
+        values["due_at"] = None
+    await write(
+        tx,
+        Change(
+            message,
+            at,
+            new,
+            values,
+            attempt=attempt,
+            attempt_values=attempt_values,
+            new_attempt=new_attempt,
+            rollup_rows=rollup.rows if rollup is not None else None,
+        ),
     )
     if rollup is not None:
-        rollup.counted()
+        tx.after_commit(rollup.counted)
     if new:
         await notify_after_commit(tx, message.tenant_id, message.id, message.category)
 
@@ -136,8 +150,10 @@ async def apply_signal(
     dedupe_key: str | None = None,
     attempt_values: dict[str, Any] | None = None,
     reached_before: bool = True,
+    unsaved: dict[str, Any] | None = None,
 ) -> bool:
-    """Apply one signal about one attempt; returns whether anything changed."""
+    """Apply one signal about one attempt; returns whether anything changed. `unsaved`:
+    the attempt is new, and this is its row (inserted with the outcome)."""
     view = StepView(
         message_status=message.status,
         current_step=message.current_step,
@@ -155,16 +171,10 @@ async def apply_signal(
     ):
         # Given up on: withdraw it at the provider if it can, so it never arrives late.
         _cancel_at_provider(tx, message, attempt)
-    if (
-        signal is not Signal.TIMEOUT
-        and attempt.status in OPEN_ATTEMPT
-        and decision.attempt_status not in OPEN_ATTEMPT
-    ):
-        _withdraw_deadline(tx, message, attempt.step)
     values = dict(attempt_values or {})
     if not decision.changes(view):
         if values:
-            await ledger.update_attempt(tx.conn, attempt, at, **values)
+            await write(tx, Change(message, at, [], {}, attempt=attempt, attempt_values=values))
         return False
 
     new_events: list[NewEvent] = []
@@ -189,12 +199,10 @@ async def apply_signal(
         message_values["delivered_step"] = decision.delivered_step
         message_values["delivered_channel"] = step_spec(message, decision.delivered_step)["channel"]
     if decision.next_step is not None:
+        # The next step is due now: the engine takes it in its next batch.
         message_values["current_step"] = decision.next_step
-        tx.enqueue_after_commit(
-            send_step_job(
-                to_public("msg", message.id), Category(message.category), decision.next_step
-            )
-        )
+        message_values["due_at"] = due(message, at)
+        tx.wake_after_commit(message.category)
     if decision.message_status != message.status:
         message_values["status"] = decision.message_status.value
         if decision.message_status in FINAL_MESSAGE:
@@ -206,20 +214,13 @@ async def apply_signal(
         message,
         new_events,
         at,
-        attempt=attempt,
+        attempt=None if unsaved is not None else attempt,
         attempt_values=values,
+        new_attempt=unsaved,
         rollup=rollup,
         **message_values,
     )
     return True
-
-
-def _withdraw_deadline(tx: Transaction, message: MessageRow, step: int) -> None:
-    """The step ended before its timeout: its deadline job has nothing left to check."""
-    job = step_deadline_job(
-        to_public("msg", message.id), Category(message.category), step, timedelta(0)
-    )
-    tx.enqueue_after_commit(withdrawn(job))
 
 
 def _cancel_at_provider(tx: Transaction, message: MessageRow, attempt: AttemptRow) -> None:
@@ -231,6 +232,13 @@ def _cancel_at_provider(tx: Transaction, message: MessageRow, attempt: AttemptRo
         )
 
 
+class _Load:
+    """Marks an argument the function reads from the ledger itself."""
+
+
+LOAD = _Load()
+
+
 async def stop_now(
     tx: Transaction,
     message: MessageRow,
@@ -240,10 +248,12 @@ async def stop_now(
     at: datetime,
     code: str,
     detail: str = "",
+    attempt: AttemptRow | _Load | None = LOAD,
 ) -> bool:
     """Cancel, expire or suppress a locked message whatever step it is on; False when it
-    had already ended."""
-    attempt = await ledger.get_attempt(tx.conn, message.id, message.current_step)
+    had already ended. `attempt`: its current attempt, when the caller has it."""
+    if isinstance(attempt, _Load):
+        attempt = await ledger.get_attempt(tx.conn, message.id, message.current_step)
     decision = stop_message(message.status, attempt.status if attempt else None, stop)
     if decision is None:
         return False
@@ -268,6 +278,7 @@ async def stop_now(
             )
         )
     new_events.append(NewEvent(status=decision.message_status.value, source=source, detail=reason))
+    rollup = final_status_rollup(message, decision.message_status, message.current_step, at)
     await record_events(
         tx,
         message,
@@ -275,21 +286,20 @@ async def stop_now(
         at,
         attempt=attempt,
         attempt_values=attempt_values,
-        rollup=final_status_rollup(message, decision.message_status, message.current_step, at),
+        rollup=rollup,
         status=decision.message_status.value,
         completed_at=at,
     )
     if attempt is not None and attempt.status in (AttemptStatus.SENDING, AttemptStatus.SENT):
         _cancel_at_provider(tx, message, attempt)
-    if attempt is not None and attempt.status in OPEN_ATTEMPT:
-        _withdraw_deadline(tx, message, attempt.step)
     return True
 
 
-async def expire_message(tx: Transaction, message_id: uuid.UUID, at: datetime) -> bool:
+async def expire_message(
+    tx: Transaction, message: MessageRow, attempt: AttemptRow | None, at: datetime
+) -> bool:
     """The message's `expires_at` has come: it ends `expired` unless it already ended."""
-    message = await ledger.lock_message(tx.conn, message_id)
-    if message is None or message.expires_at is None or message.expires_at > at + DEADLINE_SLACK:
+    if message.expires_at is None or message.expires_at > at + DEADLINE_SLACK:
         return False
     return await stop_now(
         tx,
@@ -299,13 +309,19 @@ async def expire_message(tx: Transaction, message_id: uuid.UUID, at: datetime) -
         at=at,
         code="expired",
         detail="not delivered before expires_at",
+        attempt=attempt,
     )
+
+
+async def retime(tx: Transaction, message: MessageRow, at: datetime, when: datetime | None) -> None:
+    """Nothing to do yet: the engine looks at the message again at `when`."""
+    await write(tx, Change(message, at, [], {"due_at": due(message, when)}))
 
 
 async def _defer(
     tx: Transaction, message: MessageRow, step: int, until: datetime, reason: str, at: datetime
 ) -> None:
-    """Hold the step until `until` (quiet hours): `queued`, with a job deferred to then."""
+    """Hold the step until `until` (quiet hours): `queued`, due again then."""
     event = NewEvent(
         status=MessageStatus.QUEUED.value,
         source="worker",
@@ -313,76 +329,13 @@ async def _defer(
         detail={"code": reason, "until": until.isoformat()},
     )
     await record_events(
-        tx, message, [event], at, status=MessageStatus.QUEUED.value, not_before=until
-    )
-    tx.enqueue_after_commit(
-        send_step_job(
-            to_public("msg", message.id),
-            Category(message.category),
-            step,
-            not_before=until,
-            deferred_again=True,
-        )
-    )
-
-
-async def _reached_before(tx: Transaction, message_id: uuid.UUID, step: int) -> bool:
-    """Whether an earlier step of the message was handed to a provider (not suppressed)."""
-    if step == 0:
-        return False
-    found = await tx.conn.execute(
-        select(attempts.c.id)
-        .where(
-            attempts.c.message_id == message_id,
-            attempts.c.step < step,
-            attempts.c.status != AttemptStatus.SUPPRESSED.value,
-        )
-        .limit(1)
-    )
-    return found.first() is not None
-
-
-def _content(message: MessageRow, channel: Channel) -> Content:
-    stored = channel_content(message.content, channel)
-    stored["template_params"] = tuple(stored.get("template_params", ()))
-    return Content(**{k: v for k, v in stored.items() if k in Content.__dataclass_fields__})
-
-
-def _outbound(
-    message: MessageRow,
-    attempt_id: uuid.UUID,
-    step: int,
-    address: str,
-    tries: int,
-    settings: Settings,
-    provider: Provider,
-) -> OutboundMessage:
-    spec = step_spec(message, step)
-    public_attempt = to_public("att", attempt_id)
-    return OutboundMessage(
-        message_id=to_public("msg", message.id),
-        attempt_id=public_attempt,
-        category=Category(message.category),
-        channel=Channel(spec["channel"]),
-        address=address,
-        content=_content(message, Channel(spec["channel"])),
-        timeout_seconds=int(spec["timeout"]),
-        try_number=tries,
-        status_callback_url=(
-            f"{settings.callback_base}/v1/providers/{provider.name}/status?attempt={public_attempt}"
-        ),
-        receipt_token=(
-            receipt_token(settings.api_key_pepper.get_secret_value(), to_public("msg", message.id))
-            if spec["channel"] == Channel.PUSH
-            else None
-        ),
-        metadata={k: str(v) for k, v in message.metadata.items()},
-        web_push=Recipient.from_mapping(message.recipient).web_push,
-        headers=(
-            policy.unsubscribe_headers(settings, message.tenant_id, address)
-            if message.category == Category.MARKETING and spec["channel"] == Channel.EMAIL
-            else {}
-        ),
+        tx,
+        message,
+        [event],
+        at,
+        status=MessageStatus.QUEUED.value,
+        not_before=until,
+        due_at=due(message, until),
     )
 
 
@@ -390,32 +343,21 @@ async def begin_send(
     tx: Transaction,
     registry: ProviderRegistry,
     settings: Settings,
-    message_id: uuid.UUID,
-    step: int,
+    message: MessageRow,
+    attempt: AttemptRow | None,
+    reached_before: bool,
     at: datetime,
 ) -> SendPlan | None:
-    """Claim step `step` for sending, or None when there is nothing (more) to send."""
-    message = await ledger.lock_message(tx.conn, message_id)
-    if message is None or message.status in FINAL_MESSAGE or message.current_step != step:
-        return None
-    if message.expires_at is not None and message.expires_at <= at:
-        await stop_now(tx, message, Stop.EXPIRE, source="timeout", at=at, code="expired")
-        return None
-    if message.not_before is not None and message.not_before > at + DEADLINE_SLACK:
-        # Early (a sweep, a rerun): the job deferred to `not_before` sends it on time.
-        tx.enqueue_after_commit(
-            send_step_job(
-                to_public("msg", message.id),
-                Category(message.category),
-                step,
-                not_before=message.not_before,
-                deferred_again=True,
-            )
-        )
+    """Claim the current step of a locked, unfinished message for sending (`attempt`: its
+    attempt, None before the first try; `reached_before`: an earlier step was handed to a
+    provider), or None when that is not (or no longer) to be done."""
+    step = message.current_step
+    if attempt is not None and attempt.status is not AttemptStatus.PENDING:
+        # Already handed to the provider (or finished): sending again could duplicate it.
         return None
     spec = step_spec(message, step)
     channel = Channel(spec["channel"])
-    attempt = await ledger.get_attempt(tx.conn, message_id, step)
+    provider: Provider | None
     try:
         provider = registry.get(channel, spec["provider"], Category(message.category))
     except UnknownProvider as exc:
@@ -423,9 +365,7 @@ async def begin_send(
         config_error = Error("provider_unavailable", str(exc))
     address = provider.address(Recipient.from_mapping(message.recipient)) if provider else None
     skipped: policy.SkipStep | None = None
-    reached_before = True
     if attempt is None and address is not None:
-        reached_before = await _reached_before(tx, message.id, step)
         verdict = await policy.gate_step(
             tx, message, channel, address, first_send=not reached_before, settings=settings, at=at
         )
@@ -433,11 +373,19 @@ async def begin_send(
             await _defer(tx, message, step, verdict.until, verdict.reason, at)
             return None
         if isinstance(verdict, policy.SuppressMessage):
-            await stop_now(tx, message, Stop.SUPPRESS, source="worker", at=at, code=verdict.reason)
+            await stop_now(
+                tx,
+                message,
+                Stop.SUPPRESS,
+                source="worker",
+                at=at,
+                code=verdict.reason,
+                attempt=None,
+            )
             return None
         if isinstance(verdict, policy.SkipStep):
             skipped = verdict
-    new_attempt: dict[str, Any] | None = None
+    deadline = at + timedelta(seconds=int(spec["timeout"]))
     if attempt is None:
         pending = {
             "id": new_id(),
@@ -450,74 +398,81 @@ async def begin_send(
             "tries": 0,
             "created_at": at,
             "updated_at": at,
-            "deadline_at": at + timedelta(seconds=int(spec["timeout"])),
+            "deadline_at": deadline,
         }
         if skipped is not None or provider is None or address is None:
-            attempt = await ledger.insert_attempt(tx.conn, pending)
-        else:
-            # The usual case: the attempt is inserted already `sending`, in the statement
-            # that records the claim (below).
-            new_attempt = {**pending, "status": AttemptStatus.SENDING.value, "tries": 1}
-            attempt = ledger.new_attempt_row(pending)
-        if skipped is not None:
+            # Never sent: the attempt is inserted with its outcome.
+            if skipped is not None:
+                signal, error = (
+                    Signal.SUPPRESSED,
+                    Error("suppressed", f"the address is suppressed ({skipped.reason.value})"),
+                )
+            elif provider is None:
+                signal, error = Signal.REJECTED, config_error
+            else:
+                signal, error = Signal.REJECTED, Error("no_address", f"no {channel} address")
             await apply_signal(
                 tx,
                 message,
-                attempt,
-                Signal.SUPPRESSED,
+                ledger.new_attempt_row(pending),
+                signal,
                 source="worker",
                 at=at,
-                error=Error("suppressed", f"the address is suppressed ({skipped.reason.value})"),
+                error=error,
                 reached_before=reached_before,
+                unsaved=pending,
             )
             return None
-        tx.enqueue_after_commit(
-            step_deadline_job(
-                to_public("msg", message.id),
-                Category(message.category),
-                step,
-                timedelta(seconds=int(spec["timeout"])),
-            )
+        claimed = {**pending, "status": AttemptStatus.SENDING.value, "tries": 1}
+        attempt_row = ledger.new_attempt_row(claimed)
+        await record_events(
+            tx,
+            message,
+            [
+                NewEvent(
+                    status=AttemptStatus.SENDING.value,
+                    source="worker",
+                    attempt_id=attempt_row.id,
+                    step=step,
+                )
+            ],
+            at,
+            new_attempt=claimed,
+            status=MessageStatus.SENDING.value,
+            due_at=due(message, deadline),
         )
-    elif attempt.status is not AttemptStatus.PENDING:
-        # Already handed to the provider (or finished): sending again could duplicate it.
-        return None
-
-    if provider is None or address is None:
-        error = config_error if provider is None else Error("no_address", f"no {channel} address")
-        await apply_signal(
-            tx, message, attempt, Signal.REJECTED, source="worker", at=at, error=error
-        )
-        return None
-
-    bind_message(message.id, message.tenant_id, message.category, attempt.id)
-    new_events = (
-        []
-        if attempt.tries
-        else [
-            NewEvent(
-                status=AttemptStatus.SENDING.value,
-                source="worker",
-                attempt_id=attempt.id,
-                step=step,
+    else:
+        if provider is None or address is None:
+            error = (
+                config_error if provider is None else Error("no_address", f"no {channel} address")
             )
-        ]
-    )
-    await record_events(
-        tx,
-        message,
-        new_events,
-        at,
-        attempt=None if new_attempt else attempt,
-        attempt_values={"status": AttemptStatus.SENDING.value, "tries": attempt.tries + 1},
-        new_attempt=new_attempt,
-        status=MessageStatus.SENDING.value,
-    )
+            await apply_signal(
+                tx, message, attempt, Signal.REJECTED, source="worker", at=at, error=error
+            )
+            return None
+        # A retry after a transient error: the same attempt, within its window.
+        attempt_row = replace(attempt, status=AttemptStatus.SENDING, tries=attempt.tries + 1)
+        await record_events(
+            tx,
+            message,
+            [],
+            at,
+            attempt=attempt,
+            attempt_values={"status": AttemptStatus.SENDING.value, "tries": attempt_row.tries},
+            status=MessageStatus.SENDING.value,
+            due_at=due(message, attempt.deadline_at),
+        )
+    assert provider is not None and address is not None
+    bind_message(message.id, message.tenant_id, message.category, attempt_row.id)
     return SendPlan(
         message.id,
+        message.category,
         step,
+        attempt_row.id,
         provider,
-        _outbound(message, attempt.id, step, address, attempt.tries, settings, provider),
+        outbound_message(
+            message, attempt_row.id, step, address, attempt_row.tries - 1, settings, provider
+        ),
     )
 
 
@@ -527,10 +482,10 @@ async def record_send_result(
     plan: SendPlan,
     result: SendResult | TransientProviderError,
     at: datetime,
+    message: MessageRow | None,
+    attempt: AttemptRow | None,
 ) -> None:
-    message_id, step_index = plan.message_id, plan.step
-    message = await ledger.lock_message(tx.conn, message_id)
-    attempt = await ledger.get_attempt(tx.conn, message_id, step_index)
+    """Apply what the provider answered to the (locked) message and its attempt."""
     if message is None or attempt is None:
         return
     if isinstance(result, Accepted):
@@ -576,32 +531,27 @@ async def record_send_result(
             tx, message, attempt, Signal.RETRIES_EXHAUSTED, source="worker", at=at, error=error
         )
         return
-    await ledger.update_attempt(
-        tx.conn,
-        attempt,
-        at,
-        status=AttemptStatus.PENDING.value,
-        error_code=error.code,
-        error_detail=error.detail[:500],
-    )
-    tx.enqueue_after_commit(
-        send_step_job(
-            plan.outbound.message_id,
-            Category(message.category),
-            step_index,
-            try_number=attempt.tries,
-            defer=timedelta(seconds=delay),
-        )
+    await write(
+        tx,
+        Change(
+            message,
+            at,
+            [],
+            {"due_at": due(message, retry_at)},
+            attempt=attempt,
+            attempt_values={
+                "status": AttemptStatus.PENDING.value,
+                "error_code": error.code,
+                "error_detail": error.detail[:500],
+            },
+        ),
     )
 
 
-async def expire_step(tx: Transaction, message_id: uuid.UUID, step: int, at: datetime) -> None:
-    message = await ledger.lock_message(tx.conn, message_id)
-    if message is None or message.status in FINAL_MESSAGE:
-        return
-    attempt = await ledger.get_attempt(tx.conn, message_id, step)
-    if attempt is None or attempt.deadline_at > at + DEADLINE_SLACK:
-        return
+async def expire_step(
+    tx: Transaction, message: MessageRow, attempt: AttemptRow, at: datetime
+) -> None:
+    """The current step's window has closed without success: it falls over."""
     await apply_signal(
         tx,
         message,
@@ -683,68 +633,3 @@ def is_hard_bounce(channel: str, update: StatusUpdate) -> bool:
         and update.status is ReceiptStatus.FAILED
         and code.startswith("smtp:5")
     )
-
-
-@dataclass(frozen=True, slots=True)
-class SweepResult:
-    steps: int
-    deadlines: int
-    expired: int = 0
-
-
-async def sweep(tx: Transaction, at: datetime, grace: timedelta, limit: int = 1000) -> SweepResult:
-    """Re-enqueue work a crash or a lost Redis left behind; deterministic job ids dedupe."""
-    cutoff = at - grace
-    open_attempt = exists().where(
-        and_(
-            attempts.c.message_id == messages.c.id,
-            attempts.c.step == messages.c.current_step,
-            attempts.c.status.in_([AttemptStatus.SENDING.value, AttemptStatus.SENT.value]),
-        )
-    )
-    stuck = await tx.conn.execute(
-        select(messages.c.id, messages.c.category, messages.c.current_step)
-        .where(
-            messages.c.status.in_(["accepted", "queued", "sending"]),
-            messages.c.updated_at < cutoff,
-            # Scheduled or held for quiet hours: not stuck before its time has come.
-            or_(messages.c.not_before.is_(None), messages.c.not_before < cutoff),
-            ~open_attempt,
-        )
-        .limit(limit)
-    )
-    steps = 0
-    for message_id, category, step in stuck:
-        tx.enqueue_after_commit(
-            send_step_job(to_public("msg", message_id), Category(category), step)
-        )
-        steps += 1
-    overdue = await tx.conn.execute(
-        select(attempts.c.message_id, attempts.c.category, attempts.c.step)
-        .where(
-            attempts.c.status.in_([s.value for s in OPEN_ATTEMPT]),
-            attempts.c.deadline_at < at - DEADLINE_SLACK,
-        )
-        .limit(limit)
-    )
-    deadlines = 0
-    for message_id, category, step in overdue:
-        tx.enqueue_after_commit(
-            step_deadline_job(to_public("msg", message_id), Category(category), step, timedelta(0))
-        )
-        deadlines += 1
-    past_expiry = await tx.conn.execute(
-        select(messages.c.id, messages.c.category, messages.c.expires_at)
-        .where(
-            messages.c.status.in_(["accepted", "queued", "sending"]),
-            messages.c.expires_at < at - DEADLINE_SLACK,
-        )
-        .limit(limit)
-    )
-    expired = 0
-    for message_id, category, expires_at in past_expiry:
-        tx.enqueue_after_commit(
-            expire_message_job(to_public("msg", message_id), Category(category), expires_at)
-        )
-        expired += 1
-    return SweepResult(steps, deadlines, expired)

@@ -33,20 +33,30 @@ return 0
 """
 
 
-# Before a send, one call: is the circuit open, else take a rate slot (when the account
-# has a rate), and how many failures are counted (a success need reset nothing when none).
+# Before a batch's sends to one account, one call: is the circuit open, else take up to
+# ARGV[3] rate slots (all of them when the account has no rate), and how many failures are
+# counted (a success need reset nothing when none). Returns {open, slots taken, wait ms
+# for the next slot, failures}.
 _ADMIT = (
     GCRA_LUA
     + """
 if redis.call('EXISTS', KEYS[1]) == 1 then
-  return {1, 0, 0}
+  return {1, 0, 0, 0}
 end
 local failures = tonumber(redis.call('GET', KEYS[2]) or '0')
-local wait = 0
-if ARGV[1] ~= '' then
-  wait = gcra(KEYS[3], tonumber(ARGV[1]), tonumber(ARGV[2]))
+local wanted = tonumber(ARGV[3])
+if ARGV[1] == '' then
+  return {0, wanted, 0, failures}
 end
-return {0, wait, failures}
+local taken, wait = 0, 0
+while taken < wanted do
+  wait = gcra(KEYS[3], tonumber(ARGV[1]), tonumber(ARGV[2]))
+  if wait > 0 then
+    break
+  end
+  taken = taken + 1
+end
+return {0, taken, wait, failures}
 """
 )
 
@@ -54,7 +64,9 @@ return {0, wait, failures}
 @dataclass(frozen=True, slots=True)
 class Admission:
     circuit_open: bool
-    # Seconds until the rate allows a send (0: the slot is taken, send now).
+    # Sends the rate allows now (their slots are taken).
+    slots: int
+    # Seconds until the rate allows the next send (0 when every wanted slot was taken).
     wait: float
     # Provider failures counted in the breaker's window when admitted.
     failures: int
@@ -71,18 +83,20 @@ class SendGuards:
     def redis(self) -> ArqRedis:
         return self._redis
 
-    async def admit(self, account: ProviderAccount) -> Admission:
-        """`circuit_open`, then `wait_for_rate`, in one round trip."""
+    async def admit(self, account: ProviderAccount, wanted: int = 1) -> Admission:
+        """`circuit_open`, then up to `wanted` rate slots, in one round trip."""
         rate = account.rate_per_second
-        circuit_open, wait_ms, failures = await self._admit(
+        circuit_open, slots, wait_ms, failures = await self._admit(
             keys=[
                 f"cascade:circuit:{account.name}:open",
                 f"cascade:circuit:{account.name}:failures",
                 f"cascade:rate:{account.name}",
             ],
-            args=["", 0] if rate is None else [1000.0 / rate, max(1, account.burst)],
+            args=(
+                ["", 0, wanted] if rate is None else [1000.0 / rate, max(1, account.burst), wanted]
+            ),
         )
-        return Admission(bool(circuit_open), float(wait_ms) / 1000.0, int(failures))
+        return Admission(bool(circuit_open), int(slots), float(wait_ms) / 1000.0, int(failures))
 
     async def wait_for_rate(self, account: ProviderAccount) -> float:
         """Seconds until this account may send again (0: send now, the slot is taken)."""

@@ -11,22 +11,22 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import orjson
 from sqlalchemy import (
+    ARRAY,
     Insert,
     Select,
-    Update,
+    Uuid,
     and_,
+    any_,
     bindparam,
     exists,
+    func,
     insert,
     literal,
     select,
-    union_all,
-    update,
 )
-from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
-from sqlalchemy.sql.dml import ReturningInsert
 
 from app.cascade.machine import AttemptStatus, MessageStatus
 from app.ledger.tables import attempts, events, messages
@@ -52,6 +52,7 @@ class MessageRow:
     send_at: datetime | None = None
     expires_at: datetime | None = None
     not_before: datetime | None = None
+    due_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,33 +152,6 @@ _EVENT_COLUMNS = (
 )
 
 
-@functools.cache
-def _update_message(columns: tuple[str, ...]) -> Update:
-    return (
-        update(messages)
-        .where(messages.c.id == bindparam("w_id"), messages.c.category == bindparam("w_category"))
-        .values({name: bindparam(f"v_{name}", type_=messages.c[name].type) for name in columns})
-    )
-
-
-@functools.cache
-def _update_attempt(columns: tuple[str, ...]) -> Update:
-    return (
-        update(attempts)
-        .where(attempts.c.id == bindparam("w_id"))
-        .values({name: bindparam(f"v_{name}", type_=attempts.c[name].type) for name in columns})
-    )
-
-
-@functools.cache
-def _insert_attempt(columns: tuple[str, ...]) -> ReturningInsert[Any]:
-    return (
-        insert(attempts)
-        .values({name: bindparam(f"v_{name}", type_=attempts.c[name].type) for name in columns})
-        .returning(attempts)
-    )
-
-
 def _bound(values: dict[str, Any]) -> dict[str, Any]:
     return {f"v_{name}": value for name, value in values.items()}
 
@@ -204,6 +178,63 @@ async def lock_message(conn: AsyncConnection, message_id: uuid.UUID) -> MessageR
 async def get_attempt(conn: AsyncConnection, message_id: uuid.UUID, step: int) -> AttemptRow | None:
     row = (await conn.execute(_GET_ATTEMPT, {"message_id": message_id, "step": step})).first()
     return _attempt(row) if row else None
+
+
+_CLAIM_DUE = (
+    select(messages)
+    .where(
+        messages.c.category == bindparam("category"),
+        messages.c.due_at <= bindparam("now"),
+    )
+    .order_by(messages.c.due_at)
+    .limit(bindparam("limit"))
+    .with_for_update(skip_locked=True)
+)
+_LOCK_MESSAGES = (
+    select(messages)
+    .where(
+        messages.c.category == bindparam("category"),
+        messages.c.id == any_(bindparam("ids", type_=ARRAY(Uuid))),
+    )
+    .order_by(messages.c.id)
+    .with_for_update()
+)
+_ATTEMPTS_OF = select(attempts).where(
+    attempts.c.message_id == any_(bindparam("ids", type_=ARRAY(Uuid)))
+)
+_NEXT_DUE = select(func.min(messages.c.due_at)).where(
+    messages.c.category == bindparam("category"), messages.c.due_at.is_not(None)
+)
+
+
+async def claim_due(
+    conn: AsyncConnection, category: str, now: datetime, limit: int
+) -> tuple[list[MessageRow], list[AttemptRow]]:
+    """Lock up to `limit` of the category's messages whose `due_at` has come, oldest first,
+    skipping those another worker (or a callback) holds; and all their attempts."""
+    rows = await conn.execute(_CLAIM_DUE, {"category": category, "now": now, "limit": limit})
+    claimed = [_message(row) for row in rows]
+    return claimed, await attempts_of(conn, [m.id for m in claimed])
+
+
+async def lock_messages(
+    conn: AsyncConnection, category: str, ids: list[uuid.UUID]
+) -> list[MessageRow]:
+    """Lock these messages (in id order: two lockers of overlapping sets never deadlock)."""
+    rows = await conn.execute(_LOCK_MESSAGES, {"category": category, "ids": ids})
+    return [_message(row) for row in rows]
+
+
+async def attempts_of(conn: AsyncConnection, ids: list[uuid.UUID]) -> list[AttemptRow]:
+    if not ids:
+        return []
+    return [_attempt(row) for row in await conn.execute(_ATTEMPTS_OF, {"ids": ids})]
+
+
+async def next_due(conn: AsyncConnection, category: str) -> datetime | None:
+    """The earliest `due_at` of the category (an index lookup)."""
+    value: datetime | None = (await conn.execute(_NEXT_DUE, {"category": category})).scalar()
+    return value
 
 
 async def list_attempts(conn: AsyncConnection, message_id: uuid.UUID) -> list[AttemptRow]:
@@ -291,122 +322,291 @@ async def attempt_and_seen(
     return AttemptRow(**data), seen
 
 
-async def insert_attempt(conn: AsyncConnection, values: dict[str, Any]) -> AttemptRow:
-    row = (await conn.execute(_insert_attempt(tuple(sorted(values))), _bound(values))).one()
-    return _attempt(row)
+# What a change may set on a message and on an attempt: the bulk statement writes every one
+# of these columns from arrays (the new value, or the row's own), so it has one shape.
+MESSAGE_STATE = (
+    "status",
+    "current_step",
+    "delivered_step",
+    "delivered_channel",
+    "seq",
+    "updated_at",
+    "completed_at",
+    "not_before",
+    "due_at",
+)
+ATTEMPT_STATE = (
+    "status",
+    "provider_message_id",
+    "error_code",
+    "error_detail",
+    "tries",
+    "sent_at",
+    "completed_at",
+    "updated_at",
+    "deadline_at",
+)
+ATTEMPT_COLUMNS = (
+    "id",
+    "message_id",
+    "category",
+    "step",
+    "channel",
+    "provider",
+    "created_at",
+    *ATTEMPT_STATE,
+)
+ROLLUP_COLUMNS = (
+    "tenant_id",
+    "category",
+    "channel",
+    "status",
+    "step",
+    "shard",
+    "messages",
+    "latency_ms_sum",
+    "latency_hist",
+    "cost",
+    "resolution",
+    "bucket",
+)
+_SQL_TYPES = {
+    "id": "uuid",
+    "message_id": "uuid",
+    "tenant_id": "uuid",
+    "attempt_id": "uuid",
+    "category": "text",
+    "step": "int",
+    "seq": "int",
+    "tries": "int",
+    "current_step": "int",
+    "delivered_step": "int",
+    "shard": "int",
+    "messages": "bigint",
+    "latency_ms_sum": "bigint",
+    "cost": "numeric",
+    "detail": "jsonb",
+    "latency_hist_json": "jsonb",
+    "not_before": "timestamptz",
+    "at": "timestamptz",
+    "bucket": "timestamptz",
+}
 
 
-async def update_attempt(
-    conn: AsyncConnection, attempt: AttemptRow, at: datetime, **values: Any
-) -> None:
-    values["updated_at"] = at
-    await conn.execute(
-        _update_attempt(tuple(sorted(values))), {"w_id": attempt.id, **_bound(values)}
+def _sql_type(column: str) -> str:
+    if column in _SQL_TYPES:
+        return _SQL_TYPES[column]
+    return "timestamptz" if column.endswith("_at") else "text"
+
+
+@dataclass(slots=True)
+class Change:
+    """One message's state change, as data: what `write_changes` writes.
+
+    `attempt` with `attempt_values` updates a stored attempt; `new_attempt` (a full row)
+    inserts one; `events` are appended after the message's `seq`; `rollup_rows` are the
+    stats rows of a message that just became final."""
+
+    message: MessageRow
+    at: datetime
+    events: list[NewEvent]
+    message_values: dict[str, Any]
+    attempt: AttemptRow | None = None
+    attempt_values: dict[str, Any] | None = None
+    new_attempt: dict[str, Any] | None = None
+    rollup_rows: list[dict[str, Any]] | None = None
+
+
+def _unnest(alias: str, columns: tuple[str, ...], first: int) -> str:
+    arrays = ", ".join(f"${first + i}::{_sql_type(c)}[]" for i, c in enumerate(columns))
+    return f"unnest({arrays}) WITH ORDINALITY AS {alias}({', '.join(columns)}, ord)"
+
+
+_EVENT_ROW = (
+    "message_id",
+    "category",
+    "tenant_id",
+    "seq",
+    "attempt_id",
+    "step",
+    "status",
+    "source",
+    "detail",
+    "dedupe_key",
+    "at",
+)
+_HIST_SUM = (
+    "(SELECT array_agg(a + b ORDER BY i) FROM unnest(stats_rollups.latency_hist,"
+    " excluded.latency_hist) WITH ORDINALITY AS h(a, b, i))"
+)
+
+
+def _changes_statement() -> str:
+    n = 1
+    parts = []
+    new_attempts = _unnest("n", ATTEMPT_COLUMNS, n)
+    n += len(ATTEMPT_COLUMNS)
+    parts.append(
+        f"new_attempts AS (INSERT INTO attempts ({', '.join(ATTEMPT_COLUMNS)})"
+        f" SELECT {', '.join(ATTEMPT_COLUMNS)} FROM {new_attempts} ORDER BY ord)"
+    )
+    changed = ("id", *ATTEMPT_STATE)
+    changed_attempts = _unnest("u", changed, n)
+    n += len(changed)
+    sets = ", ".join(f"{c} = u.{c}" for c in ATTEMPT_STATE)
+    parts.append(
+        f"changed_attempts AS (UPDATE attempts SET {sets} FROM {changed_attempts}"
+        " WHERE attempts.id = u.id)"
+    )
+    new_events = _unnest("e", _EVENT_ROW, n)
+    n += len(_EVENT_ROW)
+    parts.append(
+        f"new_events AS (INSERT INTO events ({', '.join(_EVENT_ROW)})"
+        f" SELECT {', '.join(_EVENT_ROW)} FROM {new_events} ORDER BY ord"
+        " ON CONFLICT (dedupe_key) DO NOTHING)"
+    )
+    rollup_row = tuple(c if c != "latency_hist" else "latency_hist_json" for c in ROLLUP_COLUMNS)
+    rollups = _unnest("r", rollup_row, n)
+    n += len(ROLLUP_COLUMNS)
+    select_rollup = ", ".join(
+        "ARRAY(SELECT h.x::int FROM jsonb_array_elements_text(latency_hist_json)"
+        " WITH ORDINALITY AS h(x, i) ORDER BY h.i)"
+        if c == "latency_hist_json"
+        else c
+        for c in rollup_row
+    )
+    parts.append(
+        f"rollups AS (INSERT INTO stats_rollups ({', '.join(ROLLUP_COLUMNS)})"
+        f" SELECT {select_rollup} FROM {rollups}"
+        " ON CONFLICT (tenant_id, category, channel, status, step, shard, resolution, bucket)"
+        " DO UPDATE SET messages = stats_rollups.messages + excluded.messages,"
+        " latency_ms_sum = stats_rollups.latency_ms_sum + excluded.latency_ms_sum,"
+        f" latency_hist = {_HIST_SUM},"
+        " cost = CASE WHEN excluded.cost IS NULL THEN stats_rollups.cost"
+        " ELSE coalesce(stats_rollups.cost, 0) + excluded.cost END)"
+    )
+    moved = ("id", "category", *MESSAGE_STATE)
+    messages_from = _unnest("m", moved, n)
+    sets = ", ".join(f"{c} = m.{c}" for c in MESSAGE_STATE)
+    return (
+        "WITH " + ", ".join(parts) + f" UPDATE messages SET {sets} FROM {messages_from}"
+        " WHERE messages.id = m.id AND messages.category = m.category"
     )
 
 
-@functools.cache
-def _transition(
-    event_count: int,
-    message_columns: tuple[str, ...],
-    attempt_columns: tuple[str, ...] | None,
-    new_attempt_columns: tuple[str, ...] | None,
-    also: Insert | None,
-) -> Update:
-    """One statement for one change: the attempt (inserted or updated), the events and
-    the message, as data-modifying CTEs of the message's UPDATE. Built once per shape."""
-    ctes: list[Any] = []
-    if new_attempt_columns is not None:
-        ctes.append(
-            insert(attempts)
-            .values({n: bindparam(f"n_{n}", type_=attempts.c[n].type) for n in new_attempt_columns})
-            .cte("new_attempt")
-        )
-    if attempt_columns is not None:
-        ctes.append(
-            update(attempts)
-            .where(attempts.c.id == bindparam("a_id"))
-            .values({n: bindparam(f"a_{n}", type_=attempts.c[n].type) for n in attempt_columns})
-            .cte("changed_attempt")
-        )
-    if event_count:
-        # One INSERT … SELECT … UNION ALL: the rows (and their ids) keep `seq` order, which
-        # separate CTEs would not (Postgres runs sibling CTEs in no guaranteed order).
-        rows = [
-            select(*(bindparam(f"e{i}_{n}", type_=events.c[n].type) for n in _EVENT_COLUMNS))
-            for i in range(event_count)
-        ]
-        ctes.append(
-            pg_insert(events)
-            .from_select(_EVENT_COLUMNS, rows[0] if len(rows) == 1 else union_all(*rows))
-            .on_conflict_do_nothing(index_elements=["dedupe_key"])
-            .cte("new_events")
-        )
-    if also is not None:
-        ctes.append(also.cte("also"))
-    statement = _update_message(message_columns)
-    return statement.add_cte(*ctes) if ctes else statement
+_WRITE_CHANGES = _changes_statement()
 
 
-async def write_transition(
-    conn: AsyncConnection,
-    message: MessageRow,
-    at: datetime,
-    new_events: list[NewEvent],
-    message_values: dict[str, Any],
-    *,
-    attempt: AttemptRow | None = None,
-    attempt_values: dict[str, Any] | None = None,
-    new_attempt: dict[str, Any] | None = None,
-    also: tuple[Insert, dict[str, Any]] | None = None,
-) -> None:
-    """Write one state change in one round trip: insert or update the attempt, append
-    `new_events` after the message's last sequence number, update the message, and run
-    `also` (a statement built once, with its parameters; the stats rollup) with them.
+def _json(value: Any) -> str | None:
+    return None if value is None else orjson.dumps(value).decode()
 
-    Callers hold the message lock, so sequence numbers are gap-free. An event whose
-    `dedupe_key` exists is skipped (callers check `event_seen` under the lock first, so
-    that is a safety net: the message's `seq` still advances past it, never onto it).
-    """
-    params: dict[str, Any] = {"w_id": message.id, "w_category": message.category}
-    values = {**message_values, "seq": message.seq + len(new_events), "updated_at": at}
-    params.update(_bound(values))
-    attempt_columns = None
-    if attempt is not None and attempt_values:
-        changed = {**attempt_values, "updated_at": at}
-        attempt_columns = tuple(sorted(changed))
-        params["a_id"] = attempt.id
-        params.update({f"a_{n}": v for n, v in changed.items()})
-    new_attempt_columns = None
-    if new_attempt is not None:
-        new_attempt_columns = tuple(sorted(new_attempt))
-        params.update({f"n_{n}": v for n, v in new_attempt.items()})
-    for i, event in enumerate(new_events):
-        params.update(
-            {
-                f"e{i}_message_id": message.id,
-                f"e{i}_category": message.category,
-                f"e{i}_tenant_id": message.tenant_id,
-                f"e{i}_seq": message.seq + i + 1,
-                f"e{i}_attempt_id": event.attempt_id,
-                f"e{i}_step": event.step,
-                f"e{i}_status": event.status,
-                f"e{i}_source": event.source,
-                f"e{i}_detail": event.detail,
-                f"e{i}_dedupe_key": event.dedupe_key,
-                f"e{i}_at": at,
+
+async def write_changes(conn: AsyncConnection, changes: list[Change]) -> None:
+    """Write many messages' changes in one statement (one round trip): attempts inserted
+    and updated, events appended, stats rolled up and messages moved, each from arrays
+    (`unnest`), whatever the number of messages.
+
+    Callers hold every message's lock, so sequence numbers are gap-free; each message
+    appears at most once. An event whose `dedupe_key` exists is skipped (callers check
+    first under the lock, so that is a safety net: `seq` still advances past it)."""
+    if not changes:
+        return
+    new_attempts: list[tuple[Any, ...]] = []
+    changed_attempts: list[tuple[Any, ...]] = []
+    new_events: list[tuple[Any, ...]] = []
+    rollups: dict[tuple[Any, ...], dict[str, Any]] = {}
+    moved: list[tuple[Any, ...]] = []
+    for change in changes:
+        message, at = change.message, change.at
+        if change.new_attempt is not None:
+            row = {
+                "provider_message_id": None,
+                "error_code": None,
+                "error_detail": None,
+                "sent_at": None,
+                "completed_at": None,
+                **change.new_attempt,
+                **(change.attempt_values or {}),
+                "updated_at": at,
             }
+            new_attempts.append(tuple(row[c] for c in ATTEMPT_COLUMNS))
+        elif change.attempt is not None and change.attempt_values:
+            values = {**change.attempt_values, "updated_at": at}
+            current = change.attempt
+            changed_attempts.append(
+                (
+                    current.id,
+                    *(values[c] if c in values else getattr(current, c) for c in ATTEMPT_STATE),
+                )
+            )
+        for i, event in enumerate(change.events):
+            new_events.append(
+                (
+                    message.id,
+                    message.category,
+                    message.tenant_id,
+                    message.seq + i + 1,
+                    event.attempt_id,
+                    event.step,
+                    event.status,
+                    event.source,
+                    _json(event.detail),
+                    event.dedupe_key,
+                    at,
+                )
+            )
+        for rollup in change.rollup_rows or ():
+            key = tuple(rollup[c] for c in ROLLUP_COLUMNS if c not in _ROLLUP_SUMS)
+            if key in rollups:
+                _add_rollup(rollups[key], rollup)
+            else:
+                rollups[key] = dict(rollup)
+        values = {
+            **change.message_values,
+            "seq": message.seq + len(change.events),
+            "updated_at": at,
+        }
+        moved.append(
+            (
+                message.id,
+                message.category,
+                *(values[c] if c in values else getattr(message, c) for c in MESSAGE_STATE),
+            )
         )
-    if also is not None:
-        params.update(also[1])
-    statement = _transition(
-        len(new_events),
-        tuple(sorted(values)),
-        attempt_columns,
-        new_attempt_columns,
-        also[0] if also is not None else None,
-    )
-    await conn.execute(statement, params)
+    args: list[Any] = []
+    for rows, width in (
+        (new_attempts, len(ATTEMPT_COLUMNS)),
+        (changed_attempts, 1 + len(ATTEMPT_STATE)),
+        (new_events, len(_EVENT_ROW)),
+    ):
+        args += _columns(rows, width)
+    rollup_rows = [
+        tuple(_json(r[c]) if c == "latency_hist" else r[c] for c in ROLLUP_COLUMNS)
+        for r in rollups.values()
+    ]
+    args += _columns(rollup_rows, len(ROLLUP_COLUMNS))
+    args += _columns(moved, 2 + len(MESSAGE_STATE))
+    await conn.exec_driver_sql(_WRITE_CHANGES, tuple(args))
+
+
+_ROLLUP_SUMS = frozenset({"messages", "latency_ms_sum", "latency_hist", "cost"})
+
+
+def _add_rollup(into: dict[str, Any], more: dict[str, Any]) -> None:
+    into["messages"] += more["messages"]
+    into["latency_ms_sum"] += more["latency_ms_sum"]
+    into["latency_hist"] = [
+        a + b for a, b in zip(into["latency_hist"], more["latency_hist"], strict=True)
+    ]
+    if more["cost"] is not None:
+        into["cost"] = (into["cost"] or 0) + more["cost"]
+
+
+def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    """Row tuples as one list per column (the arrays `unnest` takes)."""
+    if not rows:
+        return [[] for _ in range(width)]
+    return [list(column) for column in zip(*rows, strict=True)]
 
 
 def new_attempt_row(values: dict[str, Any]) -> AttemptRow:

@@ -63,6 +63,8 @@ messages = Table(
     Column("send_at", DateTime(timezone=True)),
     Column("expires_at", DateTime(timezone=True)),
     Column("not_before", DateTime(timezone=True)),
+    # The next moment the delivery engine must look at it (migration 0005); NULL once final.
+    Column("due_at", DateTime(timezone=True)),
 )
 
 attempts = Table(

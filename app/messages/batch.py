@@ -49,7 +49,7 @@ from app.messages.schemas import (
     SendBatchRequest,
     SendMessageRequest,
 )
-from app.messages.service import first_jobs, prepare_message, request_fingerprint
+from app.messages.service import prepare_message, request_fingerprint, wake_for
 from app.settings import Settings
 from app.templates.service import TemplateLookup
 from app.webhooks.service import notify_after_commit, tenant_has_endpoints
@@ -407,8 +407,7 @@ async def accept_batch(
         results[index] = BatchItemResult(
             index=index, id=to_public("msg", row["id"]), status=row["status"]
         )
-        for job in first_jobs(row):
-            tx.enqueue_after_commit(job)
+        wake_for(tx, row)
         if notify:
             await notify_after_commit(tx, tenant_id, row["id"], row["category"])
 

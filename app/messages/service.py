@@ -29,12 +29,11 @@ from app.messages.schemas import (
     MessageView,
     SendMessageRequest,
 )
-from app.queue import Job, expire_message_job, send_step_job
 from app.settings import Settings
 from app.templates.rendering import channel_content
 from app.templates.service import TemplateLookup, render_template
 from app.webhooks.service import notify_after_commit
-from providers.base import Category, Channel, Provider, Recipient
+from providers.base import Channel, Provider, Recipient
 from providers.registry import ProviderRegistry, UnknownProvider
 
 DEFAULT_SUCCESS_ON = {
@@ -153,11 +152,14 @@ def resolve_schedule(request: SendMessageRequest, at: datetime) -> dict[str, Any
             errors=[FieldError(path="body.expires_at", message="already past", type="in_the_past")]
         )
     scheduled = request.send_at is not None and request.send_at > at
+    start = request.send_at if scheduled and request.send_at is not None else at
     return {
         "status": (MessageStatus.QUEUED if scheduled else MessageStatus.ACCEPTED).value,
         "send_at": request.send_at,
         "expires_at": request.expires_at,
         "not_before": request.send_at if scheduled else None,
+        # The delivery engine takes it then (its first step, or its expiry if sooner).
+        "due_at": start if request.expires_at is None else min(start, request.expires_at),
     }
 
 
@@ -188,13 +190,11 @@ async def prepare_message(
     }
 
 
-def first_jobs(row: Mapping[str, Any]) -> list[Job]:
-    """The first step (deferred to `send_at`) and the expiry, if the message has one."""
-    public_id, category = to_public("msg", row["id"]), Category(row["category"])
-    jobs = [send_step_job(public_id, category, 0, not_before=row["not_before"])]
-    if row["expires_at"] is not None:
-        jobs.append(expire_message_job(public_id, category, row["expires_at"]))
-    return jobs
+def wake_for(tx: Transaction, row: Mapping[str, Any]) -> None:
+    """A message due now wakes its category's delivery engine after commit (a scheduled
+    one is found by the engine's look at the next `due_at`)."""
+    if row["not_before"] is None:
+        tx.wake_after_commit(row["category"])
 
 
 def request_fingerprint(request: SendMessageRequest) -> bytes:
@@ -251,8 +251,7 @@ async def accept_message(
             return Acceptance(AcceptedMessage.model_validate(row.response), replayed=True)
 
     await ledger.insert_accepted_message(tx.conn, new)
-    for job in first_jobs(new):
-        tx.enqueue_after_commit(job)
+    wake_for(tx, new)
     await notify_after_commit(tx, tenant_id, message_id, request.category.value)
     return Acceptance(accepted, replayed=False)
 

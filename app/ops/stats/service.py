@@ -8,7 +8,6 @@ rows of one resolution over a range; they never scan `messages`.
 
 from __future__ import annotations
 
-import functools
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass
@@ -16,9 +15,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import bindparam, case, func, literal_column, select, union_all
-from sqlalchemy.dialects.postgresql import Insert
-from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app import observability
@@ -60,11 +57,10 @@ def truncate(at: datetime, bucket: Bucket) -> datetime:
 
 @dataclass(frozen=True, slots=True)
 class Rollup:
-    """The rollup upsert for one message reaching a final status, written by the statement
-    that finalises the message (`ledger.write_transition`)."""
+    """The rollup rows (minute, hour, day) for one message reaching a final status, written
+    by the statement that finalises the message (`ledger.write_changes`)."""
 
-    statement: Insert
-    params: dict[str, Any]
+    rows: list[dict[str, Any]]
     category: str
     channel: str
     status: str
@@ -100,41 +96,8 @@ def final_status_rollup(
         "latency_hist": one_hot(latency_ms),
         "cost": cost,
     }
-    params = {f"{name}_{i}": value for name, value in row.items() for i in range(len(Bucket))}
-    for i, b in enumerate(Bucket):
-        params[f"resolution_{i}"], params[f"bucket_{i}"] = b.value, truncate(at, b)
-    return Rollup(_bump_rollups(tuple(row)), params, message.category, channel, status.value)
-
-
-@functools.cache
-def _bump_rollups(columns: tuple[str, ...]) -> Insert:
-    """The upsert, built once with bind parameters. The three rows come from a UNION ALL
-    of SELECTs: SQLAlchemy cannot cache a multi-row VALUES, so that form was compiled
-    again on every call (17 % of the API's CPU while applying receipts)."""
-    names = (*columns, "resolution", "bucket")
-    rows = union_all(
-        *(
-            select(*(bindparam(f"{n}_{i}", type_=stats_rollups.c[n].type) for n in names))
-            for i in range(len(Bucket))
-        )
-    )
-    statement = pg_insert(stats_rollups).from_select(names, rows)
-    new = statement.excluded
-    return statement.on_conflict_do_update(
-        index_elements=[c for c in stats_rollups.primary_key.columns],
-        set_={
-            "messages": stats_rollups.c.messages + new.messages,
-            "latency_ms_sum": stats_rollups.c.latency_ms_sum + new.latency_ms_sum,
-            "latency_hist": literal_column(
-                "(SELECT array_agg(a + b ORDER BY i) FROM unnest(stats_rollups.latency_hist,"
-                " excluded.latency_hist) WITH ORDINALITY AS h(a, b, i))"
-            ),
-            "cost": case(
-                (new.cost.is_(None), stats_rollups.c.cost),
-                else_=func.coalesce(stats_rollups.c.cost, 0) + new.cost,
-            ),
-        },
-    )
+    rows = [{**row, "resolution": b.value, "bucket": truncate(at, b)} for b in Bucket]
+    return Rollup(rows, message.category, channel, status.value)
 
 
 def observe_outcome(
