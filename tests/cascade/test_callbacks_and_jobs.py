@@ -1,24 +1,22 @@
-"""Provider callbacks, job reruns and the sweeper: nothing lost, nothing sent twice."""
+"""Provider callbacks, concurrent claims, lost wake-ups and dead workers: nothing lost,
+nothing sent twice."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-import uuid
-from datetime import timedelta
 from typing import Any
 
 import httpx
 import orjson
-from arq.constants import job_key_prefix
+from sqlalchemy import select
 
-from app.cascade import jobs
-from app.cascade import service as cascade
+from app.cascade.engine import DeliveryEngine
 from app.cascade.machine import MessageStatus
-from app.ids import to_public
+from app.ids import from_public
+from app.ledger.tables import messages
 from app.messages.schemas import SendMessageRequest
 from app.messages.service import accept_message
-from app.queue import Job, queue_name, withdrawn
 from app.runtime import utcnow
 from providers.base import Category, Channel
 from providers.sandbox import SandboxProvider, sign
@@ -57,6 +55,33 @@ async def _silent_sms(tenant: Tenant, step_timeout: int = 120) -> dict[str, Any]
             return dict(message)
         await asyncio.sleep(0.02)
     raise AssertionError("the SMS was never sent")
+
+
+async def _accepted_but_never_woken(service_: Service, tenant: Tenant, body: dict[str, Any]) -> str:
+    """Commit a message the way the API does, then lose its wake-up (a crash before it, a
+    Redis that is down): only the engine's own look at the ledger can find it."""
+    runtime = service_.worker_runtime
+    async with runtime.transaction() as tx:
+        acceptance = await accept_message(
+            tx,
+            tenant.id,
+            SendMessageRequest.model_validate(body),
+            None,
+            runtime.providers,
+            runtime.settings,
+            utcnow(),
+        )
+        tx.wakes.clear()
+    return acceptance.message.id
+
+
+async def _due_at(service_: Service, message_id: str) -> Any:
+    async with service_.worker_runtime.engine.connect() as conn:
+        return (
+            await conn.execute(
+                select(messages.c.due_at).where(messages.c.id == from_public("msg", message_id))
+            )
+        ).scalar_one()
 
 
 async def test_forged_sandbox_callback_is_refused_and_changes_nothing(
@@ -118,32 +143,17 @@ async def test_failure_after_delivery_does_not_undo_it(service: Service, tenant:
     assert final["attempts"][0]["status"] == "delivered"
 
 
-async def _accepted_but_never_enqueued(
-    service_: Service, tenant: Tenant, body: dict[str, Any]
-) -> str:
-    """Commit a message the way the API does, then lose its job (a crash before enqueue)."""
-    runtime = service_.worker_runtime
-    async with runtime.transaction() as tx:
-        acceptance = await accept_message(
-            tx,
-            tenant.id,
-            SendMessageRequest.model_validate(body),
-            None,
-            runtime.providers,
-            runtime.settings,
-            utcnow(),
-        )
-        tx.jobs.clear()
-    return acceptance.message.id
-
-
-async def test_a_step_job_run_twice_sends_once(service: Service, tenant: Tenant) -> None:
+async def test_concurrent_claims_send_a_step_once(service: Service, tenant: Tenant) -> None:
+    """Five engines (as five worker processes would) claim at once: the step is taken by
+    one of them, sent once, and never claimed again while it waits for its receipt."""
     body = message_body(to={"phone": "+48600100203"}, cascade=[{"channel": "sms"}])
-    message_id = await _accepted_but_never_enqueued(service, tenant, body)
-    ctx = {"runtime": service.worker_runtime}
+    message_id = await _accepted_but_never_woken(service, tenant, body)
+    engines = [DeliveryEngine(service.worker_runtime, "transactional") for _ in range(5)]
 
-    await asyncio.gather(*(jobs.send_step(ctx, message_id, 0) for _ in range(5)))
-    await jobs.send_step(ctx, message_id, 0)
+    await asyncio.gather(*(engine.claim(10) for engine in engines))
+    await asyncio.gather(*(engine.drain() for engine in engines))
+    await asyncio.gather(*(engine.claim(10) for engine in engines))
+    await asyncio.gather(*(engine.drain() for engine in engines))
 
     message = (await tenant.client.get(f"/v1/messages/{message_id}")).json()
     assert len(message["attempts"]) == 1
@@ -152,104 +162,62 @@ async def test_a_step_job_run_twice_sends_once(service: Service, tenant: Tenant)
     assert [e["status"] for e in message["events"]] == ["accepted", "sending", "sent"]
 
 
-def _jobs_for(tx: Any, message_id: str) -> list[str]:
-    return [job.job_id for job in tx.jobs if message_id in job.job_id]
-
-
-async def test_sweeper_picks_up_a_message_committed_but_never_enqueued(
+async def test_a_message_whose_wake_up_was_lost_is_still_delivered(
     service: Service, tenant: Tenant
 ) -> None:
-    message_id = await _accepted_but_never_enqueued(service, tenant, message_body())
-    runtime = service.worker_runtime
-    grace = runtime.settings.sweep_grace
+    message_id = await _accepted_but_never_woken(service, tenant, message_body())
 
-    async with runtime.transaction() as tx:
-        await cascade.sweep(tx, utcnow() + grace / 2, grace)
-        within_grace = _jobs_for(tx, message_id)
-        tx.jobs.clear()
-    async with runtime.transaction() as tx:
-        # Time injected: the sweeper runs as if the grace period had passed.
-        await cascade.sweep(tx, utcnow() + grace * 2, grace)
-        after_grace = _jobs_for(tx, message_id)
-        tx.jobs[:] = [job for job in tx.jobs if job.job_id in after_grace]
-
-    assert within_grace == []
-    assert after_grace == [f"msg:{message_id}:step:0"]
     message = await wait_until_final(tenant.client, message_id)
+
     assert message["status"] == MessageStatus.DELIVERED
 
 
-async def test_sweeper_expires_a_step_whose_deadline_job_was_lost(
+async def test_a_claimed_step_whose_worker_died_is_never_resent_its_deadline_decides(
+    service: Service, tenant: Tenant
+) -> None:
+    """Killed between the claim's commit and the request: the step stays `sending`, is
+    not sent again, and falls over when its window closes."""
+    body = message_body(
+        to={"phone": "+48600100200", "email": "ann@example.com"},
+        cascade=[{"channel": "sms", "timeout": 1}, {"channel": "email"}],
+    )
+    message_id = await _accepted_but_never_woken(service, tenant, body)
+    doomed = DeliveryEngine(service.worker_runtime, "transactional")
+    await doomed.claim(100)
+    for task in list(doomed._tasks):
+        task.cancel()  # the process is gone before any send left
+    await doomed.drain()
+
+    message = await wait_until_final(tenant.client, message_id)
+
+    sms, email = message["attempts"]
+    assert (sms["status"], sms["error"]["code"], sms["tries"]) == ("expired", "timeout", 1)
+    assert _sandbox(service).submissions.get(sms["id"], 0) == 0
+    assert (email["status"], message["status"]) == ("sent", "delivered")
+
+
+async def test_a_silent_step_times_out_from_its_due_at_with_nothing_in_redis(
     service: Service, tenant: Tenant
 ) -> None:
     message = await _silent_sms(tenant, step_timeout=1)
-    runtime = service.worker_runtime
-    lost_job = f"msg:{message['id']}:deadline:0"
-    await runtime.redis.zrem("cascade:transactional", lost_job)
-    await runtime.redis.delete(f"arq:job:{lost_job}")
-    await asyncio.sleep(1.2)  # past the one-second step deadline
+    redis_keys = [key async for key in service.worker_runtime.redis.scan_iter(f"*{message['id']}*")]
 
-    async with runtime.transaction() as tx:
-        await cascade.sweep(tx, utcnow(), runtime.settings.sweep_grace)
-        swept = _jobs_for(tx, message["id"])
-        tx.jobs[:] = [job for job in tx.jobs if job.job_id in swept]
-
-    assert swept == [lost_job]
     final = await wait_until_final(tenant.client, message["id"])
+
+    assert redis_keys == []
     assert final["status"] == "failed"
     assert final["attempts"][0]["status"] == "expired"
 
 
-def test_public_ids_are_prefixed() -> None:
-    import uuid
-
-    assert to_public("msg", uuid.UUID(int=1)).startswith("msg_")
-
-
-async def test_a_step_that_ends_takes_its_deadline_job_off_the_queue(
-    service: Service, tenant: Tenant
-) -> None:
-    """Delivered before its timeout: no deadline check is left to run a step's timeout
-    later; a silent step keeps its own."""
+async def test_a_final_message_leaves_the_engines_index(service: Service, tenant: Tenant) -> None:
+    waiting = await _silent_sms(tenant)
     delivered = await send(
         tenant.client, message_body(to={"phone": "+48600100200"}, cascade=[{"channel": "sms"}])
     )
-    silent = await _silent_sms(tenant)
     assert (await wait_until_final(tenant.client, delivered))["status"] == "delivered"
-    redis = service.worker_runtime.redis
-    queued = {
-        member.decode() for member in await redis.zrange(queue_name(Category.TRANSACTIONAL), 0, -1)
-    }
 
-    assert f"msg:{delivered}:deadline:0" not in queued
-    assert not await redis.exists(f"{job_key_prefix}msg:{delivered}:deadline:0")
-    assert f"msg:{silent['id']}:deadline:0" in queued
-
-
-async def test_withdrawing_removes_a_queued_job_and_nothing_else(service: Service) -> None:
-    runtime = service.worker_runtime
-    name = f"test:withdraw:{uuid.uuid4().hex}"
-    waiting = Job(
-        "f", Category.TRANSACTIONAL, uuid.uuid4().hex, defer=timedelta(hours=1), queue=name
-    )
-    running = Job("f", Category.TRANSACTIONAL, uuid.uuid4().hex, queue=name)
-    await runtime.queue.enqueue_many([waiting])
-    # Picked by a worker already: off the queue, its key still there until it finishes.
-    await runtime.redis.set(f"{job_key_prefix}{running.job_id}", b"payload")
-    try:
-        await runtime.queue.enqueue_many([withdrawn(waiting), withdrawn(running)])
-        queued = await runtime.redis.zrange(name, 0, -1)
-        keys = [
-            await runtime.redis.exists(f"{job_key_prefix}{job.job_id}")
-            for job in (waiting, running)
-        ]
-        # Withdrawn, it may be added again (a deterministic id is not burnt).
-        again = await runtime.queue.enqueue_many([waiting])
-    finally:
-        await runtime.redis.delete(
-            name, *(f"{job_key_prefix}{job.job_id}" for job in (waiting, running))
-        )
-
-    assert queued == []
-    assert keys == [0, 1]
-    assert again == 1
+    assert await _due_at(service, delivered) is None
+    assert await _due_at(service, waiting["id"]) is not None
+    cancelled = await tenant.client.post(f"/v1/messages/{waiting['id']}/cancel")
+    assert cancelled.status_code == 200
+    assert await _due_at(service, waiting["id"]) is None
