@@ -98,7 +98,7 @@ def build_workers(runtime: Runtime, queues: Collection[str] = QUEUES) -> list[Wo
                 # Each worker owns its pool: Worker.close() closes the pool it was given.
                 redis_settings=redis_settings(settings.redis_url or ""),
                 ctx={"runtime": runtime},
-                max_jobs=10,
+                max_jobs=settings.worker_concurrency[category],
                 job_timeout=timeout,
                 poll_delay=settings.worker_poll_delay,
                 handle_signals=False,

@@ -143,6 +143,8 @@ class DeliveryEngine:
             del tx.changes[mark:]
             await service.retime(tx, message, at, at + RETRY_BROKEN)
             return None
+        finally:
+            structlog.contextvars.clear_contextvars()  # one message's log context only
 
     async def _act(
         self, tx: Transaction, message: MessageRow, attempts: list[AttemptRow], at: datetime
@@ -307,17 +309,29 @@ class DeliveryEngine:
             messages = {m.id: m for m in await ledger.lock_messages(tx.conn, self.category, ids)}
             attempts = {a.id: a for a in await ledger.attempts_of(tx.conn, ids)}
             for plan, result in zip(plans, results, strict=True):
+                message = messages.get(plan.message_id)
                 await service.record_send_result(
                     tx,
                     self.rt.settings,
                     plan,
                     result,
                     at,
-                    messages.get(plan.message_id),
+                    message,
                     attempts.get(plan.attempt_id),
                 )
+                structlog.contextvars.clear_contextvars()
             await ledger.write_changes(tx.conn, tx.changes)
-        log.info("batch_sent", category=self.category, sends=len(plans))
+        for plan, result in zip(plans, results, strict=True):
+            message = messages.get(plan.message_id)
+            log.info(
+                "step_sent",
+                message_id=plan.outbound.message_id,
+                attempt=plan.outbound.attempt_id,
+                tenant=str(message.tenant_id) if message else None,
+                provider=plan.provider.name,
+                step=plan.step,
+                result=type(result).__name__,
+            )
 
 
 # A message whose processing raised is looked at again this much later (logged each time).

@@ -193,7 +193,8 @@ async def test_a_claimed_step_whose_worker_died_is_never_resent_its_deadline_dec
     sms, email = message["attempts"]
     assert (sms["status"], sms["error"]["code"], sms["tries"]) == ("expired", "timeout", 1)
     assert _sandbox(service).submissions.get(sms["id"], 0) == 0
-    assert (email["status"], message["status"]) == ("sent", "delivered")
+    assert email["status"] in ("sent", "delivered")
+    assert message["status"] == "delivered"
 
 
 async def test_a_silent_step_times_out_from_its_due_at_with_nothing_in_redis(

@@ -152,11 +152,12 @@ class RedisServer:
 
 class EnqueueTrap:
     """A unix-socket proxy in front of Redis. Armed, it calls `on_enqueue` (which kills the
-    API) the moment a message job's key crosses it, before forwarding a byte of it."""
+    API) the moment the post-commit wake-up of the delivery engines crosses it, before
+    forwarding a byte of it."""
 
-    # A message job's id (`msg:msg_…:step:k`), as it crosses in the enqueue script's
-    # packed argument.
-    MARKER = b"msg:msg_"
+    # The engines' wake-up list (`cascade:wake:<category>`), an argument of the one Redis
+    # call that follows every commit.
+    MARKER = b"cascade:wake:"
 
     def __init__(self, upstream: Path, listen: Path) -> None:
         self.upstream = upstream

@@ -10,13 +10,11 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from sqlalchemy import select, update
 
-from app.cascade import jobs
-from app.cascade import service as cascade
+from app.cascade.engine import DeliveryEngine
 from app.ids import from_public
-from app.messages.schemas import SendMessageRequest
-from app.messages.service import accept_message
-from app.queue import queue_name
+from app.ledger.tables import messages
 from app.runtime import utcnow
 from providers.base import Cancellable, TransientProviderError
 from providers.sandbox import SandboxProvider, sign
@@ -31,8 +29,13 @@ def sandbox(service_: Service) -> SandboxProvider:
     return provider
 
 
-def ctx(service_: Service) -> dict[str, Any]:
-    return {"runtime": service_.worker_runtime}
+async def due_at(service_: Service, message_id: str) -> Any:
+    async with service_.worker_runtime.engine.connect() as conn:
+        return (
+            await conn.execute(
+                select(messages.c.due_at).where(messages.c.id == from_public("msg", message_id))
+            )
+        ).scalar_one()
 
 
 async def late_receipt(service_: Service, attempt_id: str) -> None:
@@ -61,25 +64,20 @@ async def test_a_scheduled_message_waits_queued_and_is_not_sent_early(
 ) -> None:
     accepted = await scheduled(tenant, timedelta(hours=1))
     message_id = accepted["id"]
-    runtime = service.worker_runtime
     message = (await tenant.client.get(f"/v1/messages/{message_id}")).json()
-    score = await runtime.redis.zscore(queue_name("transactional"), f"msg:{message_id}:step:0")
 
-    # A sweep after the grace period, and the step job run early, both leave it alone.
-    grace = runtime.settings.sweep_grace
-    async with runtime.transaction() as tx:
-        await cascade.sweep(tx, utcnow() + grace * 2, grace)
-        swept = [job.job_id for job in tx.jobs if message_id in job.job_id]
-        tx.jobs.clear()
-    await jobs.send_step(ctx(service), message_id, 0)
+    # An engine's claim now (another worker, a restart) leaves it alone.
+    engine = DeliveryEngine(service.worker_runtime, "transactional")
+    await engine.claim(1000)
+    await engine.drain()
     untouched = (await tenant.client.get(f"/v1/messages/{message_id}")).json()
 
     assert accepted["status"] == "queued"
     assert message["status"] == "queued"
     assert message["send_at"] is not None
-    assert score is not None
-    assert abs(score / 1000 - time.time() - 3600) < 60  # deferred about an hour, by arq
-    assert swept == []
+    due = await due_at(service, message_id)
+    assert due is not None
+    assert abs(due.timestamp() - time.time() - 3600) < 60  # due in about an hour
     assert untouched["attempts"] == []
     assert untouched["status"] == "queued"
 
@@ -138,41 +136,6 @@ async def test_impossible_schedules_are_refused(
     assert response.json()["errors"][0]["path"] == path
 
 
-async def test_the_sweeper_expires_a_message_whose_expiry_job_was_lost(
-    service: Service, tenant: Tenant
-) -> None:
-    runtime = service.worker_runtime
-    expires_at = utcnow() + timedelta(hours=1)
-    body = message_body(
-        send_at=(expires_at - timedelta(minutes=1)).isoformat(), expires_at=expires_at.isoformat()
-    )
-    async with runtime.transaction() as tx:
-        acceptance = await accept_message(
-            tx,
-            tenant.id,
-            SendMessageRequest.model_validate(body),
-            None,
-            runtime.providers,
-            runtime.settings,
-            utcnow(),
-        )
-        tx.jobs.clear()  # lost: neither the step nor the expiry job reaches Redis
-    message_id = acceptance.message.id
-    later = expires_at + timedelta(seconds=5)  # an injected clock past the deadline
-
-    async with runtime.transaction() as tx:
-        await cascade.sweep(tx, later, runtime.settings.sweep_grace)
-        swept = [(job.function, job.job_id) for job in tx.jobs if message_id in job.job_id]
-        tx.jobs.clear()
-    async with runtime.transaction() as tx:
-        expired = await cascade.expire_message(tx, from_public("msg", message_id), later)
-    message = (await tenant.client.get(f"/v1/messages/{message_id}")).json()
-
-    assert ("expire_message", f"msg:{message_id}:expire") in swept
-    assert expired is True
-    assert message["status"] == "expired"
-
-
 async def test_a_message_is_cancelled_before_delivery_and_not_after(
     tenant: Tenant, other_tenant: Tenant
 ) -> None:
@@ -222,8 +185,16 @@ async def test_once_a_step_is_delivered_later_steps_are_never_sent(
 ) -> None:
     message = await wait_until_final(tenant.client, await send(tenant.client, message_body()))
 
-    # A stray or duplicated job for the next step (a rerun, a sweep) sends nothing.
-    await jobs.send_step(ctx(service), message["id"], 1)
+    # Due again by mistake (a restart's migration, a stray write): the engine sends nothing.
+    async with service.worker_runtime.engine.begin() as conn:
+        await conn.execute(
+            update(messages)
+            .where(messages.c.id == from_public("msg", message["id"]))
+            .values(due_at=utcnow())
+        )
+    engine = DeliveryEngine(service.worker_runtime, "transactional")
+    await engine.claim(1000)
+    await engine.drain()
     after = (await tenant.client.get(f"/v1/messages/{message['id']}")).json()
 
     assert message["delivered_channel"] == "push"

@@ -40,7 +40,7 @@ async def test_all_queues_by_default_each_cron_on_its_own_queue() -> None:
     workers = build_workers(stub_runtime())
 
     assert crons(workers) == {
-        queue_name(Category.TRANSACTIONAL): ["sweep"],
+        queue_name(Category.TRANSACTIONAL): [],
         queue_name(Category.SERVICE): [],
         queue_name(Category.MARKETING): ["prune_marketing_sends"],
         WEBHOOKS_QUEUE: ["sweep_webhooks"],
@@ -55,12 +55,12 @@ async def test_a_subset_builds_only_those_workers() -> None:
 
     assert crons(marketing) == {queue_name(Category.MARKETING): ["prune_marketing_sends"]}
     assert crons(rest) == {
-        queue_name(Category.TRANSACTIONAL): ["sweep"],
+        queue_name(Category.TRANSACTIONAL): [],
         queue_name(Category.SERVICE): [],
         WEBHOOKS_QUEUE: ["sweep_webhooks"],
     }
     assert marketing[0].max_jobs == runtime.settings.worker_concurrency[Category.MARKETING]
-    assert "send_step" in marketing[0].functions
+    assert "cancel_provider_send" in marketing[0].functions
     assert "deliver_webhook" not in marketing[0].functions
 
 
