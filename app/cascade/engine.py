@@ -174,12 +174,12 @@ class DeliveryEngine:
         elif action is Due.EXPIRE:
             await service.expire_message(tx, message, current, at)
         elif action is Due.FORGET:
-            await service.retime(tx, message, at, None)
+            await service.forget(tx, message, at)
+        elif current is not None and current.status is not AttemptStatus.PENDING:
+            await service.retime(tx, message, at, current.deadline_at)  # still in its window
         else:
-            waiting_for = message.not_before if held else None
-            if current is not None and current.status is not AttemptStatus.PENDING:
-                waiting_for = current.deadline_at
-            await service.retime(tx, message, at, waiting_for)
+            assert message.not_before is not None  # held until its send time
+            await service.retime(tx, message, at, message.not_before)
         return None
 
     async def _idle(self, stop: asyncio.Event) -> None:

@@ -87,11 +87,9 @@ def step_spec(message: MessageRow, step: int) -> dict[str, Any]:
     return message.cascade[step]
 
 
-def due(message: MessageRow, at: datetime | None) -> datetime | None:
+def due(message: MessageRow, at: datetime) -> datetime:
     """When the engine must look at the message next: `at`, or its expiry if sooner."""
-    if at is None or message.expires_at is None:
-        return at if at is not None else message.expires_at
-    return min(at, message.expires_at)
+    return at if message.expires_at is None else min(at, message.expires_at)
 
 
 async def write(tx: Transaction, change: Change) -> None:
@@ -313,9 +311,14 @@ async def expire_message(
     )
 
 
-async def retime(tx: Transaction, message: MessageRow, at: datetime, when: datetime | None) -> None:
+async def retime(tx: Transaction, message: MessageRow, at: datetime, when: datetime) -> None:
     """Nothing to do yet: the engine looks at the message again at `when`."""
     await write(tx, Change(message, at, [], {"due_at": due(message, when)}))
+
+
+async def forget(tx: Transaction, message: MessageRow, at: datetime) -> None:
+    """Already final: the message leaves the engine's index."""
+    await write(tx, Change(message, at, [], {"due_at": None}))
 
 
 async def _defer(

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import timedelta
 from typing import Any
 
 import httpx
 import orjson
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from app.cascade.engine import DeliveryEngine
 from app.cascade.machine import MessageStatus
@@ -222,3 +223,26 @@ async def test_a_final_message_leaves_the_engines_index(service: Service, tenant
     cancelled = await tenant.client.post(f"/v1/messages/{waiting['id']}/cancel")
     assert cancelled.status_code == 200
     assert await _due_at(service, waiting["id"]) is None
+
+
+async def test_a_final_message_found_due_is_forgotten_not_retimed_to_its_expiry(
+    service: Service, tenant: Tenant
+) -> None:
+    body = message_body(
+        to={"phone": "+48600100200"},
+        cascade=[{"channel": "sms"}],
+        expires_at=(utcnow() + timedelta(hours=1)).isoformat(),
+    )
+    message_id = await send(tenant.client, body)
+    assert (await wait_until_final(tenant.client, message_id))["status"] == "delivered"
+    async with service.worker_runtime.engine.begin() as conn:
+        await conn.execute(
+            update(messages)
+            .where(messages.c.id == from_public("msg", message_id))
+            .values(due_at=utcnow())
+        )
+
+    engine = DeliveryEngine(service.worker_runtime, "transactional")
+    await engine.claim(1000)
+
+    assert await _due_at(service, message_id) is None
