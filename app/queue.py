@@ -51,8 +51,6 @@ class Job:
     # A queue of its own instead of the category's (webhooks: slow receivers never delay sends).
     queue: str | None = None
     defer_until: datetime | None = None
-    # Remove this job (queued, not yet run) instead of adding it: see `withdrawn`.
-    withdraw: bool = False
 
 
 def cancel_provider_send_job(category: Category, provider: str, provider_message_id: str) -> Job:
@@ -87,12 +85,7 @@ while pos <= #jobs do
     local payload = string.sub(jobs, pos, pos + payload_len - 1)
     pos = pos + payload_len
     local job_key = job_prefix .. id
-    if payload_len == 0 then
-        -- a withdrawal (`withdrawn`): off the queue, if it is still waiting there
-        if redis.call('zrem', queue, id) == 1 then
-            redis.call('del', job_key)
-        end
-    elseif redis.call('exists', job_key, result_prefix .. id) == 0 then
+    if redis.call('exists', job_key, result_prefix .. id) == 0 then
         redis.call('psetex', job_key, expires, payload)
         redis.call('zadd', queue, score, id)
         added = added + 1
@@ -154,11 +147,8 @@ class JobQueue:
             log.warning("enqueue_script_failed", jobs=len(jobs), error=repr(exc))
             if len(jobs) <= 1:
                 return
-        # One by one instead: arq's enqueue skips any the pipeline did add. Withdrawals
-        # are dropped: the jobs they would remove run and find nothing to do.
+        # One by one instead: arq's enqueue skips any the pipeline did add.
         for job in jobs:
-            if job.withdraw:
-                continue
             try:
                 async with asyncio.timeout(ENQUEUE_TIMEOUT_SECONDS):
                     await self.enqueue(job)
@@ -194,12 +184,8 @@ class JobQueue:
                 score = now_ms + round(job.defer.total_seconds() * 1000)
             else:
                 score = now_ms
-            payload = (
-                b""
-                if job.withdraw
-                else serialize_job(
-                    job.function, job.args, job.kwargs, None, now_ms, serializer=serializer
-                )
+            payload = serialize_job(
+                job.function, job.args, job.kwargs, None, now_ms, serializer=serializer
             )
             job_id = job.job_id.encode()
             queue = (job.queue or queue_name(job.category)).encode()

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from arq.connections import ArqRedis
 
-from app.ratelimit import GCRA_LUA, Gcra
+from app.ratelimit import GCRA_LUA
 from providers.accounts import ProviderAccount
 
 # Failures counted in a window that starts at the first one; at the threshold the circuit
@@ -75,7 +75,6 @@ class Admission:
 class SendGuards:
     def __init__(self, redis: ArqRedis) -> None:
         self._redis = redis
-        self._gcra = Gcra(redis)
         self._trip = redis.register_script(_TRIP)
         self._admit = redis.register_script(_ADMIT)
 
@@ -97,14 +96,6 @@ class SendGuards:
             ),
         )
         return Admission(bool(circuit_open), int(slots), float(wait_ms) / 1000.0, int(failures))
-
-    async def wait_for_rate(self, account: ProviderAccount) -> float:
-        """Seconds until this account may send again (0: send now, the slot is taken)."""
-        if account.rate_per_second is None:
-            return 0.0
-        return await self._gcra.wait(
-            f"cascade:rate:{account.name}", account.rate_per_second, account.burst
-        )
 
     async def circuit_open(self, account: ProviderAccount) -> bool:
         return bool(await self._redis.exists(f"cascade:circuit:{account.name}:open"))

@@ -152,10 +152,6 @@ _EVENT_COLUMNS = (
 )
 
 
-def _bound(values: dict[str, Any]) -> dict[str, Any]:
-    return {f"v_{name}": value for name, value in values.items()}
-
-
 async def get_message(
     conn: AsyncConnection, message_id: uuid.UUID, tenant_id: uuid.UUID | None = None
 ) -> MessageRow | None:
@@ -422,19 +418,6 @@ def _unnest(alias: str, columns: tuple[str, ...], first: int) -> str:
     return f"unnest({arrays}) WITH ORDINALITY AS {alias}({', '.join(columns)}, ord)"
 
 
-_EVENT_ROW = (
-    "message_id",
-    "category",
-    "tenant_id",
-    "seq",
-    "attempt_id",
-    "step",
-    "status",
-    "source",
-    "detail",
-    "dedupe_key",
-    "at",
-)
 _HIST_SUM = (
     "(SELECT array_agg(a + b ORDER BY i) FROM unnest(stats_rollups.latency_hist,"
     " excluded.latency_hist) WITH ORDINALITY AS h(a, b, i))"
@@ -458,11 +441,11 @@ def _changes_statement() -> str:
         f"changed_attempts AS (UPDATE attempts SET {sets} FROM {changed_attempts}"
         " WHERE attempts.id = u.id)"
     )
-    new_events = _unnest("e", _EVENT_ROW, n)
-    n += len(_EVENT_ROW)
+    new_events = _unnest("e", _EVENT_COLUMNS, n)
+    n += len(_EVENT_COLUMNS)
     parts.append(
-        f"new_events AS (INSERT INTO events ({', '.join(_EVENT_ROW)})"
-        f" SELECT {', '.join(_EVENT_ROW)} FROM {new_events} ORDER BY ord"
+        f"new_events AS (INSERT INTO events ({', '.join(_EVENT_COLUMNS)})"
+        f" SELECT {', '.join(_EVENT_COLUMNS)} FROM {new_events} ORDER BY ord"
         " ON CONFLICT (dedupe_key) DO NOTHING)"
     )
     rollup_row = tuple(c if c != "latency_hist" else "latency_hist_json" for c in ROLLUP_COLUMNS)
@@ -577,7 +560,7 @@ async def write_changes(conn: AsyncConnection, changes: list[Change]) -> None:
     for rows, width in (
         (new_attempts, len(ATTEMPT_COLUMNS)),
         (changed_attempts, 1 + len(ATTEMPT_STATE)),
-        (new_events, len(_EVENT_ROW)),
+        (new_events, len(_EVENT_COLUMNS)),
     ):
         args += _columns(rows, width)
     rollup_rows = [

@@ -20,16 +20,30 @@ async def test_rate_limit_allows_the_burst_then_spaces_sends(service: Service) -
     guards = SendGuards(service.worker_runtime.redis)
     account = _account(rate_per_second=1, burst=3)
 
-    waits = [await guards.wait_for_rate(account) for _ in range(4)]
+    waits = [(await guards.admit(account)).wait for _ in range(4)]
 
     assert waits[:3] == [0.0, 0.0, 0.0]
     assert 0.0 < waits[3] <= 1.0
 
 
+async def test_a_batch_takes_the_slots_the_rate_allows_in_one_call(service: Service) -> None:
+    guards = SendGuards(service.worker_runtime.redis)
+    limited, unlimited = _account(rate_per_second=1, burst=3), _account()
+
+    batch = await guards.admit(limited, 5)
+    after = await guards.admit(limited, 2)
+    free = await guards.admit(unlimited, 500)
+
+    assert batch.slots == 3
+    assert 0.0 < batch.wait <= 1.0
+    assert after.slots == 0
+    assert (free.slots, free.wait) == (500, 0.0)
+
+
 async def test_an_account_without_a_rate_is_never_limited(service: Service) -> None:
     guards = SendGuards(service.worker_runtime.redis)
     account = _account()
-    assert [await guards.wait_for_rate(account) for _ in range(50)] == [0.0] * 50
+    assert [(await guards.admit(account)).wait for _ in range(50)] == [0.0] * 50
 
 
 async def test_breaker_opens_at_the_threshold_and_success_resets_the_count(

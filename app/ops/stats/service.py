@@ -1,7 +1,7 @@
 """Delivery stats from rollups: bumped once per message when it reaches a final status.
 
 The write is one upsert of the minute, hour and day rows, part of the very statement that
-finalises the message (`ledger.write_transition`), so the rollups never disagree with the
+finalises the message (`ledger.write_changes`), so the rollups never disagree with the
 ledger. Reads add up the
 rows of one resolution over a range; they never scan `messages`.
 """
