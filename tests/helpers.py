@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any, TypeVar
 
 import httpx
+from sqlalchemy import select, update
+
+from app.ids import from_public
+from app.ledger.tables import messages
+from app.messages.schemas import SendMessageRequest
+from app.messages.service import accept_message
+from app.runtime import Runtime, utcnow
 
 T = TypeVar("T")
 
@@ -59,4 +68,41 @@ async def eventually(probe: Callable[[], T | None], within: float = 10.0) -> T:
         if loop.time() > deadline:
             raise AssertionError("condition not reached in time")
         await asyncio.sleep(0.02)
+    return value
+
+
+async def accept_without_wake(
+    runtime: Runtime, tenant_id: uuid.UUID, body: dict[str, Any], *, timed: bool = True
+) -> str:
+    """Commit a message the way the API does, but lose its wake-up (a crash before it, a
+    Redis that is down): only the engine's own look at the ledger finds it. `timed=False`
+    also takes it out of the engine's sight (no `due_at`), so the test drives its steps."""
+    async with runtime.transaction() as tx:
+        acceptance = await accept_message(
+            tx,
+            tenant_id,
+            SendMessageRequest.model_validate(body),
+            None,
+            runtime.providers,
+            runtime.settings,
+            utcnow(),
+        )
+        tx.wakes.clear()
+        if not timed:
+            await tx.conn.execute(
+                update(messages)
+                .where(messages.c.id == from_public("msg", acceptance.message.id))
+                .values(due_at=None)
+            )
+    return acceptance.message.id
+
+
+async def due_at(runtime: Runtime, message_id: str) -> datetime | None:
+    """When the delivery engine will look at the message next (None: never again)."""
+    async with runtime.engine.connect() as conn:
+        value: datetime | None = (
+            await conn.execute(
+                select(messages.c.due_at).where(messages.c.id == from_public("msg", message_id))
+            )
+        ).scalar_one()
     return value

@@ -10,19 +10,23 @@ from typing import Any
 
 import httpx
 import orjson
-from sqlalchemy import select, update
+from sqlalchemy import update
 
 from app.cascade.engine import DeliveryEngine
 from app.cascade.machine import MessageStatus
 from app.ids import from_public
 from app.ledger.tables import messages
-from app.messages.schemas import SendMessageRequest
-from app.messages.service import accept_message
 from app.runtime import utcnow
 from providers.base import Category, Channel
 from providers.sandbox import SandboxProvider, sign
 from tests.conftest import Service, Tenant
-from tests.helpers import message_body, send, wait_until_final
+from tests.helpers import (
+    accept_without_wake,
+    due_at,
+    message_body,
+    send,
+    wait_until_final,
+)
 
 
 def _sandbox(service_: Service) -> SandboxProvider:
@@ -56,33 +60,6 @@ async def _silent_sms(tenant: Tenant, step_timeout: int = 120) -> dict[str, Any]
             return dict(message)
         await asyncio.sleep(0.02)
     raise AssertionError("the SMS was never sent")
-
-
-async def _accepted_but_never_woken(service_: Service, tenant: Tenant, body: dict[str, Any]) -> str:
-    """Commit a message the way the API does, then lose its wake-up (a crash before it, a
-    Redis that is down): only the engine's own look at the ledger can find it."""
-    runtime = service_.worker_runtime
-    async with runtime.transaction() as tx:
-        acceptance = await accept_message(
-            tx,
-            tenant.id,
-            SendMessageRequest.model_validate(body),
-            None,
-            runtime.providers,
-            runtime.settings,
-            utcnow(),
-        )
-        tx.wakes.clear()
-    return acceptance.message.id
-
-
-async def _due_at(service_: Service, message_id: str) -> Any:
-    async with service_.worker_runtime.engine.connect() as conn:
-        return (
-            await conn.execute(
-                select(messages.c.due_at).where(messages.c.id == from_public("msg", message_id))
-            )
-        ).scalar_one()
 
 
 async def test_forged_sandbox_callback_is_refused_and_changes_nothing(
@@ -148,7 +125,7 @@ async def test_concurrent_claims_send_a_step_once(service: Service, tenant: Tena
     """Five engines (as five worker processes would) claim at once: the step is taken by
     one of them, sent once, and never claimed again while it waits for its receipt."""
     body = message_body(to={"phone": "+48600100203"}, cascade=[{"channel": "sms"}])
-    message_id = await _accepted_but_never_woken(service, tenant, body)
+    message_id = await accept_without_wake(service.worker_runtime, tenant.id, body)
     engines = [DeliveryEngine(service.worker_runtime, "transactional") for _ in range(5)]
 
     await asyncio.gather(*(engine.claim(10) for engine in engines))
@@ -166,7 +143,7 @@ async def test_concurrent_claims_send_a_step_once(service: Service, tenant: Tena
 async def test_a_message_whose_wake_up_was_lost_is_still_delivered(
     service: Service, tenant: Tenant
 ) -> None:
-    message_id = await _accepted_but_never_woken(service, tenant, message_body())
+    message_id = await accept_without_wake(service.worker_runtime, tenant.id, message_body())
 
     message = await wait_until_final(tenant.client, message_id)
 
@@ -182,7 +159,7 @@ async def test_a_claimed_step_whose_worker_died_is_never_resent_its_deadline_dec
         to={"phone": "+48600100200", "email": "ann@example.com"},
         cascade=[{"channel": "sms", "timeout": 1}, {"channel": "email"}],
     )
-    message_id = await _accepted_but_never_woken(service, tenant, body)
+    message_id = await accept_without_wake(service.worker_runtime, tenant.id, body)
     doomed = DeliveryEngine(service.worker_runtime, "transactional")
     await doomed.claim(100)
     for task in list(doomed._tasks):
@@ -218,11 +195,11 @@ async def test_a_final_message_leaves_the_engines_index(service: Service, tenant
     )
     assert (await wait_until_final(tenant.client, delivered))["status"] == "delivered"
 
-    assert await _due_at(service, delivered) is None
-    assert await _due_at(service, waiting["id"]) is not None
+    assert await due_at(service.worker_runtime, delivered) is None
+    assert await due_at(service.worker_runtime, waiting["id"]) is not None
     cancelled = await tenant.client.post(f"/v1/messages/{waiting['id']}/cancel")
     assert cancelled.status_code == 200
-    assert await _due_at(service, waiting["id"]) is None
+    assert await due_at(service.worker_runtime, waiting["id"]) is None
 
 
 async def test_a_final_message_found_due_is_forgotten_not_retimed_to_its_expiry(
@@ -245,4 +222,4 @@ async def test_a_final_message_found_due_is_forgotten_not_retimed_to_its_expiry(
     engine = DeliveryEngine(service.worker_runtime, "transactional")
     await engine.claim(1000)
 
-    assert await _due_at(service, message_id) is None
+    assert await due_at(service.worker_runtime, message_id) is None

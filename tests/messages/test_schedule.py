@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import update
 
 from app.cascade.engine import DeliveryEngine
 from app.ids import from_public
@@ -20,22 +20,20 @@ from providers.base import Cancellable, TransientProviderError
 from providers.sandbox import SandboxProvider, sign
 from providers.twilio import TwilioConfig, TwilioProvider
 from tests.conftest import Service, Tenant
-from tests.helpers import attempt_statuses, eventually, message_body, send, wait_until_final
+from tests.helpers import (
+    attempt_statuses,
+    due_at,
+    eventually,
+    message_body,
+    send,
+    wait_until_final,
+)
 
 
 def sandbox(service_: Service) -> SandboxProvider:
     provider = service_.worker_runtime.providers.for_callbacks("sandbox")
     assert isinstance(provider, SandboxProvider)
     return provider
-
-
-async def due_at(service_: Service, message_id: str) -> Any:
-    async with service_.worker_runtime.engine.connect() as conn:
-        return (
-            await conn.execute(
-                select(messages.c.due_at).where(messages.c.id == from_public("msg", message_id))
-            )
-        ).scalar_one()
 
 
 async def late_receipt(service_: Service, attempt_id: str) -> None:
@@ -75,7 +73,7 @@ async def test_a_scheduled_message_waits_queued_and_is_not_sent_early(
     assert accepted["status"] == "queued"
     assert message["status"] == "queued"
     assert message["send_at"] is not None
-    due = await due_at(service, message_id)
+    due = await due_at(service.worker_runtime, message_id)
     assert due is not None
     assert abs(due.timestamp() - time.time() - 3600) < 60  # due in about an hour
     assert untouched["attempts"] == []

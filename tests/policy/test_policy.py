@@ -7,18 +7,22 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import update
 
 from app.cascade import service as cascade
 from app.db import Transaction
 from app.ids import from_public
 from app.ledger import repository as ledger
 from app.ledger.tables import messages
-from app.messages.schemas import SendMessageRequest
-from app.messages.service import accept_message
 from app.runtime import Runtime, utcnow
 from tests.conftest import Service, Tenant
-from tests.helpers import attempt_statuses, message_body, send, wait_until_final
+from tests.helpers import (
+    accept_without_wake,
+    attempt_statuses,
+    message_body,
+    send,
+    wait_until_final,
+)
 
 
 def marketing_sms(phone: str, **overrides: Any) -> dict[str, Any]:
@@ -38,51 +42,33 @@ async def put_policy(tenant: Tenant, **policy: Any) -> dict[str, Any]:
     return dict(response.json())
 
 
-async def accepted_but_never_enqueued(service: Service, tenant: Tenant, body: Any) -> str:
-    """A committed message out of the delivery engine's sight (no `due_at`), so the test
-    drives its steps with an injected clock."""
-    runtime = service.worker_runtime
-    async with runtime.transaction() as tx:
-        acceptance = await accept_message(
-            tx,
-            tenant.id,
-            SendMessageRequest.model_validate(body),
-            None,
-            runtime.providers,
-            runtime.settings,
-            utcnow(),
-        )
-        tx.wakes.clear()
-        await tx.conn.execute(
-            update(messages)
-            .where(messages.c.id == from_public("msg", acceptance.message.id))
-            .values(due_at=None)
-        )
-    return acceptance.message.id
-
-
-async def due_at(service: Service, message_id: str) -> datetime | None:
-    async with service.worker_runtime.engine.connect() as conn:
-        value: datetime | None = (
-            await conn.execute(
-                select(messages.c.due_at).where(messages.c.id == from_public("msg", message_id))
-            )
-        ).scalar_one()
-    return value
-
-
 async def begin_step(
-    tx: Transaction, runtime: Runtime, message_id: uuid.UUID | None, at: datetime
-) -> cascade.SendPlan | None:
-    """What the engine does with the message's current step when it is due at `at`."""
+    tx: Transaction,
+    runtime: Runtime,
+    message_id: uuid.UUID | None,
+    at: datetime,
+    *,
+    out_of_sight: bool = True,
+) -> tuple[cascade.SendPlan | None, datetime | None]:
+    """What the engine does with the message's current step when it is due at `at` (an
+    injected clock), and the `due_at` that left it. `out_of_sight`: the message is then
+    taken off the engine's index again, so the real engine (the real clock) never races
+    the test for it."""
     assert message_id is not None
     message = await ledger.lock_message(tx.conn, message_id)
     assert message is not None
     attempts = await ledger.attempts_of(tx.conn, [message_id])
     current = next((a for a in attempts if a.step == message.current_step), None)
-    return await cascade.begin_send(
+    plan = await cascade.begin_send(
         tx, runtime.providers, runtime.settings, message, current, False, at
     )
+    moved = await ledger.get_message(tx.conn, message_id)
+    assert moved is not None
+    if out_of_sight:
+        await tx.conn.execute(
+            update(messages).where(messages.c.id == message_id).values(due_at=None)
+        )
+    return plan, moved.due_at
 
 
 async def test_the_policy_has_defaults_and_is_validated(tenant: Tenant) -> None:
@@ -119,17 +105,21 @@ async def test_marketing_in_quiet_hours_is_deferred_to_the_window_end(
     await put_policy(
         tenant, timezone="Europe/Warsaw", quiet_hours={"start": "21:00", "end": "08:00"}
     )
-    message_id = await accepted_but_never_enqueued(service, tenant, marketing_sms(fresh_phone()))
+    message_id = await accept_without_wake(
+        service.worker_runtime, tenant.id, marketing_sms(fresh_phone()), timed=False
+    )
     runtime = service.worker_runtime
     late_evening = datetime(2026, 6, 10, 21, 30, tzinfo=UTC)  # 23:30 in Warsaw
     morning = datetime(2026, 6, 11, 6, 0, tzinfo=UTC)  # 08:00 in Warsaw
 
     async with runtime.transaction() as tx:
-        held = await begin_step(tx, runtime, from_public("msg", message_id), late_evening)
+        held, held_until = await begin_step(
+            tx, runtime, from_public("msg", message_id), late_evening
+        )
         tx.jobs.clear()
     queued = (await tenant.client.get(f"/v1/messages/{message_id}")).json()
     async with runtime.transaction() as tx:
-        sent = await begin_step(tx, runtime, from_public("msg", message_id), morning)
+        sent, _ = await begin_step(tx, runtime, from_public("msg", message_id), morning)
         tx.jobs.clear()
 
     assert held is None
@@ -140,9 +130,7 @@ async def test_marketing_in_quiet_hours_is_deferred_to_the_window_end(
         "code": "quiet_hours",
         "until": "2026-06-11T06:00:00+00:00",
     }
-    due = await due_at(service, message_id)  # the engine takes it then (spread a little)
-    assert due is not None
-    assert morning <= due < morning + timedelta(minutes=15)
+    assert held_until == morning  # the engine takes it then
     assert sent is not None
 
 
@@ -152,12 +140,12 @@ async def test_the_recipients_own_time_zone_wins(service: Service, tenant: Tenan
     )
     body = marketing_sms(fresh_phone())
     body["to"]["timezone"] = "America/New_York"
-    message_id = await accepted_but_never_enqueued(service, tenant, body)
+    message_id = await accept_without_wake(service.worker_runtime, tenant.id, body, timed=False)
     runtime = service.worker_runtime
 
     async with runtime.transaction() as tx:
         # 23:30 in Warsaw is 17:30 in New York: not quiet there.
-        plan = await begin_step(
+        plan, _ = await begin_step(
             tx,
             runtime,
             from_public("msg", message_id),
@@ -181,14 +169,18 @@ async def test_a_deferred_message_is_sent_when_its_window_opens(
             "end": (now - timedelta(minutes=5)).strftime("%H:%M:%S"),
         },
     )
-    message_id = await accepted_but_never_enqueued(service, tenant, marketing_sms(fresh_phone()))
+    message_id = await accept_without_wake(
+        service.worker_runtime, tenant.id, marketing_sms(fresh_phone()), timed=False
+    )
     runtime = service.worker_runtime
     async with runtime.transaction() as tx:
-        held = await begin_step(
+        # Left in the engine's sight: the real engine, at the real time, sends it.
+        held, _ = await begin_step(
             tx,
             runtime,
             from_public("msg", message_id),
             now - timedelta(minutes=10),
+            out_of_sight=False,
         )
 
     message = await wait_until_final(tenant.client, message_id)
