@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -38,10 +39,23 @@ ROOT = Path(__file__).resolve().parent.parent
 SPEC_PATH = ROOT / "openapi" / "openapi.json"
 
 
-def _resolved(settings: Settings) -> tuple[Settings, embedded.EmbeddedServers]:
-    servers = embedded.start_embedded(
-        settings.data_dir, database_url=settings.database_url, redis_url=settings.redis_url
-    )
+def _resolved(
+    settings: Settings, command: str, *, port: int | None = None, exclusive: bool = False
+) -> tuple[Settings, embedded.EmbeddedServers]:
+    """Settings with both URLs: given, a running `cascade dev`'s (attached, never stopped
+    by us), or embedded servers started here."""
+    try:
+        servers = embedded.start_embedded(
+            settings.data_dir,
+            database_url=settings.database_url,
+            redis_url=settings.redis_url,
+            command=command,
+            port=port,
+            exclusive=exclusive,
+        )
+    except embedded.AlreadyRunning as exc:
+        console.print(f"[red]{exc}[/]", soft_wrap=True, highlight=False)
+        raise typer.Exit(1) from None
     return (
         settings.model_copy(
             update={"database_url": servers.database_url, "redis_url": servers.redis_url}
@@ -89,6 +103,16 @@ def dev_example_curl(base_url: str, key: str) -> str:
     )
 
 
+def _refuse_taken_port(host: str, port: int) -> None:
+    """Before anything starts: a taken port would fail the API after the workers ran."""
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            console.print(f"[red]cannot listen on {host}:{port}: {exc.strerror}[/]")
+            raise typer.Exit(1) from None
+
+
 def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -105,7 +129,12 @@ def dev(
     configure_logging()
     public_url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     settings = Settings(data_dir=data_dir, public_url=public_url)
-    settings, servers = _resolved(settings)
+    owner = embedded.running_owner(data_dir)
+    if owner is not None and owner.command == embedded.DEV_COMMAND:
+        console.print(f"[red]{embedded.AlreadyRunning(data_dir, owner)}[/]", soft_wrap=True)
+        raise typer.Exit(1)
+    _refuse_taken_port(host, port)
+    settings, servers = _resolved(settings, embedded.DEV_COMMAND, port=port, exclusive=True)
     assert settings.database_url and settings.redis_url
     migrate.upgrade(settings.database_url)
     key = _dev_key(settings, os.environ.get("CASCADE_API_KEY"), data_dir / "dev-api-key")
@@ -245,7 +274,7 @@ def worker(
     configure_logging()
     if metrics_port is not None:
         start_http_server(metrics_port, addr=metrics_host)
-    settings, servers = _resolved(Settings())
+    settings, servers = _resolved(Settings(), "worker")
     try:
         # uvloop, as uvicorn uses for the API: cheaper socket I/O per job.
         uvloop.run(serve(lambda: Runtime.start(settings), names))
@@ -256,7 +285,7 @@ def worker(
 @cli.command(name="migrate")
 def migrate_command() -> None:
     """Apply database migrations."""
-    settings, servers = _resolved(Settings())
+    settings, servers = _resolved(Settings(), "migrate")
     try:
         migrate.upgrade(settings.database_url or "")
     finally:
@@ -332,7 +361,7 @@ def keys_create(
     if tenant is None:
         create_key_via_api(name, scopes, url, key)
         return
-    settings, servers = _resolved(Settings())
+    settings, servers = _resolved(Settings(), "keys create")
     wanted = frozenset(Scope(s.strip()) for s in scopes.split(",") if s.strip()) or ALL_SCOPES
 
     async def create() -> str:

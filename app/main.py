@@ -111,6 +111,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 settings.data_dir,
                 database_url=settings.database_url,
                 redis_url=settings.redis_url,
+                command="api",
             )
             resolved = settings.model_copy(
                 update={"database_url": servers.database_url, "redis_url": servers.redis_url}

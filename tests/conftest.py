@@ -8,8 +8,12 @@ import asyncio
 import contextlib
 import os
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import tempfile
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -290,3 +294,63 @@ async def tenant(service: Service) -> AsyncIterator[Tenant]:
 
 
 other_tenant = tenant
+
+
+@dataclass
+class DevStack:
+    """A real `cascade dev` (embedded servers, API, workers) started as a user would."""
+
+    process: subprocess.Popen[bytes]
+    data_dir: Path
+    port: int
+    base_url: str
+    key: str
+    log_path: Path
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """The environment a user's shell has beside it: no CASCADE_* but the data dir."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CASCADE_")}
+        return {**env, "CASCADE_DATA_DIR": str(self.data_dir), **extra}
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+CASCADE_BIN = str(Path(sys.executable).parent / "cascade")
+
+
+@pytest.fixture(scope="session")
+def dev_stack() -> Iterator[DevStack]:
+    data_dir = Path(tempfile.mkdtemp(prefix="cascade-dev-"))
+    data_dir.chmod(0o755)
+    port = _free_port()
+    log_path = data_dir / "dev.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CASCADE_")}
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            [CASCADE_BIN, "dev", "--port", str(port), "--data-dir", str(data_dir)],
+            env={**env, "COLUMNS": "300"},
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    base_url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    key_file = data_dir / "dev-api-key"
+    while True:
+        if process.poll() is not None:
+            raise AssertionError(f"cascade dev exited: {log_path.read_text()}")
+        with contextlib.suppress(httpx.HTTPError):
+            if key_file.exists() and httpx.get(f"{base_url}/readyz").status_code == 200:
+                break
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"cascade dev not ready: {log_path.read_text()}")
+        time.sleep(0.2)
+    yield DevStack(process, data_dir, port, base_url, key_file.read_text().strip(), log_path)
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    shutil.rmtree(data_dir, ignore_errors=True)
