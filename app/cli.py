@@ -25,7 +25,7 @@ from app.logs import configure_logging
 from app.ops.commands import create_key_via_api
 from app.ops.commands import register as register_api_commands
 from app.runtime import Runtime, utcnow
-from app.settings import Settings
+from app.settings import Settings, production_refusal
 
 cli = typer.Typer(help="Cascade: message delivery with channel cascades.", no_args_is_help=True)
 keys_cli = typer.Typer(help="API keys.", no_args_is_help=True)
@@ -113,6 +113,14 @@ def _refuse_taken_port(host: str, port: int) -> None:
             raise typer.Exit(1) from None
 
 
+def _refuse_dev_defaults(settings: Settings, *, redis: bool = True) -> None:
+    """Outside `cascade dev`: a process on dev defaults (embedded servers, built-in secrets)
+    would look like it works, and lose data or accept forged keys. Refuse, naming them."""
+    if missing := settings.missing_for_production(redis=redis):
+        console.print(f"[red]{production_refusal(missing)}[/]", soft_wrap=True, highlight=False)
+        raise typer.Exit(1)
+
+
 def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -128,7 +136,7 @@ def dev(
 
     configure_logging()
     public_url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
-    settings = Settings(data_dir=data_dir, public_url=public_url)
+    settings = Settings(data_dir=data_dir, public_url=public_url, dev_mode=True)
     owner = embedded.running_owner(data_dir)
     if owner is not None and owner.command == embedded.DEV_COMMAND:
         console.print(f"[red]{embedded.AlreadyRunning(data_dir, owner)}[/]", soft_wrap=True)
@@ -144,6 +152,7 @@ def dev(
         "CASCADE_REDIS_URL": settings.redis_url,
         "CASCADE_PUBLIC_URL": public_url,
         "CASCADE_DATA_DIR": str(data_dir),
+        "CASCADE_DEV_MODE": "true",
         # Dev mode: webhook endpoints may be plain http on this machine.
         "CASCADE_WEBHOOKS_ALLOW_LOOPBACK_HTTP": os.environ.get(
             "CASCADE_WEBHOOKS_ALLOW_LOOPBACK_HTTP", "true"
@@ -219,6 +228,8 @@ def api(
     """Run the HTTP API (uvicorn)."""
     import uvicorn
 
+    _refuse_dev_defaults(Settings())
+
     uvicorn.run(
         "app.main:create_app",
         factory=True,
@@ -271,6 +282,7 @@ def worker(
             raise typer.BadParameter(
                 "a negative value (a higher priority) needs privileges", param_hint="--nice"
             ) from None
+    _refuse_dev_defaults(Settings())
     configure_logging()
     if metrics_port is not None:
         start_http_server(metrics_port, addr=metrics_host)
@@ -285,11 +297,19 @@ def worker(
 @cli.command(name="migrate")
 def migrate_command() -> None:
     """Apply database migrations."""
-    settings, servers = _resolved(Settings(), "migrate")
-    try:
-        migrate.upgrade(settings.database_url or "")
-    finally:
-        servers.stop()
+    settings = Settings()
+    if settings.database_url:
+        migrate.upgrade(settings.database_url)
+    else:
+        # Embedded: beside a running `cascade dev` or in dev mode, never quietly elsewhere.
+        if not settings.dev_mode and embedded.running_owner(settings.data_dir) is None:
+            console.print(f"[red]{production_refusal(['CASCADE_DATABASE_URL'])}[/]", soft_wrap=True)
+            raise typer.Exit(1)
+        settings, servers = _resolved(settings, "migrate")
+        try:
+            migrate.upgrade(settings.database_url or "")
+        finally:
+            servers.stop()
     console.print("migrated")
 
 

@@ -25,7 +25,7 @@ from app.ops.events.endpoints import router as events_router
 from app.ops.stats.endpoints import router as stats_router
 from app.policy.endpoints import router as policy_router
 from app.runtime import Runtime, settle_gc
-from app.settings import Settings
+from app.settings import Settings, production_refusal
 from app.templates.endpoints import router as templates_router
 from app.webhooks.endpoints import router as webhooks_router
 
@@ -104,6 +104,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if missing := settings.missing_for_production():
+            raise RuntimeError(production_refusal(missing))
         servers = None
         resolved = settings
         if not settings.database_url or not settings.redis_url:

@@ -1,18 +1,25 @@
-"""Apply the Alembic migrations (sync: call it off the event loop)."""
+"""Apply the Alembic migrations (sync: call it off the event loop).
+
+The migrations ship inside the package (`app/migrations`), so `cascade migrate` works from
+an installed wheel as from a checkout; no `alembic.ini` is needed.
+"""
 
 from __future__ import annotations
 
+from importlib.resources import files
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
 
-ROOT = Path(__file__).resolve().parent.parent
+
+def script_location() -> Path:
+    return Path(str(files("app") / "migrations"))
 
 
 def alembic_config(database_url: str) -> Config:
-    config = Config(str(ROOT / "alembic.ini"))
-    config.set_main_option("script_location", str(ROOT / "migrations"))
+    config = Config()
+    config.set_main_option("script_location", str(script_location()))
     config.attributes["database_url"] = database_url
     return config
 

@@ -49,7 +49,7 @@ def utcnow() -> datetime:
 
 def provider_accounts(settings: Settings) -> list[ProviderAccount]:
     accounts = load_accounts(settings.providers, settings.providers_file)
-    if settings.sandbox_enabled and not any(a.name == "sandbox" for a in accounts):
+    if settings.sandbox_active and not any(a.name == "sandbox" for a in accounts):
         sandbox = {
             "callback_url": f"{settings.callback_base}/v1/providers/sandbox/status",
             "secret": settings.sandbox_secret.get_secret_value(),

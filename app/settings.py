@@ -12,9 +12,17 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from providers.base import Category, Channel
 
+DEV_API_KEY_PEPPER = "cascade-dev-pepper"
+DEV_SANDBOX_SECRET = "cascade-sandbox-dev-secret"
+DEV_UNSUBSCRIBE_SECRET = "cascade-unsubscribe-dev-secret"
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CASCADE_", env_file=".env", extra="ignore")
+
+    # `cascade dev` and the tests: embedded servers, the built-in secrets and the sandbox
+    # providers are allowed. Off (production), `cascade api`/`worker` refuse to start on them.
+    dev_mode: bool = False
 
     # No URL means: start the embedded servers under `data_dir`.
     database_url: str | None = None
@@ -25,8 +33,8 @@ class Settings(BaseSettings):
     public_url: str = "http://127.0.0.1:8000"
 
     # Hashing pepper for API keys: a leaked table alone does not yield usable keys.
-    api_key_pepper: SecretStr = SecretStr("cascade-dev-pepper")
-    sandbox_secret: SecretStr = SecretStr("cascade-sandbox-dev-secret")
+    api_key_pepper: SecretStr = SecretStr(DEV_API_KEY_PEPPER)
+    sandbox_secret: SecretStr = SecretStr(DEV_SANDBOX_SECRET)
     sandbox_delay: timedelta = timedelta(milliseconds=150)
 
     default_timeouts: dict[Channel, int] = Field(
@@ -43,7 +51,8 @@ class Settings(BaseSettings):
     # Provider accounts (see providers/accounts.py): JSON here, or a TOML file.
     providers: list[dict[str, Any]] = []
     providers_file: Path | None = None
-    sandbox_enabled: bool = True
+    # The sandbox providers: None means on in dev mode only (opt-in in production).
+    sandbox_enabled: bool | None = None
     max_body_bytes: int = 256 * 1024
     # Per API key, shared by every API process (Redis GCRA): sustained rate and burst.
     api_rate_per_second: float = 100.0
@@ -76,7 +85,7 @@ class Settings(BaseSettings):
     webhook_concurrency: int = 50
 
     # Policy and templates (tenants override these with PUT /v1/policy).
-    unsubscribe_secret: SecretStr = SecretStr("cascade-unsubscribe-dev-secret")
+    unsubscribe_secret: SecretStr = SecretStr(DEV_UNSUBSCRIBE_SECRET)
     default_timezone: str = "UTC"
     default_locale: str = "en"
     # How long marketing sends are remembered: frequency-cap windows and inbound STOPs.
@@ -87,6 +96,38 @@ class Settings(BaseSettings):
     # every burst opened and closed connections (a Postgres backend fork each).
     db_pool_size: int = 20
 
+    @property
+    def sandbox_active(self) -> bool:
+        return self.dev_mode if self.sandbox_enabled is None else self.sandbox_enabled
+
+    def missing_for_production(self, *, redis: bool = True) -> list[str]:
+        """The variables still on a dev default (none in dev mode): a process outside
+        `cascade dev` must not start on them."""
+        if self.dev_mode:
+            return []
+        missing = []
+        if not self.database_url:
+            missing.append("CASCADE_DATABASE_URL")
+        if redis and not self.redis_url:
+            missing.append("CASCADE_REDIS_URL")
+        if self.api_key_pepper.get_secret_value() in ("", DEV_API_KEY_PEPPER):
+            missing.append("CASCADE_API_KEY_PEPPER")
+        if self.unsubscribe_secret.get_secret_value() in ("", DEV_UNSUBSCRIBE_SECRET):
+            missing.append("CASCADE_UNSUBSCRIBE_SECRET")
+        if self.sandbox_active and self.sandbox_secret.get_secret_value() in (
+            "",
+            DEV_SANDBOX_SECRET,
+        ):
+            missing.append("CASCADE_SANDBOX_SECRET")
+        return missing
+
     @cached_property
     def callback_base(self) -> str:
         return self.public_url.rstrip("/")
+
+
+def production_refusal(missing: list[str]) -> str:
+    return (
+        f"refusing to start on development defaults: set {', '.join(missing)}"
+        " (or CASCADE_DEV_MODE=true on a development machine; `cascade dev` does)"
+    )

@@ -151,6 +151,7 @@ class Stack:
             "CASCADE_REDIS_URL": self.redis_url,
             "CASCADE_PUBLIC_URL": f"http://127.0.0.1:{self.api_port}",
             "CASCADE_DATA_DIR": str(self.data_dir / "service"),
+            "CASCADE_DEV_MODE": "true",
             # The per-key request limit (100/s by default) would cap every figure: the
             # check still runs on every request, it just never refuses.
             "CASCADE_API_RATE_PER_SECOND": "1000000",

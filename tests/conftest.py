@@ -233,6 +233,7 @@ def settings(
         retry_base_delay=0.05,
         # Webhook receivers in the tests listen on 127.0.0.1 over plain http.
         webhooks_allow_loopback_http=True,
+        dev_mode=True,
     )
 
 

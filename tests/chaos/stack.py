@@ -529,6 +529,7 @@ def _process_env(
             "CASCADE_PUBLIC_URL": api_url,
             "CASCADE_DATA_DIR": str(stack_dir / "data"),
             "CASCADE_API_KEY_PEPPER": PEPPER,
+            "CASCADE_DEV_MODE": "true",
             "CASCADE_PROVIDERS": json.dumps(
                 [
                     {

@@ -22,8 +22,15 @@ import pytest
 from tests.conftest import DevStack, _free_port
 
 README = Path(__file__).resolve().parents[2] / "README.md"
-# Blocks that start, follow or rebuild something long-lived: not run here.
-LONG_LIVED = ("./scripts/", "bench/run", "cascade tail", "cascade migrate", "cascade api")
+# Blocks that start, follow or rebuild something long-lived, or need Docker: not run here.
+LONG_LIVED = (
+    "./scripts/",
+    "bench/run",
+    "cascade tail",
+    "cascade migrate",
+    "cascade api",
+    "docker ",
+)
 
 
 def code_blocks(language: str) -> list[str]:

@@ -87,7 +87,7 @@ def started(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     """What `cascade worker` would have run: the queues passed to serve, the nice calls."""
     seen: dict[str, Any] = {"nice": []}
     servers = SimpleNamespace(stop=lambda: None)
-    monkeypatch.setattr(app.cli, "_resolved", lambda settings: (settings, servers))
+    monkeypatch.setattr(app.cli, "_resolved", lambda settings, *args, **kwargs: (settings, servers))
     monkeypatch.setattr(app.cli, "configure_logging", lambda: None)
     monkeypatch.setattr(app.worker, "serve", lambda factory, queues: queues)
     monkeypatch.setattr(uvloop, "run", lambda queues: seen.update(queues=queues))
@@ -97,7 +97,9 @@ def started(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
 
 def test_worker_runs_the_named_queues_niced(started: dict[str, Any]) -> None:
     result = runner.invoke(
-        app.cli.cli, ["worker", "--queues", "marketing", "--nice", "10"], env={"COLUMNS": "220"}
+        app.cli.cli,
+        ["worker", "--queues", "marketing", "--nice", "10"],
+        env={"COLUMNS": "220", "CASCADE_DEV_MODE": "true"},
     )
 
     assert result.exit_code == 0, result.output
@@ -105,7 +107,9 @@ def test_worker_runs_the_named_queues_niced(started: dict[str, Any]) -> None:
 
 
 def test_worker_defaults_to_every_queue_at_normal_priority(started: dict[str, Any]) -> None:
-    result = runner.invoke(app.cli.cli, ["worker"], env={"COLUMNS": "220"})
+    result = runner.invoke(
+        app.cli.cli, ["worker"], env={"COLUMNS": "220", "CASCADE_DEV_MODE": "true"}
+    )
 
     assert result.exit_code == 0, result.output
     assert started == {"queues": QUEUES, "nice": []}
@@ -113,7 +117,9 @@ def test_worker_defaults_to_every_queue_at_normal_priority(started: dict[str, An
 
 def test_worker_rejects_an_unknown_queue(started: dict[str, Any]) -> None:
     result = runner.invoke(
-        app.cli.cli, ["worker", "--queues", "transactional,bulk"], env={"COLUMNS": "220"}
+        app.cli.cli,
+        ["worker", "--queues", "transactional,bulk"],
+        env={"COLUMNS": "220", "CASCADE_DEV_MODE": "true"},
     )
 
     assert result.exit_code == 2
