@@ -11,9 +11,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+import typer.core
 import uvloop
 from rich.console import Console
 from rich.panel import Panel
@@ -26,6 +27,28 @@ from app.ops.commands import create_key_via_api
 from app.ops.commands import register as register_api_commands
 from app.runtime import Runtime, utcnow
 from app.settings import Settings, production_refusal
+
+_TYPE_NAMES = {"str": "TEXT", "int": "INTEGER", "float": "FLOAT", "path": "PATH"}
+_typer_display_type = typer.core.TyperOption.display_type_rich
+
+
+def _display_type(param: Any, ctx: Any) -> str | None:
+    """Typer 0.2x labels every option `<str>` and every flag `<bool>` in `--help`: show
+    click-style metavars instead (TEXT, INTEGER, a|b) and nothing for a flag."""
+    if getattr(param, "is_flag", False):
+        return None
+    label = _typer_display_type(param, ctx)
+    if label is None or not (label.startswith("<") and label.endswith(">")):
+        return label
+    inner = label[1:-1]
+    many = inner.startswith("list[")
+    inner = inner.removeprefix("list[").removesuffix("]") if many else inner
+    shown = _TYPE_NAMES.get(inner, inner if "|" in inner else inner.upper())
+    return f"{shown}..." if many else shown
+
+
+for _param_class in (typer.core.TyperOption, typer.core.TyperArgument):
+    setattr(_param_class, "display_type_rich", _display_type)  # noqa: B010
 
 cli = typer.Typer(help="Cascade: message delivery with channel cascades.", no_args_is_help=True)
 keys_cli = typer.Typer(help="API keys.", no_args_is_help=True)
@@ -246,7 +269,9 @@ def worker(
     metrics_port: Annotated[
         int | None, typer.Option(help="Serve this worker's Prometheus metrics on this port.")
     ] = None,
-    metrics_host: Annotated[str, typer.Option(help="Bind address for --metrics-port.")] = "0.0.0.0",
+    metrics_host: Annotated[
+        str, typer.Option(help="Bind address for --metrics-port (0.0.0.0 for every interface).")
+    ] = "127.0.0.1",
     queues: Annotated[
         list[str] | None,
         typer.Option(

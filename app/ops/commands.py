@@ -7,10 +7,11 @@ key `cascade dev` keeps in `.cascade/dev-api-key`), so they work against any dep
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,7 +21,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 from app.ops.client import ApiClient, ApiError
 
@@ -75,8 +76,18 @@ def api(url: str | None, key: str | None) -> Iterator[ApiClient]:
 
 
 def fail(message: str) -> typer.Exit:
-    err_console.print(f"[red]error:[/] {escape(message)}")
+    err_console.print(f"[red]error:[/] {escape(message)}", soft_wrap=True)
     return typer.Exit(1)
+
+
+def _read(path: Path) -> str:
+    """A file the user named: one line of error (not a traceback) when it cannot be read."""
+    try:
+        return path.read_text()
+    except OSError as exc:
+        raise fail(f"cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise fail(f"cannot read {path}: not UTF-8 text") from None
 
 
 # --- parsing -------------------------------------------------------------------------
@@ -226,7 +237,10 @@ def send(
             _send_batch(client, batch, category, content, steps, metadata, chunk)
             return
         if file is not None:
-            body = json.loads(file.read_text())
+            try:
+                body = json.loads(_read(file))
+            except ValueError as exc:
+                raise fail(f"{file} is not JSON: {exc}") from None
         else:
             to = {
                 k: v
@@ -276,8 +290,7 @@ def _send_batch(
     metadata: dict[str, str],
     chunk: int,
 ) -> None:
-    with path.open(newline="") as handle:
-        rows = list(csv.DictReader(handle))
+    rows = list(csv.DictReader(io.StringIO(_read(path), newline="")))
     if not rows:
         raise fail(f"{path} has no rows")
     items = batch_items(rows, steps)
@@ -350,8 +363,14 @@ def _when(value: str | None) -> str:
     return datetime.fromisoformat(value).astimezone(UTC).strftime("%H:%M:%S.%f")[:-3]
 
 
+def _id_column(ids: Iterable[str]) -> Column:
+    """Ids are copied into other commands (`keys revoke`): never shortened by a narrow
+    terminal."""
+    return Column("id", no_wrap=True, min_width=max((len(i) for i in ids), default=2))
+
+
 def _status_style(status: str) -> str:
-    if status in ("delivered", "read"):
+    if status in ("delivered", "read", "succeeded"):
         return f"[green]{status}[/]"
     if status in ("failed", "rejected", "expired", "cancelled", "suppressed"):
         return f"[red]{status}[/]"
@@ -360,7 +379,7 @@ def _status_style(status: str) -> str:
 
 def show_message(message: dict[str, Any]) -> None:
     delivered = (
-        f" on {message['delivered_channel']} (step {message['delivered_step'] + 1})"
+        f" on {message['delivered_channel']} (step {message['delivered_step']})"
         if message.get("delivered_channel")
         else ""
     )
@@ -373,7 +392,7 @@ def show_message(message: dict[str, Any]) -> None:
     for a in message["attempts"]:
         error = a.get("error") or {}
         attempts.add_row(
-            str(a["step"] + 1),
+            str(a["step"]),
             a["channel"],
             a["provider"],
             _status_style(a["status"]),
@@ -392,7 +411,7 @@ def show_message(message: dict[str, Any]) -> None:
             _when(e["at"]),
             _status_style(e["status"]),
             e["source"],
-            "" if e.get("step") is None else str(e["step"] + 1),
+            "" if e.get("step") is None else str(e["step"]),
             escape(json.dumps(e["detail"])) if e.get("detail") else "",
         )
     console.print(timeline)
@@ -418,7 +437,7 @@ def status(
 
 def _event_line(event: dict[str, Any]) -> str:
     where = (
-        f"step {event['step'] + 1} {event.get('channel') or ''}/{event.get('provider') or ''}"
+        f"step {event['step']} {event.get('channel') or ''}/{event.get('provider') or ''}"
         if event.get("step") is not None
         else ""
     )
@@ -528,7 +547,7 @@ def stats(
     )
     for s in body["steps"]:
         funnel.add_row(
-            str(s["step"] + 1),
+            str(s["step"]),
             str(s["reached"]),
             str(s["delivered"]),
             _rate(s["delivery_rate"]),
@@ -574,7 +593,9 @@ def keys_list(url: Url = None, key: Key = None) -> None:
     """This tenant's API keys (needs an admin key)."""
     with api(url, key) as client:
         keys = client.request("GET", "/v1/keys")["data"]
-    table = Table("id", "name", "prefix", "scopes", "created", "revoked")
+    table = Table(
+        _id_column(k["id"] for k in keys), "name", "prefix", "scopes", "created", "revoked"
+    )
     for k in keys:
         table.add_row(
             k["id"],
@@ -604,7 +625,14 @@ def webhooks_list(url: Url = None, key: Key = None) -> None:
     """The tenant's webhook endpoints."""
     with api(url, key) as client:
         endpoints = client.request("GET", "/v1/webhooks")["data"]
-    table = Table("id", "url", "events", "categories", "enabled", "failing since")
+    table = Table(
+        _id_column(e["id"] for e in endpoints),
+        "url",
+        "events",
+        "categories",
+        "enabled",
+        "failing since",
+    )
     for e in endpoints:
         table.add_row(
             e["id"],
@@ -677,13 +705,22 @@ def webhooks_deliveries(
         page = client.request(
             "GET", f"/v1/webhooks/{endpoint_id}/deliveries", params={"limit": limit}
         )
-    table = Table("id", "event", "message", "status", "tries", "HTTP", "ms", "error")
+    table = Table(
+        _id_column(d["id"] for d in page["data"]),
+        "event",
+        Column("message", no_wrap=True, min_width=36),
+        "status",
+        "tries",
+        "HTTP",
+        "ms",
+        "error",
+    )
     for d in page["data"]:
         table.add_row(
             d["id"],
             d["event_type"],
             d["message_id"],
-            _status_style("delivered" if d["status"] == "succeeded" else d["status"]),
+            _status_style(d["status"]),
             str(d["attempts"]),
             str(d["response_status_code"] or ""),
             str(d["latency_ms"] or ""),

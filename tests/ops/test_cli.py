@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+from collections.abc import Iterator
 from pathlib import Path
 
+import typer
 from typer.testing import CliRunner, Result
 
 from app.cli import cli
 from tests.conftest import Service, Tenant
 from tests.helpers import message_body, send, wait_until_final
+from tests.webhooks.receiver import Receiver
 
 runner = CliRunner()
 
@@ -55,7 +59,7 @@ async def test_send_with_flags_then_status_shows_the_timeline(
     assert raw["cascade"][0]["channel"] == "push" and raw["cascade"][1]["channel"] == "sms"
     assert raw["metadata"] == {"order": "A-7"}
     table = ok(await cascade(service, tenant, "status", message_id))
-    assert f"{message_id}  delivered on sms (step 2)" in table
+    assert f"{message_id}  delivered on sms (step 1)" in table
     assert "sandbox:rejected" in table
     assert "Timeline" in table
 
@@ -136,7 +140,7 @@ async def test_tail_prints_recent_events_and_can_wait_for_a_failure(
     )
     lines = ok(await asyncio.wait_for(waiting, timeout=30)).splitlines()
     assert len(lines) == 2 and all(failing in line for line in lines)
-    assert "rejected  step 1 sms/sandbox sandbox:rejected" in lines[0]
+    assert "rejected  step 0 sms/sandbox sandbox:rejected" in lines[0]
     assert "failed" in lines[1]
 
 
@@ -203,3 +207,72 @@ async def test_problems_end_the_command_with_their_message(
     assert "body.to.phone" in result.stderr
     unknown = await cascade(service, tenant, "status", "msg_nope")
     assert unknown.exit_code == 1 and "No such resource" in unknown.stderr
+
+
+async def test_a_missing_file_is_one_line_of_error(
+    service: Service, tenant: Tenant, tmp_path: Path
+) -> None:
+    for option in ("--file", "--batch"):
+        missing = tmp_path / f"nowhere{option}.json"
+        result = await cascade(service, tenant, "send", option, str(missing))
+
+        assert result.exit_code == 1
+        assert result.stderr.strip() == f"error: cannot read {missing}: No such file or directory"
+        assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+async def test_keys_list_shows_whole_ids_on_a_narrow_terminal(
+    service: Service, tenant: Tenant
+) -> None:
+    ok(await cascade(service, tenant, "keys", "create", "--name", "narrow", "--scopes", "read"))
+    argv = ["keys", "list", "--url", service.base_url, "--key", tenant.key]
+    listed = await asyncio.to_thread(runner.invoke, cli, argv, env={"COLUMNS": "60"})
+
+    ids = re.findall(r"key_[0-9a-f]+", ok(listed))
+    assert ids and all(len(i) == len("key_") + 32 for i in ids), listed.stdout
+
+
+async def test_webhook_deliveries_say_succeeded_as_the_api_does(
+    service: Service, tenant: Tenant
+) -> None:
+    async with Receiver() as receiver:
+        created = await tenant.client.post(
+            "/v1/webhooks", json={"url": receiver.url(), "event_types": ["message.delivered"]}
+        )
+        endpoint_id = created.json()["id"]
+        await wait_until_final(
+            tenant.client, await send(tenant.client, message_body(cascade=[{"channel": "push"}]))
+        )
+        await receiver.wait_for(1, within=30)
+        for _ in range(100):  # the delivery's outcome is written once the answer is in
+            page = (await tenant.client.get(f"/v1/webhooks/{endpoint_id}/deliveries")).json()
+            if page["data"] and page["data"][0]["status"] == "succeeded":
+                break
+            await asyncio.sleep(0.05)
+        shown = ok(await cascade(service, tenant, "webhooks", "deliveries", endpoint_id))
+    row = next(line for line in shown.splitlines() if "message.delivered" in line)
+    assert "succeeded" in row
+    assert "delivered" not in row.replace("message.delivered", "")
+
+
+def _command_paths(app: typer.Typer, prefix: list[str]) -> Iterator[list[str]]:
+    yield prefix
+    for command in app.registered_commands:
+        assert command.callback is not None
+        yield [*prefix, command.name or command.callback.__name__.replace("_", "-")]
+    for group in app.registered_groups:
+        assert group.typer_instance is not None and group.name is not None
+        yield from _command_paths(group.typer_instance, [*prefix, group.name])
+
+
+def test_no_type_placeholders_in_any_help() -> None:
+    paths = list(_command_paths(cli, []))
+    assert ["webhooks", "deliveries"] in paths and ["keys", "list"] in paths
+
+    for path in paths:
+        shown = runner.invoke(cli, [*path, "--help"], env={"COLUMNS": "200"})
+        assert shown.exit_code == 0, (path, shown.stdout)
+        placeholder = re.search(r"<(str|bool|int|float|path|list\[\w+\])>", shown.stdout)
+        assert placeholder is None, (path, shown.stdout)
+    worker = runner.invoke(cli, ["worker", "--help"], env={"COLUMNS": "200"}).stdout
+    assert "[default: 127.0.0.1]" in worker

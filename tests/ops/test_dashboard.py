@@ -104,8 +104,8 @@ async def test_dashboard_shows_counters_funnel_failures_and_a_timeline(
     ).to_have_text("0 / 1")
     funnel = page.locator("#funnel .funnel-label")
     await expect(funnel).to_have_count(2)
-    await expect(funnel.nth(0)).to_contain_text("Step 1: reached 3, delivered 1")
-    await expect(funnel.nth(1)).to_contain_text("Step 2: reached 1, delivered 1")
+    await expect(funnel.nth(0)).to_contain_text("Step 0: reached 3, delivered 1")
+    await expect(funnel.nth(1)).to_contain_text("Step 1: reached 1, delivered 1")
     failure = page.locator("#failures tbody tr").first
     await expect(failure).to_contain_text(failed)
     await expect(failure).to_contain_text("sandbox:rejected")

@@ -71,7 +71,7 @@ function showStats(stats) {
     const label = document.createElement("div");
     const lost = step.ended - step.delivered;
     label.textContent =
-      `Step ${step.step + 1}: reached ${step.reached}, delivered ${step.delivered}` +
+      `Step ${step.step}: reached ${step.reached}, delivered ${step.delivered}` +
       ` (${formatRate(step.delivery_rate)}), ended undelivered ${lost}`;
     label.className = "funnel-label";
     const bar = document.createElement("div");
@@ -101,7 +101,7 @@ function showFailures(page) {
     cell(row, message.category);
     cell(row, new Date(message.created_at).toLocaleString());
     const error = message.last_error;
-    cell(row, error ? `${error.step + 1} (${error.channel})` : "");
+    cell(row, error ? `${error.step} (${error.channel})` : "");
     cell(row, error ? `${error.code}${error.detail ? ": " + error.detail : ""}` : "", "bad");
     body.appendChild(row);
   }
@@ -125,7 +125,7 @@ async function lookup(id) {
     attempts.replaceChildren();
     for (const a of message.attempts) {
       const row = document.createElement("tr");
-      cell(row, a.step + 1);
+      cell(row, a.step);
       cell(row, a.channel);
       cell(row, a.provider);
       cell(row, a.status, a.status === "delivered" || a.status === "read" ? "ok" : "");
@@ -141,7 +141,7 @@ async function lookup(id) {
       cell(row, new Date(e.at).toLocaleTimeString());
       cell(row, e.status);
       cell(row, e.source);
-      cell(row, e.step === null ? "" : e.step + 1);
+      cell(row, e.step === null ? "" : e.step);
       cell(row, e.detail ? JSON.stringify(e.detail) : "");
       events.appendChild(row);
     }
