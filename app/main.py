@@ -9,6 +9,7 @@ from typing import Any
 import structlog
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from sqlalchemy import text
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -128,7 +129,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if servers is not None:
                 servers.stop()
 
-    app = FastAPI(
+    # Swagger UI and ReDoc from assets shipped in the package: /docs works offline.
+    app = FastAPIOffline(
         title="Cascade",
         version="0.1.0",
         description=API_DESCRIPTION,
