@@ -111,3 +111,29 @@ async def test_ranges_are_bounded_per_bucket(tenant: Tenant) -> None:
     )
     assert backwards.status_code == 422
     assert (await tenant.client.get("/v1/stats")).status_code == 200
+
+
+async def test_series_has_one_row_per_bucket_category_channel_and_status(
+    tenant: Tenant,
+) -> None:
+    # Both end delivered on transactional SMS: one on its first step, one on its second.
+    bodies = [
+        message_body(to={"phone": "+48600100200"}, cascade=[{"channel": "sms"}]),
+        message_body(
+            to={"push_token": "device-reject", "phone": "+48600100200"},
+            cascade=[{"channel": "push"}, {"channel": "sms"}],
+        ),
+    ]
+    for message_id in [await send(tenant.client, body) for body in bodies]:
+        await wait_until_final(tenant.client, message_id)
+
+    for bucket in ("minute", "hour", "day"):
+        body = await stats(tenant, bucket=bucket)
+        keys = [(p["bucket"], p["category"], p["channel"], p["status"]) for p in body["series"]]
+        assert len(keys) == len(set(keys)), body["series"]
+        assert sum(p["messages"] for p in body["series"]) == 2
+    hour = await stats(tenant, bucket="hour")
+    if len({p["bucket"] for p in hour["series"]}) == 1:  # both ended in the same hour
+        assert [(p["channel"], p["status"], p["messages"]) for p in hour["series"]] == [
+            ("sms", "delivered", 2)
+        ]

@@ -216,18 +216,11 @@ def _summarise(
     counts: dict[tuple[str, str, str], int] = defaultdict(int)
     ended: dict[int, int] = defaultdict(int)
     delivered_at: dict[int, int] = defaultdict(int)
-    series = []
+    # The rows are split by step too (for the funnel); the series shows one per key.
+    series: dict[tuple[datetime, str, str, str], int] = defaultdict(int)
     for row in rows:
         n = int(row.messages)
-        series.append(
-            SeriesPoint(
-                bucket=row.bucket,
-                category=row.category,
-                channel=row.channel,
-                status=row.status,
-                messages=n,
-            )
-        )
+        series[(row.bucket, row.category, row.channel, row.status)] += n
         counts[(row.category, row.channel, row.status)] += n
         by_status[row.status] += n
         ended[row.step] += n
@@ -272,7 +265,10 @@ def _summarise(
             CountView(category=Category(c), channel=ch, status=s, messages=n)
             for (c, ch, s), n in sorted(counts.items())
         ],
-        series=series,
+        series=[
+            SeriesPoint(bucket=at, category=c, channel=ch, status=st, messages=n)
+            for (at, c, ch, st), n in series.items()
+        ],
         steps=steps,
         by_category=[
             CategoryView(
