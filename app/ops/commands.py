@@ -729,6 +729,33 @@ def webhooks_deliveries(
     console.print(table)
 
 
+@webhooks_cli.command("replay")
+def webhooks_replay(
+    endpoint_id: Annotated[str, typer.Argument(help="whe_…")],
+    since: Annotated[
+        str | None, typer.Option(help="Every delivery created in this past span: 90s, 15m, 6h.")
+    ] = None,
+    delivery: Annotated[str | None, typer.Option(help="One delivery, by its whd_ id.")] = None,
+    failed_only: Annotated[
+        bool, typer.Option("--failed-only", help="With --since: only the failed (recover).")
+    ] = False,
+    url: Url = None,
+    key: Key = None,
+) -> None:
+    """Send deliveries again: one, every one since a time, or only the failed ones."""
+    if (since is None) == (delivery is None):
+        raise fail("give exactly one of --since and --delivery")
+    if delivery is not None:
+        path, body = "replay", {"delivery_id": delivery}
+    else:
+        assert since is not None
+        start = (datetime.now(UTC) - parse_since(since)).isoformat()
+        path, body = ("recover" if failed_only else "replay"), {"since": start}
+    with api(url, key) as client:
+        result = client.request("POST", f"/v1/webhooks/{endpoint_id}/{path}", json=body)
+    console.print(f"replayed {result['replayed']}")
+
+
 def register(cli: typer.Typer, keys_cli: typer.Typer) -> None:
     """Add these commands to the `cascade` CLI."""
     cli.command()(send)

@@ -17,6 +17,7 @@ from app.webhooks.schemas import (
     DeliveryPage,
     EndpointList,
     EndpointView,
+    RecoverRequest,
     ReplayRequest,
     ReplayResult,
     RotatedSecret,
@@ -90,13 +91,26 @@ async def rotate_secret(endpoint_id: str, principal: Admin, runtime: RuntimeDep)
 @router.post(
     "/{endpoint_id}/replay",
     status_code=202,
-    summary="Send again: one delivery by id, or every failed delivery since a time",
+    summary="Send again: one delivery by id, or every delivery since a time",
 )
 async def replay(
     endpoint_id: str, body: ReplayRequest, principal: Admin, runtime: RuntimeDep
 ) -> ReplayResult:
     async with runtime.transaction() as tx:
         count = await service.replay(tx, principal.tenant_id, endpoint_id, body, utcnow())
+    return ReplayResult(replayed=count)
+
+
+@router.post(
+    "/{endpoint_id}/recover",
+    status_code=202,
+    summary="Send again every failed delivery since a time",
+)
+async def recover(
+    endpoint_id: str, body: RecoverRequest, principal: Admin, runtime: RuntimeDep
+) -> ReplayResult:
+    async with runtime.transaction() as tx:
+        count = await service.recover(tx, principal.tenant_id, endpoint_id, body.since, utcnow())
     return ReplayResult(replayed=count)
 
 

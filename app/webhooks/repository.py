@@ -483,15 +483,26 @@ async def update_delivery(
     )
 
 
-async def requeue_failed_since(
-    conn: AsyncConnection, endpoint_id: uuid.UUID, since: datetime, at: datetime
+async def requeue_since(
+    conn: AsyncConnection,
+    endpoint_id: uuid.UUID,
+    since: datetime,
+    at: datetime,
+    *,
+    failed_only: bool,
 ) -> list[tuple[uuid.UUID, int, str]]:
-    """Failed deliveries created since `since` back to pending on a fresh schedule."""
+    """Deliveries created since `since` back to pending on a fresh schedule: every finished
+    one (replay), or only the failed ones (recover). Pending ones are already scheduled."""
+    finished = (
+        [DeliveryStatus.FAILED]
+        if failed_only
+        else [DeliveryStatus.FAILED, DeliveryStatus.SUCCEEDED]
+    )
     rows = await conn.execute(
         update(webhook_deliveries)
         .where(
             webhook_deliveries.c.endpoint_id == endpoint_id,
-            webhook_deliveries.c.status == DeliveryStatus.FAILED,
+            webhook_deliveries.c.status.in_(finished),
             webhook_deliveries.c.created_at >= since,
         )
         .values(

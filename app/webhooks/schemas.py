@@ -7,6 +7,7 @@ from typing import Annotated, Self, TypeVar
 
 from pydantic import (
     AfterValidator,
+    AwareDatetime,
     BaseModel,
     ConfigDict,
     Field,
@@ -105,7 +106,8 @@ class RotatedSecret(BaseModel):
 
 
 class ReplayRequest(Strict):
-    """One delivery by id, or every failed delivery created since a time."""
+    """One delivery by id, or every delivery created since a time (succeeded or failed;
+    `recover` sends only the failed ones)."""
 
     delivery_id: str | None = Field(default=None, examples=["whd_0193a5b2c3d47e8f9a0b1c2d3e4f5a6b"])
     since: datetime | None = None
@@ -117,6 +119,12 @@ class ReplayRequest(Strict):
         if self.since is not None and self.since.tzinfo is None:
             raise ValueError("`since` needs a time zone (e.g. 2026-01-31T00:00:00Z)")
         return self
+
+
+class RecoverRequest(Strict):
+    """Every failed delivery created since a time."""
+
+    since: AwareDatetime = Field(examples=["2026-01-31T00:00:00Z"])
 
 
 class ReplayResult(BaseModel):

@@ -474,15 +474,11 @@ async def replay(
     request: ReplayRequest,
     at: datetime,
 ) -> int:
-    """Send again on a fresh retry schedule: one delivery, or all failed since a time."""
-    endpoint = await get_endpoint(tx, tenant_id, endpoint_public_id)
-    if endpoint.disabled_at is not None:
-        raise Conflict("the endpoint is disabled: enable it (PATCH enabled=true) first")
+    """Send again on a fresh retry schedule: one delivery, or every finished one (succeeded
+    or failed) since a time."""
+    endpoint = await _enabled_endpoint(tx, tenant_id, endpoint_public_id)
     if request.since is not None:
-        requeued = await repo.requeue_failed_since(tx.conn, endpoint.id, request.since, at)
-        for requeued_id, attempts, category in requeued:
-            tx.enqueue_after_commit(deliver_job(requeued_id, attempts, category))
-        return len(requeued)
+        return await _requeue_since(tx, endpoint, request.since, at, failed_only=False)
     assert request.delivery_id is not None
     delivery_id = from_public("whd", request.delivery_id)
     delivery = await repo.lock_delivery(tx.conn, delivery_id, tenant_id) if delivery_id else None
@@ -501,6 +497,32 @@ async def replay(
     category = await repo.event_category(tx.conn, delivery.event_id)
     tx.enqueue_after_commit(deliver_job(delivery.id, delivery.attempts, category))
     return 1
+
+
+async def recover(
+    tx: Transaction, tenant_id: uuid.UUID, endpoint_public_id: str, since: datetime, at: datetime
+) -> int:
+    """Send again, on a fresh retry schedule, every failed delivery since a time."""
+    endpoint = await _enabled_endpoint(tx, tenant_id, endpoint_public_id)
+    return await _requeue_since(tx, endpoint, since, at, failed_only=True)
+
+
+async def _enabled_endpoint(
+    tx: Transaction, tenant_id: uuid.UUID, endpoint_public_id: str
+) -> EndpointRow:
+    endpoint = await get_endpoint(tx, tenant_id, endpoint_public_id)
+    if endpoint.disabled_at is not None:
+        raise Conflict("the endpoint is disabled: enable it (PATCH enabled=true) first")
+    return endpoint
+
+
+async def _requeue_since(
+    tx: Transaction, endpoint: EndpointRow, since: datetime, at: datetime, *, failed_only: bool
+) -> int:
+    requeued = await repo.requeue_since(tx.conn, endpoint.id, since, at, failed_only=failed_only)
+    for requeued_id, attempts, category in requeued:
+        tx.enqueue_after_commit(deliver_job(requeued_id, attempts, category))
+    return len(requeued)
 
 
 async def delivery_page(

@@ -276,3 +276,38 @@ def test_no_type_placeholders_in_any_help() -> None:
         assert placeholder is None, (path, shown.stdout)
     worker = runner.invoke(cli, ["worker", "--help"], env={"COLUMNS": "200"}).stdout
     assert "[default: 127.0.0.1]" in worker
+
+
+async def test_webhooks_replay_and_recover_from_the_command_line(
+    service: Service, tenant: Tenant
+) -> None:
+    async with Receiver() as receiver:
+        created = await tenant.client.post(
+            "/v1/webhooks", json={"url": receiver.url(), "event_types": ["message.delivered"]}
+        )
+        endpoint_id = created.json()["id"]
+        await wait_until_final(
+            tenant.client, await send(tenant.client, message_body(cascade=[{"channel": "push"}]))
+        )
+        await receiver.wait_for(1, within=30)
+        for _ in range(100):
+            page = (await tenant.client.get(f"/v1/webhooks/{endpoint_id}/deliveries")).json()
+            if page["data"][0]["status"] == "succeeded":
+                break
+            await asyncio.sleep(0.05)
+
+        recovered = ok(
+            await cascade(
+                service, tenant, "webhooks", "replay", endpoint_id, "--since", "1h", "--failed-only"
+            )
+        )
+        replayed = ok(
+            await cascade(service, tenant, "webhooks", "replay", endpoint_id, "--since", "1h")
+        )
+        await receiver.wait_for(2, within=30)
+        neither = await cascade(service, tenant, "webhooks", "replay", endpoint_id)
+
+    assert recovered.strip() == "replayed 0"
+    assert replayed.strip() == "replayed 1"
+    assert neither.exit_code == 1
+    assert "give exactly one of --since and --delivery" in neither.stderr

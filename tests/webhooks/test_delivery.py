@@ -381,6 +381,60 @@ async def test_replay_sends_one_delivery_again_or_all_failed_since_a_time(
         assert both.status_code == 422
 
 
+async def test_replay_since_sends_every_delivery_again_and_recover_only_the_failed(
+    service: Service, tenant: Tenant
+) -> None:
+    async with Receiver() as receiver:
+        endpoint = await create_endpoint(
+            tenant.client, receiver.url(), event_types=["message.delivered"]
+        )
+        path = f"/v1/webhooks/{endpoint['id']}"
+        receiver.secrets = [endpoint["secret"]]
+        ok_message = await send(tenant.client, message_body(cascade=PUSH_ONLY))
+        await wait_until_final(tenant.client, ok_message)
+        await receiver.wait_for(1)
+        # A second delivery fails: the receiver is broken, the integrator pauses the endpoint.
+        receiver.answer = 500
+        broken_message = await send(tenant.client, message_body(cascade=PUSH_ONLY))
+        await wait_until_final(tenant.client, broken_message)
+        await _wait_for_deliveries(
+            tenant.client,
+            endpoint["id"],
+            lambda found: len(found) == 2 and all(map(_attempted, found)),
+        )
+        await tenant.client.patch(path, json={"enabled": False})
+        await tenant.client.patch(path, json={"enabled": True})
+        receiver.answer = 200
+        log = await _wait_for_deliveries(
+            tenant.client,
+            endpoint["id"],
+            lambda found: sorted(d["status"] for d in found) == ["failed", "succeeded"],
+        )
+        since = min(d["created_at"] for d in log)
+
+        recovered = await tenant.client.post(f"{path}/recover", json={"since": since})
+
+        assert recovered.status_code == 202, recovered.text
+        assert recovered.json() == {"replayed": 1}
+        assert (await receiver.wait_for(3))[-1].data["message_id"] == broken_message
+        await _wait_for_deliveries(
+            tenant.client,
+            endpoint["id"],
+            lambda found: all(d["status"] == "succeeded" for d in found),
+        )
+        nothing_failed = await tenant.client.post(f"{path}/recover", json={"since": since})
+        assert nothing_failed.json() == {"replayed": 0}
+
+        replayed = await tenant.client.post(f"{path}/replay", json={"since": since})
+
+        assert replayed.json() == {"replayed": 2}
+        again = await receiver.wait_for(5)
+        assert {r.data["message_id"] for r in again[3:]} == {ok_message, broken_message}
+        assert all(r.verified for r in again)
+        naive = await tenant.client.post(f"{path}/recover", json={"since": "2026-01-01T00:00:00"})
+        assert naive.status_code == 422
+
+
 async def test_the_test_event_is_sent_now_and_returns_the_receivers_answer(
     service: Service, tenant: Tenant, receiver: Receiver
 ) -> None:
@@ -439,6 +493,7 @@ async def test_a_tenant_receives_and_sees_only_its_own_events(
         ("POST", f"{path}/test", None),
         ("GET", f"{path}/deliveries", None),
         ("POST", f"{path}/replay", {"since": "2020-01-01T00:00:00Z"}),
+        ("POST", f"{path}/recover", {"since": "2020-01-01T00:00:00Z"}),
         ("POST", f"/v1/webhooks/{mine['id']}/replay", {"delivery_id": their_delivery}),
     ]:
         response = await tenant.client.request(method, url, json=body)
