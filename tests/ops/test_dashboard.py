@@ -7,6 +7,7 @@ import shutil
 import struct
 import zlib
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -91,15 +92,27 @@ async def test_dashboard_shows_counters_funnel_failures_and_a_timeline(
             category="service", to={"phone": "+48600100201"}, cascade=[{"channel": "sms"}]
         ),
     )
-    for message_id in (delivered, fell_over, failed):
+    later = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+    cancelled = await send(tenant.client, message_body(cascade=[{"channel": "sms"}], send_at=later))
+    assert (await tenant.client.post(f"/v1/messages/{cancelled}/cancel")).status_code == 200
+    for message_id in (delivered, fell_over, failed, cancelled):
         await wait_until_final(tenant.client, message_id)
 
     page, problems = await open_dashboard(browser, service, tenant.key)
 
-    await expect(page.locator("#total-messages")).to_have_text("3")
+    await expect(page.locator("#total-messages")).to_have_text("4")
     await expect(page.locator("#total-delivered")).to_have_text("2")
-    await expect(page.locator("#total-failed")).to_have_text("1")
+    await expect(page.locator("#total-failed")).to_have_text("1")  # failed only
+    await expect(page.locator("#total-other")).to_have_text("1")  # the cancelled one
     await expect(page.locator("#failover-rate")).to_have_text("50.0 %")
+    bars = page.locator("#series-chart g.bucket")
+    await expect(bars.first).to_be_attached()
+    assert await bars.count() >= 60  # every minute of the hour, empty ones too
+    drawn = await bars.evaluate_all(
+        "groups => groups.map(g => [+g.dataset.delivered, +g.dataset.failed, +g.dataset.other])"
+    )
+    assert [sum(column) for column in zip(*drawn, strict=True)] == [2, 1, 1]
+    assert await page.locator("#series-chart rect.failed").count() >= 1
     push = page.locator('td.counter[data-category="transactional"][data-channel="push"]')
     await expect(push).to_have_text("1 / 0")
     await expect(
@@ -107,7 +120,7 @@ async def test_dashboard_shows_counters_funnel_failures_and_a_timeline(
     ).to_have_text("0 / 1")
     funnel = page.locator("#funnel .funnel-label")
     await expect(funnel).to_have_count(2)
-    await expect(funnel.nth(0)).to_contain_text("Step 0: reached 3, delivered 1")
+    await expect(funnel.nth(0)).to_contain_text("Step 0: reached 4, delivered 1")
     await expect(funnel.nth(1)).to_contain_text("Step 1: reached 1, delivered 1")
     failure = page.locator("#failures tbody tr").first
     await expect(failure).to_contain_text(failed)

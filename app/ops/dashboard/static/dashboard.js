@@ -39,11 +39,76 @@ function formatRate(rate) {
   return rate === null || rate === undefined ? "–" : `${(rate * 100).toFixed(1)} %`;
 }
 
+const SVG = "http://www.w3.org/2000/svg";
+const BUCKET_MS = { minute: 60000, hour: 3600000, day: 86400000 };
+
+function outcome(status) {
+  if (status === "delivered") return "delivered";
+  return status === "failed" ? "failed" : "other";
+}
+
+// One stacked bar per bucket of the range (empty buckets too), from `series`.
+function showSeries(stats, bucket, from, to) {
+  const step = BUCKET_MS[bucket];
+  const first = Math.floor(from.getTime() / step) * step;
+  const totals = new Map();
+  for (let at = first; at < to.getTime(); at += step) {
+    totals.set(at, { delivered: 0, failed: 0, other: 0 });
+  }
+  for (const point of stats.series) {
+    const at = new Date(point.bucket).getTime();
+    if (!totals.has(at)) totals.set(at, { delivered: 0, failed: 0, other: 0 });
+    totals.get(at)[outcome(point.status)] += point.messages;
+  }
+  const buckets = [...totals.entries()].sort((a, b) => a[0] - b[0]);
+  const highest = Math.max(1, ...buckets.map(([, t]) => t.delivered + t.failed + t.other));
+  const chart = $("series-chart");
+  chart.replaceChildren();
+  const width = 800 / buckets.length;
+  buckets.forEach(([at, t], index) => {
+    const group = document.createElementNS(SVG, "g");
+    group.setAttribute("class", "bucket");
+    group.dataset.bucket = new Date(at).toISOString();
+    let y = 180;
+    for (const kind of ["delivered", "failed", "other"]) {
+      group.dataset[kind] = t[kind];
+      if (!t[kind]) continue;
+      const height = (170 * t[kind]) / highest;
+      y -= height;
+      const rect = document.createElementNS(SVG, "rect");
+      rect.setAttribute("class", kind);
+      rect.setAttribute("x", String(index * width + width * 0.1));
+      rect.setAttribute("width", String(Math.max(width * 0.8, 1)));
+      rect.setAttribute("y", String(y));
+      rect.setAttribute("height", String(height));
+      group.appendChild(rect);
+    }
+    const title = document.createElementNS(SVG, "title");
+    title.textContent =
+      `${new Date(at).toLocaleString()}: delivered ${t.delivered}, failed ${t.failed},` +
+      ` other ${t.other}`;
+    group.appendChild(title);
+    chart.appendChild(group);
+  });
+  $("series-bucket").textContent = bucket;
+  const axis = $("series-axis");
+  axis.replaceChildren();
+  if (buckets.length) {
+    for (const at of [buckets[0][0], buckets[buckets.length - 1][0]]) {
+      const label = document.createElement("span");
+      label.textContent = new Date(at).toLocaleString();
+      axis.appendChild(label);
+    }
+  }
+}
+
 function showStats(stats) {
   const delivered = stats.by_status.delivered || 0;
   $("total-messages").textContent = stats.messages;
   $("total-delivered").textContent = delivered;
-  $("total-failed").textContent = stats.messages - delivered;
+  const failed = stats.by_status.failed || 0;
+  $("total-failed").textContent = failed;
+  $("total-other").textContent = stats.messages - delivered - failed;
   $("failover-rate").textContent = formatRate(stats.failover_rate);
   $("median").textContent = formatMs(stats.time_to_deliver.median_ms);
   $("p95").textContent = formatMs(stats.time_to_deliver.p95_ms);
@@ -172,6 +237,7 @@ async function refresh() {
       api("/v1/messages?status=failed&limit=10"),
     ]);
     showStats(stats);
+    showSeries(stats, bucket, from, to);
     showFailures(failures);
     $("error").textContent = "";
     $("updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
