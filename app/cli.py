@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import socket
@@ -322,6 +323,7 @@ def worker(
 @cli.command(name="migrate")
 def migrate_command() -> None:
     """Apply database migrations."""
+    configure_logging(logging.WARNING)
     settings = Settings()
     if settings.database_url:
         migrate.upgrade(settings.database_url)
@@ -406,6 +408,8 @@ def keys_create(
     if tenant is None:
         create_key_via_api(name, scopes, url, key)
         return
+    # Only the key on stdout (`KEY=$(cascade keys create …)`); warnings go to stderr.
+    configure_logging(logging.WARNING)
     settings, servers = _resolved(Settings(), "keys create")
     wanted = frozenset(Scope(s.strip()) for s in scopes.split(",") if s.strip()) or ALL_SCOPES
 

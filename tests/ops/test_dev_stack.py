@@ -49,8 +49,8 @@ def test_keys_create_beside_cascade_dev_leaves_its_servers_running(dev_stack: De
     for _ in range(2):  # the report: the first run already took Redis down
         created = cascade(dev_stack, "keys", "create", "--tenant", "acme", "--scopes", "send,read")
         assert created.returncode == 0, (created.stdout, created.stderr)
-        key = created.stdout.strip().splitlines()[-1]
-        assert key.startswith("csk_")
+        key = created.stdout.strip()
+        assert key.startswith("csk_") and "\n" not in key  # KEY=$(cascade keys create …)
 
     ready = httpx.get(f"{dev_stack.base_url}/readyz")
     assert ready.status_code == 200, ready.text
