@@ -49,7 +49,8 @@ class AlreadyRunning(RuntimeError):
     def __init__(self, data_dir: Path, owner: Owner | None) -> None:
         self.owner = owner
         who = owner.describe() if owner else "pid unknown"
-        super().__init__(f"cascade dev is already running on {data_dir} ({who})")
+        what = "cascade dev" if owner is None or owner.command == DEV_COMMAND else "a command"
+        super().__init__(f"{what} is already running on {data_dir} ({who})")
 
 
 @dataclass

@@ -126,6 +126,7 @@ VALID_BODIES: dict[str, Any] = {
     "POST /v1/messages/{message_id}/receipts": {"status": "delivered"},
     "PATCH /v1/webhooks/{endpoint_id}": {"enabled": False},
     "POST /v1/webhooks/{endpoint_id}/replay": {"since": "2020-01-01T00:00:00Z"},
+    "POST /v1/webhooks/{endpoint_id}/recover": {"since": "2020-01-01T00:00:00Z"},
     "PUT /v1/templates/{template_id}": {"name": "hijacked", "variants": {"sms": {"text": "x"}}},
     "PUT /v1/policy": {"timezone": "Europe/Warsaw"},
 }
