@@ -92,6 +92,8 @@ def test_compose_runs_postgres_redis_migrate_api_and_worker_with_health_checks()
     assert services["redis"]["image"].startswith("redis:")
     assert services["migrate"]["command"] == ["cascade", "migrate"]
     assert services["migrate"]["depends_on"] == {"postgres": {"condition": "service_healthy"}}
+    for name in ("migrate", "api", "worker"):  # built here, never pulled
+        assert (services[name]["build"], services[name]["image"]) == (".", "cascade")
     for name in ("api", "worker"):
         assert services[name]["command"][:2] == ["cascade", name]
         assert services[name]["depends_on"] == {
