@@ -27,7 +27,7 @@ from typing import TypeVar
 
 import structlog
 from redis.exceptions import RedisError
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import SQLAlchemyError
 
 from app.cascade import service
 from app.cascade.machine import AttemptStatus, Due, due_action
@@ -55,11 +55,15 @@ Result = SendResult | TransientProviderError
 GUARDS_TIMEOUT_SECONDS = 1.0
 # Short waits for rate slots happen inline; longer ones make the rest a retry for later.
 MAX_INLINE_RATE_WAIT = 1.0
-# What the loop treats as "the database is away for now": pause, then claim again.
-DATABASE_ERRORS = (DBAPIError, InterfaceError, OperationalError, OSError, TimeoutError)
-# Recording a batch's answers is retried this many times (a deadlock with a concurrent
-# receipt, a Postgres restart) before its steps are left to their deadlines.
-RECORD_TRIES = 5
+# What the loop treats as "the database is away for now": pause, then claim again. Any
+# of these inside a transaction ends it (Postgres aborts it; SQLAlchemy may have
+# invalidated the connection), so they end the whole claim, never just one message.
+DATABASE_ERRORS = (SQLAlchemyError, OSError, TimeoutError)
+# Recording a batch's answers is retried with a growing pause (a deadlock with a
+# concurrent receipt, a Postgres restart) for this long before its steps are left to
+# their deadlines: the answers exist only in this process until they are written.
+RECORD_PATIENCE_SECONDS = 60.0
+RECORD_MAX_PAUSE_SECONDS = 2.0
 
 
 @dataclass
@@ -97,6 +101,10 @@ class DeliveryEngine:
                 taken = await self.claim(limit)
             except DATABASE_ERRORS as exc:
                 log.warning("engine_claim_failed", category=self.category, error=repr(exc))
+                await _first(asyncio.sleep(self.poll_seconds), stop.wait())
+                continue
+            except Exception:  # a bug must cost one turn (rolled back), never the loop
+                log.exception("engine_claim_crashed", category=self.category)
                 await _first(asyncio.sleep(self.poll_seconds), stop.wait())
                 continue
             if taken < limit:
@@ -138,6 +146,8 @@ class DeliveryEngine:
         mark = len(tx.changes)
         try:
             return await self._act(tx, message, attempts, at)
+        except DATABASE_ERRORS:
+            raise  # the transaction is gone: the claim rolls back and is taken again
         except Exception:  # one message's bad data must not stall the batch, or the loop
             log.exception("engine_message_failed", message_id=str(message.id))
             del tx.changes[mark:]
@@ -288,18 +298,21 @@ class DeliveryEngine:
         """Every answer of the batch in one transaction (retried: a deadlock with a receipt
         for the same messages, a Postgres restart). Given up, the steps stay `sending`."""
         plans = batch.plans
-        delay = 0.05
-        for attempt_number in range(1, RECORD_TRIES + 1):
+        results = [batch.results[i] for i in range(len(plans))]
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + RECORD_PATIENCE_SECONDS
+        pause = 0.05
+        while True:
             try:
-                await self._record_once(plans, [batch.results[i] for i in range(len(plans))])
+                await self._record_once(plans, results)
                 return
             except DATABASE_ERRORS as exc:
-                if attempt_number == RECORD_TRIES:
+                if loop.time() + pause > give_up:
                     log.error("engine_record_failed", sends=len(plans), error=repr(exc))
                     return
                 log.warning("engine_record_retry", sends=len(plans), error=repr(exc))
-                await asyncio.sleep(delay)
-                delay *= 4
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, RECORD_MAX_PAUSE_SECONDS)
 
     async def _record_once(self, plans: Sequence[service.SendPlan], results: list[Result]) -> None:
         at = utcnow()
