@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
@@ -34,11 +35,13 @@ from app.cascade.machine import AttemptStatus, Due, due_action
 from app.db import Transaction
 from app.ledger import repository as ledger
 from app.ledger.repository import AttemptRow, MessageRow
+from app.policy import service as policy
 from app.runtime import Runtime, utcnow
 from providers.accounts import ProviderAccount
 from providers.base import (
     Accepted,
     Category,
+    Channel,
     ProviderError,
     Rejected,
     SendResult,
@@ -126,8 +129,9 @@ class DeliveryEngine:
             by_message: dict[object, list[AttemptRow]] = defaultdict(list)
             for attempt in attempts:
                 by_message[attempt.message_id].append(attempt)
+            known = await self._prefetch(tx, messages, by_message)
             for message in messages:
-                plan = await self._take(tx, message, by_message[message.id], at)
+                plan = await self._take(tx, message, by_message[message.id], at, known)
                 if plan is not None:
                     plans.append(plan)
             await ledger.write_changes(tx.conn, tx.changes)
@@ -138,14 +142,37 @@ class DeliveryEngine:
             task.add_done_callback(self._tasks.discard)
         return len(messages)
 
+    async def _prefetch(
+        self,
+        tx: Transaction,
+        messages: list[MessageRow],
+        attempts: dict[object, list[AttemptRow]],
+    ) -> policy.Prefetched:
+        """The policy lookups of every step about to be tried for the first time, in one go
+        (one query for the batch instead of one per message)."""
+        sends: list[tuple[uuid.UUID, Category, Channel, str]] = []
+        for message in messages:
+            if any(a.step == message.current_step for a in attempts[message.id]):
+                continue  # a retry or a deadline: policy was asked when it was first tried
+            with contextlib.suppress(Exception):  # bad data: `_take` deals with it alone
+                channel, _, address, _ = service.step_target(self.rt.providers, message)
+                if address is not None:
+                    sends.append((message.tenant_id, Category(message.category), channel, address))
+        return await policy.prefetch(tx.conn, sends, self.rt.settings)
+
     async def _take(
-        self, tx: Transaction, message: MessageRow, attempts: list[AttemptRow], at: datetime
+        self,
+        tx: Transaction,
+        message: MessageRow,
+        attempts: list[AttemptRow],
+        at: datetime,
+        known: policy.Prefetched,
     ) -> service.SendPlan | None:
         """Do what is due for one claimed message; a failure here stays with that message."""
         assert tx.changes is not None
         mark = len(tx.changes)
         try:
-            return await self._act(tx, message, attempts, at)
+            return await self._act(tx, message, attempts, at, known)
         except DATABASE_ERRORS:
             raise  # the transaction is gone: the claim rolls back and is taken again
         except Exception:  # one message's bad data must not stall the batch, or the loop
@@ -157,7 +184,12 @@ class DeliveryEngine:
             structlog.contextvars.clear_contextvars()  # one message's log context only
 
     async def _act(
-        self, tx: Transaction, message: MessageRow, attempts: list[AttemptRow], at: datetime
+        self,
+        tx: Transaction,
+        message: MessageRow,
+        attempts: list[AttemptRow],
+        at: datetime,
+        known: policy.Prefetched,
     ) -> service.SendPlan | None:
         settings = self.rt.settings
         slack = service.DEADLINE_SLACK
@@ -176,7 +208,7 @@ class DeliveryEngine:
                 for a in attempts
             )
             return await service.begin_send(
-                tx, self.rt.providers, settings, message, current, reached_before, at
+                tx, self.rt.providers, settings, message, current, reached_before, at, known
             )
         if action is Due.TIMEOUT:
             assert current is not None
