@@ -88,7 +88,6 @@ class DeliveryEngine:
         self.in_flight = 0
         self._room = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._per_account: dict[str, asyncio.Semaphore] = {}
 
     async def run(self, stop: asyncio.Event) -> None:
         """Claim and send until `stop`, then let the batches in flight finish."""
@@ -298,7 +297,7 @@ class DeliveryEngine:
                 batch.results[index] = TransientProviderError(
                     "guards_unavailable", repr(exc)[:200], provider_fault=False
                 )
-        limit = self._per_account.setdefault(account.name, asyncio.Semaphore(account.max_in_flight))
+        limit = self.rt.send_slots(account)
         results = await asyncio.gather(
             *(self._send_one(account, limit, batch.plans[i]) for i in admitted)
         )
@@ -376,6 +375,7 @@ class DeliveryEngine:
                 provider=plan.provider.name,
                 step=plan.step,
                 result=type(result).__name__,
+                error=None if isinstance(result, Accepted) else result.code,
             )
 
 
