@@ -13,8 +13,10 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import asyncpg
 import orjson
 from sqlalchemy import event
+from sqlalchemy.engine import ExceptionContext
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
@@ -46,7 +48,26 @@ def create_engine(url: str, pool_size: int) -> AsyncEngine:
         json_serializer=lambda value: orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode(),
     )
     _ping_idle_connections(engine)
+    _discard_confused_connections(engine)
     return engine
+
+
+def _discard_confused_connections(engine: AsyncEngine) -> None:
+    """A session Postgres terminates mid-transaction (a restart, an admin's kill) sometimes
+    surfaces as asyncpg's `InternalClientError` ("cannot switch to state …") instead of
+    "connection is closed", and SQLAlchemy then returns that connection to the pool, where
+    every later checkout fails the same way (sqlalchemy#13241, unfixed in 2.1.9). Treat
+    it as the disconnect it is: the connection is invalidated, never reused."""
+
+    def mark_disconnect(context: ExceptionContext) -> None:
+        # The dialect's own DBAPI error, raised from asyncpg's.
+        error = context.original_exception
+        if isinstance(error, asyncpg.InternalClientError) or isinstance(
+            error.__cause__, asyncpg.InternalClientError
+        ):
+            context.is_disconnect = True
+
+    event.listen(engine.sync_engine, "handle_error", mark_disconnect)
 
 
 def _ping_idle_connections(engine: AsyncEngine) -> None:

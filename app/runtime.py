@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
 
-import httpx
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -59,11 +59,12 @@ def provider_accounts(settings: Settings) -> list[ProviderAccount]:
     return accounts
 
 
-def build_providers(
-    settings: Settings, http: httpx.AsyncClient, on_status: StatusSink | None = None
-) -> ProviderRegistry:
+def build_providers(settings: Settings, on_status: StatusSink | None = None) -> ProviderRegistry:
+    """The configured accounts' adapters, each HTTP one with a client of its own."""
     return ProviderRegistry.from_accounts(
-        provider_accounts(settings), settings.default_providers, AdapterContext(http, on_status)
+        provider_accounts(settings),
+        settings.default_providers,
+        AdapterContext(on_status=on_status),
     )
 
 
@@ -92,7 +93,15 @@ class Runtime:
     redis: ArqRedis
     queue: JobQueue
     providers: ProviderRegistry
-    http: httpx.AsyncClient
+    # Requests in flight per provider account, across this process's delivery engines
+    # (`ProviderAccount.max_in_flight`; its HTTP client's pool is as large).
+    _send_slots: dict[str, asyncio.Semaphore] = field(default_factory=dict)
+
+    def send_slots(self, account: ProviderAccount) -> asyncio.Semaphore:
+        slots = self._send_slots.get(account.name)
+        if slots is None:
+            slots = self._send_slots[account.name] = asyncio.Semaphore(account.max_in_flight)
+        return slots
 
     @cached_property
     def send_guards(self) -> SendGuards:
@@ -106,18 +115,12 @@ class Runtime:
         engine = create_engine(settings.database_url, settings.db_pool_size)
         redis = await create_pool(redis_settings(settings.redis_url))
         queue = JobQueue(redis)
-        # Keep as many provider connections alive as a worker runs sends at once: with
-        # httpx's default of 20, bursts opened and closed a TCP connection per request.
-        http = httpx.AsyncClient(
-            timeout=10.0, limits=httpx.Limits(max_connections=200, max_keepalive_connections=100)
-        )
         return cls(
             settings=settings,
             engine=engine,
             redis=redis,
             queue=queue,
-            providers=build_providers(settings, http, _status_sink(engine, queue)),
-            http=http,
+            providers=build_providers(settings, _status_sink(engine, queue)),
         )
 
     @asynccontextmanager
@@ -127,6 +130,5 @@ class Runtime:
 
     async def close(self) -> None:
         await self.providers.aclose()
-        await self.http.aclose()
         await self.redis.aclose()
         await self.engine.dispose()

@@ -76,7 +76,9 @@ async def run(args: argparse.Namespace, stack: Stack) -> list[Figure]:
         elif name == "callbacks":
             figures += await scenarios.callbacks(stack, args.messages, args.seconds, within=180)
         elif name == "isolation":
-            figures += await scenarios.isolation(stack, args.backlog, args.seconds * 2)
+            figures += await scenarios.isolation(
+                stack, args.backlog, args.seconds * 2, drain_seconds=args.drain_seconds
+            )
         elif name == "scale":
             figures += await scenarios.scale(
                 stack, args.rows, args.fill_seconds, args.seconds, empty_rate
@@ -93,6 +95,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10, help="per measurement")
     parser.add_argument("--messages", type=int, default=1500, help="delivery/callback count")
     parser.add_argument("--backlog", type=int, default=50_000, help="marketing backlog")
+    parser.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=0,
+        help="isolation: then drain the backlog to completion or this bound (0: don't)",
+    )
     parser.add_argument("--rows", type=int, default=5_000_000, help="scale: ledger rows")
     parser.add_argument("--fill-seconds", type=float, default=180, help="scale: fill budget")
     parser.add_argument("--api-workers", type=int, nargs="+", default=[1, 2])

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Self
 
-import httpx
+import httpx2
 import jwt
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
@@ -102,7 +102,7 @@ class FcmProvider:
         self,
         config: FcmConfig,
         *,
-        http: httpx.AsyncClient | None = None,
+        http: httpx2.AsyncClient | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         key = _load_service_account_key(config)
@@ -115,7 +115,7 @@ class FcmProvider:
         base = config.base_url.rstrip("/")
         self._send_url = f"{base}/v1/projects/{config.project_id}/messages:send"
         self._owns_http = http is None
-        self._http = http if http is not None else httpx.AsyncClient()
+        self._http = http if http is not None else httpx2.AsyncClient()
         self._clock = clock
         self._token: _AccessToken | None = None
         self._token_lock = asyncio.Lock()
@@ -142,7 +142,7 @@ class FcmProvider:
         if self._owns_http:
             await self._http.aclose()
 
-    async def _post_message(self, body: dict[str, Any], token: str) -> httpx.Response:
+    async def _post_message(self, body: dict[str, Any], token: str) -> httpx2.Response:
         try:
             return await self._http.post(
                 self._send_url,
@@ -150,9 +150,9 @@ class FcmProvider:
                 headers={"Authorization": f"Bearer {token}"},
                 timeout=self._config.timeout_seconds,
             )
-        except httpx.TimeoutException as exc:
+        except httpx2.TimeoutException as exc:
             raise TransientProviderError("fcm:timeout", str(exc)) from exc
-        except httpx.TransportError as exc:
+        except httpx2.TransportError as exc:
             raise TransientProviderError("fcm:transport", str(exc)) from exc
 
     async def _access_token(self, *, stale: str | None = None) -> str:
@@ -186,9 +186,9 @@ class FcmProvider:
                 data={"grant_type": JWT_BEARER_GRANT, "assertion": assertion},
                 timeout=self._config.timeout_seconds,
             )
-        except httpx.TimeoutException as exc:
+        except httpx2.TimeoutException as exc:
             raise TransientProviderError("fcm:token_timeout", str(exc)) from exc
-        except httpx.TransportError as exc:
+        except httpx2.TransportError as exc:
             raise TransientProviderError("fcm:token_transport", str(exc)) from exc
 
         payload = json_object(response)
@@ -239,7 +239,7 @@ def _request_body(message: OutboundMessage) -> dict[str, Any]:
     return {"message": fcm_message}
 
 
-def _classify(response: httpx.Response, *, fallback_id: str) -> SendResult:
+def _classify(response: httpx2.Response, *, fallback_id: str) -> SendResult:
     if response.is_success:
         name = json_object(response).get("name")
         # A 200 without a name still means FCM took the message; never resend it.
@@ -258,7 +258,7 @@ def _classify(response: httpx.Response, *, fallback_id: str) -> SendResult:
     return Rejected(code, error.message)
 
 
-def _fcm_error(response: httpx.Response) -> _FcmError:
+def _fcm_error(response: httpx2.Response) -> _FcmError:
     error = json_object(response).get("error")
     if not isinstance(error, dict):
         return _FcmError(None, None, response.text[:200])

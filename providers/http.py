@@ -7,10 +7,10 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
 
-import httpx
+import httpx2
 
 
-def retry_after_seconds(response: httpx.Response) -> float | None:
+def retry_after_seconds(response: httpx2.Response) -> float | None:
     """Retry-After as seconds from now: either delta-seconds or an HTTP date (RFC 9110)."""
     value = response.headers.get("retry-after")
     if not value:
@@ -30,7 +30,7 @@ def retry_after_seconds(response: httpx.Response) -> float | None:
     return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
-def json_object(response: httpx.Response) -> dict[str, Any]:
+def json_object(response: httpx2.Response) -> dict[str, Any]:
     """The body as a JSON object, or {} when it is not one (HTML error pages, empty bodies)."""
     try:
         body = response.json()

@@ -25,8 +25,14 @@ class Route:
 
 
 class ProviderRegistry:
-    def __init__(self, routes: Iterable[Route], defaults: Mapping[Channel, str]) -> None:
+    def __init__(
+        self,
+        routes: Iterable[Route],
+        defaults: Mapping[Channel, str],
+        context: AdapterContext | None = None,
+    ) -> None:
         self._routes = list(routes)
+        self._context = context  # owns the accounts' HTTP clients
         self._by_name: dict[str, Route] = {}
         for route in self._routes:
             self._by_name.setdefault(route.provider.name, route)
@@ -44,7 +50,7 @@ class ProviderRegistry:
             for account in accounts
             for provider in build_adapters(account, context)
         ]
-        return cls(routes, defaults)
+        return cls(routes, defaults, context)
 
     def route(self, channel: Channel, ref: str | None, category: Category) -> Route:
         """The account for a step: `ref` (or the channel default) narrowed by category."""
@@ -92,3 +98,5 @@ class ProviderRegistry:
     async def aclose(self) -> None:
         for route in self._routes:
             await route.provider.aclose()
+        if self._context is not None:
+            await self._context.aclose()

@@ -28,7 +28,7 @@ import time
 from collections import Counter
 from enum import Enum
 
-import httpx
+import httpx2
 import orjson
 import structlog
 from pydantic import BaseModel, SecretStr
@@ -105,7 +105,7 @@ class SandboxConfig(BaseModel):
 
 class SandboxProvider:
     def __init__(
-        self, channel: Channel, config: SandboxConfig, *, http: httpx.AsyncClient | None = None
+        self, channel: Channel, config: SandboxConfig, *, http: httpx2.AsyncClient | None = None
     ) -> None:
         self.name = config.name
         self.channel = channel
@@ -113,9 +113,9 @@ class SandboxProvider:
         # Its own small pool, as a provider calls back from its own servers: on the shared
         # pool the receipts competed with sends for connections, and every request scans
         # the shared pool's idle connections (httpcore), which cost more the larger it is.
-        self._http = http or httpx.AsyncClient(
+        self._http = http or httpx2.AsyncClient(
             timeout=5.0,
-            limits=httpx.Limits(
+            limits=httpx2.Limits(
                 max_connections=RECEIPTS_IN_FLIGHT, max_keepalive_connections=RECEIPTS_IN_FLIGHT
             ),
         )
@@ -201,7 +201,7 @@ class SandboxProvider:
                 if response.status_code < 500 and response.status_code != 429:
                     return
                 error = f"HTTP {response.status_code}"
-            except httpx.HTTPError as exc:
+            except httpx2.HTTPError as exc:
                 error = repr(exc)
             if retry_in is None:
                 # Like a real provider whose DLR never arrives: the step times out.

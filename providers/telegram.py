@@ -5,15 +5,15 @@ receipts. A Telegram step must therefore be configured with `success_on: accepte
 with `delivered` it could only ever end by timing out.
 
 The bot token is part of every request URL, so it must never reach logs: errors here
-carry the exception type and Telegram's description, never the URL. (httpx itself
-logs request URLs at INFO level; keep the `httpx` logger at WARNING in production.)
+carry the exception type and Telegram's description, never the URL. (httpx2 itself
+logs request URLs at INFO level; keep the `httpx2` logger at WARNING in production.)
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import httpx
+import httpx2
 from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError
 
 from providers.base import (
@@ -72,11 +72,11 @@ class TelegramProvider:
     # No delivery receipts exist: a step's default success is the Bot API's acceptance.
     confirms_delivery = False
 
-    def __init__(self, config: TelegramConfig, *, http: httpx.AsyncClient | None = None) -> None:
+    def __init__(self, config: TelegramConfig, *, http: httpx2.AsyncClient | None = None) -> None:
         self.config = config
         self.name = config.name
         self._owns_http = http is None
-        self._http = http or httpx.AsyncClient(timeout=config.timeout_seconds)
+        self._http = http or httpx2.AsyncClient(timeout=config.timeout_seconds)
 
     def address(self, to: Recipient) -> str | None:
         return to.telegram_chat_id
@@ -94,7 +94,7 @@ class TelegramProvider:
         )
         try:
             response = await self._http.post(url, json=payload, timeout=self.config.timeout_seconds)
-        except httpx.TransportError as exc:
+        except httpx2.TransportError as exc:
             raise TransientProviderError("telegram:transport", type(exc).__name__) from None
         return _classify(response, chat_id)
 
@@ -116,7 +116,7 @@ def _chat_id(address: str) -> int | str:
     return int(address) if address.removeprefix("-").isdigit() else address
 
 
-def _classify(response: httpx.Response, chat_id: str) -> SendResult:
+def _classify(response: httpx2.Response, chat_id: str) -> SendResult:
     status = response.status_code
     if response.is_success:
         try:

@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from typing import Self
 from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit, urlunsplit
 
-import httpx
+import httpx2
 import pydantic
 from pydantic import SecretStr
 
@@ -112,16 +112,16 @@ class TwilioConfig(pydantic.BaseModel):
 class TwilioProvider:
     channel = Channel.SMS
 
-    def __init__(self, config: TwilioConfig, *, http: httpx.AsyncClient | None = None) -> None:
+    def __init__(self, config: TwilioConfig, *, http: httpx2.AsyncClient | None = None) -> None:
         self.name = config.name
         self._config = config
         self._owns_http = http is None
-        self._http = http if http is not None else httpx.AsyncClient()
+        self._http = http if http is not None else httpx2.AsyncClient()
         self._messages_url = (
             f"{config.base_url.rstrip('/')}/{API_VERSION}/Accounts/{config.account_sid}"
             "/Messages.json"
         )
-        self._auth = httpx.BasicAuth(config.account_sid, config.auth_token.get_secret_value())
+        self._auth = httpx2.BasicAuth(config.account_sid, config.auth_token.get_secret_value())
 
     def address(self, to: Recipient) -> str | None:
         return to.phone
@@ -136,9 +136,9 @@ class TwilioProvider:
                 auth=self._auth,
                 timeout=self._config.timeout_seconds,
             )
-        except httpx.TimeoutException as exc:
+        except httpx2.TimeoutException as exc:
             raise TransientProviderError("twilio:timeout", type(exc).__name__) from exc
-        except httpx.TransportError as exc:
+        except httpx2.TransportError as exc:
             raise TransientProviderError("twilio:transport", str(exc)) from exc
         return classify_send_response(response)
 
@@ -193,9 +193,9 @@ class TwilioProvider:
                 auth=self._auth,
                 timeout=self._config.timeout_seconds,
             )
-        except httpx.TimeoutException as exc:
+        except httpx2.TimeoutException as exc:
             raise TransientProviderError("twilio:timeout", type(exc).__name__) from exc
-        except httpx.TransportError as exc:
+        except httpx2.TransportError as exc:
             raise TransientProviderError("twilio:transport", str(exc)) from exc
         if response.status_code == 429 or response.status_code >= 500:
             raise TransientProviderError(
@@ -210,7 +210,7 @@ class TwilioProvider:
             await self._http.aclose()
 
 
-def classify_send_response(response: httpx.Response) -> SendResult:
+def classify_send_response(response: httpx2.Response) -> SendResult:
     status = response.status_code
     body = json_object(response)
     code = body.get("code")

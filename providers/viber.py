@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, Final
 
-import httpx
+import httpx2
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from providers.base import (
@@ -99,12 +99,12 @@ class ViberConfig(BaseModel):
 class ViberProvider:
     channel: Channel = Channel.MESSENGER
 
-    def __init__(self, config: ViberConfig, *, http: httpx.AsyncClient | None = None) -> None:
+    def __init__(self, config: ViberConfig, *, http: httpx2.AsyncClient | None = None) -> None:
         self.name = config.name
         self._config = config
         self._send_url = f"{config.base_url.rstrip('/')}/pa/send_message"
         self._owns_http = http is None
-        self._http = http if http is not None else httpx.AsyncClient()
+        self._http = http if http is not None else httpx2.AsyncClient()
 
     def address(self, to: Recipient) -> str | None:
         return to.viber_id
@@ -122,9 +122,9 @@ class ViberProvider:
                 headers={AUTH_HEADER: self._config.auth_token.get_secret_value()},
                 timeout=self._config.timeout_seconds,
             )
-        except httpx.TimeoutException as exc:
+        except httpx2.TimeoutException as exc:
             raise TransientProviderError("viber:timeout", type(exc).__name__) from exc
-        except httpx.TransportError as exc:
+        except httpx2.TransportError as exc:
             raise TransientProviderError("viber:transport", str(exc)) from exc
         return classify_response(response, fallback_id=message.attempt_id)
 
@@ -149,7 +149,7 @@ class ViberProvider:
             await self._http.aclose()
 
 
-def classify_response(response: httpx.Response, *, fallback_id: str) -> SendResult:
+def classify_response(response: httpx2.Response, *, fallback_id: str) -> SendResult:
     http_status = response.status_code
     if http_status == 429 or http_status >= 500:
         raise TransientProviderError(

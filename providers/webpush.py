@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Final, Literal, Self
 from urllib.parse import urlsplit
 
-import httpx
+import httpx2
 import jwt
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -117,7 +117,7 @@ class WebPushProvider:
         self,
         config: WebPushConfig,
         *,
-        http: httpx.AsyncClient | None = None,
+        http: httpx2.AsyncClient | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.name = config.name
@@ -129,7 +129,7 @@ class WebPushProvider:
             )
         )
         self._owns_http = http is None
-        self._http = http if http is not None else httpx.AsyncClient()
+        self._http = http if http is not None else httpx2.AsyncClient()
         self._clock = clock
         self._vapid_headers: dict[str, _VapidHeader] = {}
 
@@ -178,9 +178,9 @@ class WebPushProvider:
                 headers=headers,
                 timeout=self._config.timeout_seconds,
             )
-        except httpx.TimeoutException as exc:
+        except httpx2.TimeoutException as exc:
             raise TransientProviderError("webpush:timeout", type(exc).__name__) from exc
-        except httpx.TransportError as exc:
+        except httpx2.TransportError as exc:
             raise TransientProviderError("webpush:transport", str(exc)) from exc
         return classify_response(response, fallback_id=accepted_digest(message))
 
@@ -278,7 +278,7 @@ def _hkdf(*, salt: bytes, ikm: bytes, info: bytes, length: int) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(ikm)
 
 
-def classify_response(response: httpx.Response, *, fallback_id: str) -> SendResult:
+def classify_response(response: httpx2.Response, *, fallback_id: str) -> SendResult:
     status = response.status_code
     if response.is_success:
         # 201 Created with the push message resource; without one the push is still taken.
@@ -298,7 +298,7 @@ def classify_response(response: httpx.Response, *, fallback_id: str) -> SendResu
     return Rejected(f"webpush:{status}", detail)
 
 
-def _error_detail(response: httpx.Response) -> str:
+def _error_detail(response: httpx2.Response) -> str:
     """The push service's message (autopush and FCM answer JSON; others plain text)."""
     body = json_object(response)
     for key in ("message", "error", "reason"):

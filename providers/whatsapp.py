@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, Final, Literal
 
-import httpx
+import httpx2
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from providers.base import (
@@ -144,11 +144,11 @@ class WhatsAppProvider:
 
     channel = Channel.MESSENGER
 
-    def __init__(self, config: WhatsAppConfig, *, http: httpx.AsyncClient | None = None) -> None:
+    def __init__(self, config: WhatsAppConfig, *, http: httpx2.AsyncClient | None = None) -> None:
         self.config = config
         self.name = config.name
         self._owns_http = http is None
-        self._http = http or httpx.AsyncClient(timeout=config.timeout_seconds)
+        self._http = http or httpx2.AsyncClient(timeout=config.timeout_seconds)
         self._messages_url = (
             f"{config.base_url.rstrip('/')}/{config.api_version}/{config.phone_number_id}/messages"
         )
@@ -167,7 +167,7 @@ class WhatsAppProvider:
                 headers={"Authorization": f"Bearer {self.config.access_token.get_secret_value()}"},
                 timeout=self.config.timeout_seconds,
             )
-        except httpx.TransportError as exc:
+        except httpx2.TransportError as exc:
             raise TransientProviderError("whatsapp:transport", type(exc).__name__) from exc
         return _classify(response)
 
@@ -261,7 +261,7 @@ class WhatsAppProvider:
             await self._http.aclose()
 
 
-def _classify(response: httpx.Response) -> SendResult:
+def _classify(response: httpx2.Response) -> SendResult:
     if response.is_success:
         try:
             sent = _SendResponse.model_validate_json(response.content)

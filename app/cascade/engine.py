@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
@@ -27,18 +28,20 @@ from typing import TypeVar
 
 import structlog
 from redis.exceptions import RedisError
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import SQLAlchemyError
 
 from app.cascade import service
 from app.cascade.machine import AttemptStatus, Due, due_action
 from app.db import Transaction
 from app.ledger import repository as ledger
 from app.ledger.repository import AttemptRow, MessageRow
+from app.policy import service as policy
 from app.runtime import Runtime, utcnow
 from providers.accounts import ProviderAccount
 from providers.base import (
     Accepted,
     Category,
+    Channel,
     ProviderError,
     Rejected,
     SendResult,
@@ -55,11 +58,15 @@ Result = SendResult | TransientProviderError
 GUARDS_TIMEOUT_SECONDS = 1.0
 # Short waits for rate slots happen inline; longer ones make the rest a retry for later.
 MAX_INLINE_RATE_WAIT = 1.0
-# What the loop treats as "the database is away for now": pause, then claim again.
-DATABASE_ERRORS = (DBAPIError, InterfaceError, OperationalError, OSError, TimeoutError)
-# Recording a batch's answers is retried this many times (a deadlock with a concurrent
-# receipt, a Postgres restart) before its steps are left to their deadlines.
-RECORD_TRIES = 5
+# What the loop treats as "the database is away for now": pause, then claim again. Any
+# of these inside a transaction ends it (Postgres aborts it; SQLAlchemy may have
+# invalidated the connection), so they end the whole claim, never just one message.
+DATABASE_ERRORS = (SQLAlchemyError, OSError, TimeoutError)
+# Recording a batch's answers is retried with a growing pause (a deadlock with a
+# concurrent receipt, a Postgres restart) for this long before its steps are left to
+# their deadlines: the answers exist only in this process until they are written.
+RECORD_PATIENCE_SECONDS = 60.0
+RECORD_MAX_PAUSE_SECONDS = 2.0
 
 
 @dataclass
@@ -81,7 +88,6 @@ class DeliveryEngine:
         self.in_flight = 0
         self._room = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._per_account: dict[str, asyncio.Semaphore] = {}
 
     async def run(self, stop: asyncio.Event) -> None:
         """Claim and send until `stop`, then let the batches in flight finish."""
@@ -97,6 +103,10 @@ class DeliveryEngine:
                 taken = await self.claim(limit)
             except DATABASE_ERRORS as exc:
                 log.warning("engine_claim_failed", category=self.category, error=repr(exc))
+                await _first(asyncio.sleep(self.poll_seconds), stop.wait())
+                continue
+            except Exception:  # a bug must cost one turn (rolled back), never the loop
+                log.exception("engine_claim_crashed", category=self.category)
                 await _first(asyncio.sleep(self.poll_seconds), stop.wait())
                 continue
             if taken < limit:
@@ -118,8 +128,9 @@ class DeliveryEngine:
             by_message: dict[object, list[AttemptRow]] = defaultdict(list)
             for attempt in attempts:
                 by_message[attempt.message_id].append(attempt)
+            known = await self._prefetch(tx, messages, by_message)
             for message in messages:
-                plan = await self._take(tx, message, by_message[message.id], at)
+                plan = await self._take(tx, message, by_message[message.id], at, known)
                 if plan is not None:
                     plans.append(plan)
             await ledger.write_changes(tx.conn, tx.changes)
@@ -130,14 +141,39 @@ class DeliveryEngine:
             task.add_done_callback(self._tasks.discard)
         return len(messages)
 
+    async def _prefetch(
+        self,
+        tx: Transaction,
+        messages: list[MessageRow],
+        attempts: dict[object, list[AttemptRow]],
+    ) -> policy.Prefetched:
+        """The policy lookups of every step about to be tried for the first time, in one go
+        (one query for the batch instead of one per message)."""
+        sends: list[tuple[uuid.UUID, Category, Channel, str]] = []
+        for message in messages:
+            if any(a.step == message.current_step for a in attempts[message.id]):
+                continue  # a retry or a deadline: policy was asked when it was first tried
+            with contextlib.suppress(Exception):  # bad data: `_take` deals with it alone
+                channel, _, address, _ = service.step_target(self.rt.providers, message)
+                if address is not None:
+                    sends.append((message.tenant_id, Category(message.category), channel, address))
+        return await policy.prefetch(tx.conn, sends, self.rt.settings)
+
     async def _take(
-        self, tx: Transaction, message: MessageRow, attempts: list[AttemptRow], at: datetime
+        self,
+        tx: Transaction,
+        message: MessageRow,
+        attempts: list[AttemptRow],
+        at: datetime,
+        known: policy.Prefetched,
     ) -> service.SendPlan | None:
         """Do what is due for one claimed message; a failure here stays with that message."""
         assert tx.changes is not None
         mark = len(tx.changes)
         try:
-            return await self._act(tx, message, attempts, at)
+            return await self._act(tx, message, attempts, at, known)
+        except DATABASE_ERRORS:
+            raise  # the transaction is gone: the claim rolls back and is taken again
         except Exception:  # one message's bad data must not stall the batch, or the loop
             log.exception("engine_message_failed", message_id=str(message.id))
             del tx.changes[mark:]
@@ -147,7 +183,12 @@ class DeliveryEngine:
             structlog.contextvars.clear_contextvars()  # one message's log context only
 
     async def _act(
-        self, tx: Transaction, message: MessageRow, attempts: list[AttemptRow], at: datetime
+        self,
+        tx: Transaction,
+        message: MessageRow,
+        attempts: list[AttemptRow],
+        at: datetime,
+        known: policy.Prefetched,
     ) -> service.SendPlan | None:
         settings = self.rt.settings
         slack = service.DEADLINE_SLACK
@@ -166,7 +207,7 @@ class DeliveryEngine:
                 for a in attempts
             )
             return await service.begin_send(
-                tx, self.rt.providers, settings, message, current, reached_before, at
+                tx, self.rt.providers, settings, message, current, reached_before, at, known
             )
         if action is Due.TIMEOUT:
             assert current is not None
@@ -256,7 +297,7 @@ class DeliveryEngine:
                 batch.results[index] = TransientProviderError(
                     "guards_unavailable", repr(exc)[:200], provider_fault=False
                 )
-        limit = self._per_account.setdefault(account.name, asyncio.Semaphore(account.max_in_flight))
+        limit = self.rt.send_slots(account)
         results = await asyncio.gather(
             *(self._send_one(account, limit, batch.plans[i]) for i in admitted)
         )
@@ -288,18 +329,21 @@ class DeliveryEngine:
         """Every answer of the batch in one transaction (retried: a deadlock with a receipt
         for the same messages, a Postgres restart). Given up, the steps stay `sending`."""
         plans = batch.plans
-        delay = 0.05
-        for attempt_number in range(1, RECORD_TRIES + 1):
+        results = [batch.results[i] for i in range(len(plans))]
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + RECORD_PATIENCE_SECONDS
+        pause = 0.05
+        while True:
             try:
-                await self._record_once(plans, [batch.results[i] for i in range(len(plans))])
+                await self._record_once(plans, results)
                 return
             except DATABASE_ERRORS as exc:
-                if attempt_number == RECORD_TRIES:
+                if loop.time() + pause > give_up:
                     log.error("engine_record_failed", sends=len(plans), error=repr(exc))
                     return
                 log.warning("engine_record_retry", sends=len(plans), error=repr(exc))
-                await asyncio.sleep(delay)
-                delay *= 4
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, RECORD_MAX_PAUSE_SECONDS)
 
     async def _record_once(self, plans: Sequence[service.SendPlan], results: list[Result]) -> None:
         at = utcnow()
@@ -331,6 +375,7 @@ class DeliveryEngine:
                 provider=plan.provider.name,
                 step=plan.step,
                 result=type(result).__name__,
+                error=None if isinstance(result, Accepted) else result.code,
             )
 
 

@@ -342,6 +342,20 @@ async def _defer(
     )
 
 
+def step_target(
+    registry: ProviderRegistry, message: MessageRow
+) -> tuple[Channel, Provider | None, str | None, Error | None]:
+    """The current step's channel, provider (None, with the error, when no account serves
+    it) and the recipient's address on it (None when the recipient has none)."""
+    spec = step_spec(message, message.current_step)
+    channel = Channel(spec["channel"])
+    try:
+        provider = registry.get(channel, spec["provider"], Category(message.category))
+    except UnknownProvider as exc:
+        return channel, None, None, Error("provider_unavailable", str(exc))
+    return channel, provider, provider.address(Recipient.from_mapping(message.recipient)), None
+
+
 async def begin_send(
     tx: Transaction,
     registry: ProviderRegistry,
@@ -350,27 +364,29 @@ async def begin_send(
     attempt: AttemptRow | None,
     reached_before: bool,
     at: datetime,
+    known: policy.Prefetched | None = None,
 ) -> SendPlan | None:
     """Claim the current step of a locked, unfinished message for sending (`attempt`: its
     attempt, None before the first try; `reached_before`: an earlier step was handed to a
-    provider), or None when that is not (or no longer) to be done."""
+    provider; `known`: the batch's policy lookups), or None when that is not (or no
+    longer) to be done."""
     step = message.current_step
     if attempt is not None and attempt.status is not AttemptStatus.PENDING:
         # Already handed to the provider (or finished): sending again could duplicate it.
         return None
     spec = step_spec(message, step)
-    channel = Channel(spec["channel"])
-    provider: Provider | None
-    try:
-        provider = registry.get(channel, spec["provider"], Category(message.category))
-    except UnknownProvider as exc:
-        provider = None
-        config_error = Error("provider_unavailable", str(exc))
-    address = provider.address(Recipient.from_mapping(message.recipient)) if provider else None
+    channel, provider, address, config_error = step_target(registry, message)
     skipped: policy.SkipStep | None = None
     if attempt is None and address is not None:
         verdict = await policy.gate_step(
-            tx, message, channel, address, first_send=not reached_before, settings=settings, at=at
+            tx,
+            message,
+            channel,
+            address,
+            first_send=not reached_before,
+            settings=settings,
+            at=at,
+            known=known,
         )
         if isinstance(verdict, policy.Defer):
             await _defer(tx, message, step, verdict.until, verdict.reason, at)
@@ -411,6 +427,7 @@ async def begin_send(
                     Error("suppressed", f"the address is suppressed ({skipped.reason.value})"),
                 )
             elif provider is None:
+                assert config_error is not None
                 signal, error = Signal.REJECTED, config_error
             else:
                 signal, error = Signal.REJECTED, Error("no_address", f"no {channel} address")
@@ -446,9 +463,7 @@ async def begin_send(
         )
     else:
         if provider is None or address is None:
-            error = (
-                config_error if provider is None else Error("no_address", f"no {channel} address")
-            )
+            error = config_error or Error("no_address", f"no {channel} address")
             await apply_signal(
                 tx, message, attempt, Signal.REJECTED, source="worker", at=at, error=error
             )

@@ -544,6 +544,8 @@ async def write_changes(conn: AsyncConnection, changes: list[Change]) -> None:
                 _add_rollup(rollups[key], rollup)
             else:
                 rollups[key] = dict(rollup)
+        if not change.events and not change.message_values:
+            continue  # the attempt alone changed: the message row stays as it is
         values = {
             **change.message_values,
             "seq": message.seq + len(change.events),

@@ -56,3 +56,34 @@ def test_a_lost_backing_service_is_unavailable(error: BaseException) -> None:
 )
 def test_a_bug_is_not_mistaken_for_an_outage(error: BaseException) -> None:
     assert not is_unavailable(error)
+
+
+async def test_a_connection_asyncpg_lost_track_of_is_never_reused(database_url: str) -> None:
+    """asyncpg's `InternalClientError` (a session Postgres ended mid-transaction) leaves the
+    connection's protocol state unknown: the engine invalidates it instead of pooling it."""
+    import asyncpg
+
+    from app.db import create_engine
+
+    engine = create_engine(database_url, pool_size=1)
+    try:
+        async with engine.connect() as conn:
+            raw = (await conn.get_raw_connection()).driver_connection
+            assert isinstance(raw, asyncpg.Connection)
+            pid_before = raw.get_server_pid()
+
+            def confused(_: str) -> str:
+                raise InternalClientError("cannot switch to state 12; another operation (2)")
+
+            await raw.set_type_codec(
+                "int4", schema="pg_catalog", encoder=str, decoder=confused, format="text"
+            )
+            with pytest.raises(InternalError):
+                await conn.exec_driver_sql("SELECT 1::int4")
+            assert conn.invalidated
+        async with engine.connect() as conn:
+            raw = (await conn.get_raw_connection()).driver_connection
+            assert raw is not None and raw.get_server_pid() != pid_before
+            assert (await conn.exec_driver_sql("SELECT 2::int4")).scalar_one() == 2
+    finally:
+        await engine.dispose()

@@ -8,6 +8,7 @@ from datetime import timedelta
 from typing import Any
 
 import httpx
+import httpx2
 import orjson
 import pytest
 from sqlalchemy import update
@@ -218,20 +219,20 @@ def _twilio(handler: Any) -> TwilioProvider:
     config = TwilioConfig(
         account_sid="AC" + "1" * 32, auth_token="t0ken", from_number="+15005550006"
     )
-    return TwilioProvider(config, http=httpx.AsyncClient(transport=httpx.MockTransport(handler)))
+    return TwilioProvider(config, http=httpx2.AsyncClient(transport=httpx2.MockTransport(handler)))
 
 
 async def test_twilio_cancel_speaks_twilios_api() -> None:
-    seen: list[httpx.Request] = []
+    seen: list[httpx2.Request] = []
 
-    def twilio(request: httpx.Request) -> httpx.Response:
+    def twilio(request: httpx2.Request) -> httpx2.Response:
         seen.append(request)
         sid = request.url.path.rsplit("/", 1)[1].removesuffix(".json")
         if sid == "SMscheduled":
-            return httpx.Response(200, json={"sid": sid, "status": "canceled"})
+            return httpx2.Response(200, json={"sid": sid, "status": "canceled"})
         if sid == "SMbusy":
-            return httpx.Response(503, json={"code": 20503, "message": "unavailable"})
-        return httpx.Response(
+            return httpx2.Response(503, json={"code": 20503, "message": "unavailable"})
+        return httpx2.Response(
             400, json={"code": 30409, "message": "not cancellable", "status": 400}
         )
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 
-import httpx
+import httpx2
 
 from providers.base import Category, Channel, Content, OutboundMessage
 from providers.smtp import SmtpConfig, SmtpProvider
@@ -55,9 +55,9 @@ async def test_smtp_uses_the_categorys_from_and_reply_to(simulators: Simulators)
 async def test_twilio_uses_the_categorys_sender() -> None:
     forms: list[bytes] = []
 
-    def twilio(request: httpx.Request) -> httpx.Response:
+    def twilio(request: httpx2.Request) -> httpx2.Response:
         forms.append(request.content)
-        return httpx.Response(201, json={"sid": f"SM{uuid.uuid4().hex}", "status": "queued"})
+        return httpx2.Response(201, json={"sid": f"SM{uuid.uuid4().hex}", "status": "queued"})
 
     provider = TwilioProvider(
         TwilioConfig(
@@ -66,7 +66,7 @@ async def test_twilio_uses_the_categorys_sender() -> None:
             from_number="+15005550006",
             messaging_service_sid_by_category={Category.MARKETING: "MG" + "3" * 32},
         ),
-        http=httpx.AsyncClient(transport=httpx.MockTransport(twilio)),
+        http=httpx2.AsyncClient(transport=httpx2.MockTransport(twilio)),
     )
     try:
         await provider.send(outbound(Category.MARKETING, Channel.SMS, "+48600100200"))
@@ -74,7 +74,7 @@ async def test_twilio_uses_the_categorys_sender() -> None:
     finally:
         await provider.aclose()
 
-    marketing, transactional = (dict(httpx.QueryParams(form.decode())) for form in forms)
+    marketing, transactional = (dict(httpx2.QueryParams(form.decode())) for form in forms)
     assert marketing["MessagingServiceSid"] == "MG" + "3" * 32
     assert "MessagingServiceSid" not in transactional
     assert transactional["From"] == "+15005550006"

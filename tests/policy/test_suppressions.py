@@ -257,3 +257,29 @@ async def test_a_stop_reply_through_twilios_incoming_webhook_suppresses(
     assert forged.status_code == 401
     assert stop.json() == {"received": 1, "applied": 1}
     assert after["status"] == "suppressed"
+
+
+async def test_one_claim_of_many_applies_each_address_its_own_suppression(
+    tenant: Tenant, other_tenant: Tenant
+) -> None:
+    """The engine looks up a whole batch's suppressions in one query: each message still
+    meets exactly its own tenant's suppression of its own (normalised) address."""
+    phones = [f"+486007{i:03d}99" for i in range(20)]  # …99: the sandbox delivers
+    await suppress_via_api(tenant, "sms", "+48 600 700 399", "unsubscribed")
+    await suppress_via_api(tenant, "sms", phones[11], "manual")
+    await suppress_via_api(other_tenant, "sms", phones[5], "unsubscribed")
+    body = {
+        "category": "marketing",
+        "cascade": [{"channel": "sms"}],
+        "content": {"text": "Spring sale"},
+        "messages": [{"to": {"phone": p}} for p in phones],
+    }
+    response = await tenant.client.post("/v1/messages/batch", json=body)
+    assert response.status_code == 202, response.text
+    ids = [r["id"] for r in response.json()["results"]]
+
+    final = [await wait_until_final(tenant.client, i) for i in ids]
+
+    suppressed = {i for i, m in enumerate(final) if m["status"] == "suppressed"}
+    assert suppressed == {3, 11}
+    assert {m["status"] for i, m in enumerate(final) if i not in suppressed} == {"delivered"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import httpx
+import httpx2
 import pytest
 from typer.testing import CliRunner
 
@@ -56,7 +56,7 @@ async def test_a_category_account_wins_over_the_general_one() -> None:
         categories=[Category.MARKETING],
         config={**TWILIO, "from_number": "PROMO"},
     )
-    async with httpx.AsyncClient() as http:
+    async with httpx2.AsyncClient() as http:
         registry = ProviderRegistry.from_accounts(
             [general, marketing], {Channel.SMS: "twilio"}, AdapterContext(http)
         )
@@ -95,7 +95,7 @@ def test_providers_check_command_reports_and_fails(monkeypatch: pytest.MonkeyPat
 async def test_an_accounts_own_name_wins_over_accounts_routed_under_it() -> None:
     slow = ProviderAccount(type="twilio", name="twilio-slow", config=TWILIO, rate_per_second=1)
     main = ProviderAccount(type="twilio", name="twilio", config=TWILIO)
-    async with httpx.AsyncClient() as http:
+    async with httpx2.AsyncClient() as http:
         registry = ProviderRegistry.from_accounts(
             [slow, main], {Channel.SMS: "twilio"}, AdapterContext(http)
         )

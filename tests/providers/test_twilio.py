@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from urllib.parse import urlencode
 
-import httpx
+import httpx2
 import pydantic
 import pytest
 from twilio.request_validator import RequestValidator
@@ -318,7 +318,7 @@ async def test_unreachable_twilio_is_transient(twilio: TwilioSimulator) -> None:
 
 
 async def test_a_shared_http_client_is_left_open(twilio: TwilioSimulator) -> None:
-    async with httpx.AsyncClient() as http:
+    async with httpx2.AsyncClient() as http:
         adapter = TwilioProvider(make_config(twilio), http=http)
         assert isinstance(await adapter.send(sms(SimulatedNumber.DELIVERED)), Accepted)
         await adapter.aclose()
@@ -328,9 +328,9 @@ async def test_a_shared_http_client_is_left_open(twilio: TwilioSimulator) -> Non
 
 def twilio_answer(
     http_status: int, /, headers: Mapping[str, str] | None = None, **body: object
-) -> httpx.Response:
+) -> httpx2.Response:
     """An answer in Twilio's error shape, for the classification rules the simulator never hits."""
-    return httpx.Response(http_status, headers=headers, json=body)
+    return httpx2.Response(http_status, headers=headers, json=body)
 
 
 @pytest.mark.parametrize(
@@ -377,7 +377,7 @@ def test_unknown_client_error_is_rejected_with_its_code() -> None:
 
 def test_success_without_a_message_sid_is_a_transient_provider_fault() -> None:
     with pytest.raises(TransientProviderError) as raised:
-        classify_send_response(httpx.Response(201, text="<html>proxy</html>"))
+        classify_send_response(httpx2.Response(201, text="<html>proxy</html>"))
 
     assert raised.value.code == "twilio:bad_response"
 

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import httpx
+import httpx2
 import pydantic
 import pytest
 
@@ -268,7 +269,7 @@ async def test_unsendable_text_is_rejected_without_calling_viber(
     ],
 )
 def test_viber_status_codes_map_to_outcomes(status: int, outcome: str) -> None:
-    response = httpx.Response(200, json={"status": status, "status_message": "why"})
+    response = httpx2.Response(200, json={"status": status, "status_message": "why"})
 
     if outcome == "rejected":
         result = classify_response(response, fallback_id="att_01")
@@ -283,20 +284,20 @@ def test_viber_status_codes_map_to_outcomes(status: int, outcome: str) -> None:
 @pytest.mark.parametrize(
     "response",
     [
-        httpx.Response(200, text="<html>proxy</html>"),
-        httpx.Response(200, json={"status": "0"}),
-        httpx.Response(404, text="Not Found"),
-        httpx.Response(401, text="Unauthorized"),
+        httpx2.Response(200, text="<html>proxy</html>"),
+        httpx2.Response(200, json={"status": "0"}),
+        httpx2.Response(404, text="Not Found"),
+        httpx2.Response(401, text="Unauthorized"),
     ],
 )
-def test_unexpected_answers_are_transient(response: httpx.Response) -> None:
+def test_unexpected_answers_are_transient(response: httpx2.Response) -> None:
     with pytest.raises(TransientProviderError):
         classify_response(response, fallback_id="att_01")
 
 
 def test_an_ok_without_a_token_is_still_accepted() -> None:
     # Viber took the message: sending it again would duplicate it.
-    result = classify_response(httpx.Response(200, json={"status": 0}), fallback_id="att_01")
+    result = classify_response(httpx2.Response(200, json={"status": 0}), fallback_id="att_01")
 
     assert result == Accepted("att_01")
 

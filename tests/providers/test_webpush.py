@@ -7,7 +7,7 @@ import json
 import socket
 from collections.abc import AsyncIterator
 
-import httpx
+import httpx2
 import jwt
 import pydantic
 import pytest
@@ -505,7 +505,7 @@ async def test_an_unreachable_push_service_is_transient(provider: WebPushProvide
     ],
 )
 def test_status_codes_map_to_outcomes(status: int, outcome: str) -> None:
-    response = httpx.Response(status, json={"message": "why"})
+    response = httpx2.Response(status, json={"message": "why"})
 
     if outcome == "transient":
         with pytest.raises(TransientProviderError) as caught:

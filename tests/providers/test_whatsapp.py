@@ -7,7 +7,7 @@ import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
-import httpx
+import httpx2
 import pytest
 
 from providers.base import (
@@ -271,7 +271,7 @@ async def test_an_unreachable_api_is_transient(sim: WhatsAppSimulator) -> None:
 
 
 async def test_a_borrowed_http_client_is_left_open(sim: WhatsAppSimulator) -> None:
-    async with httpx.AsyncClient() as http:
+    async with httpx2.AsyncClient() as http:
         provider = WhatsAppProvider(config_for(sim), http=http)
         await provider.aclose()
 

@@ -42,7 +42,7 @@ from types import TracebackType
 from typing import Any, Self
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
-import httpx
+import httpx2
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
@@ -142,6 +142,7 @@ class TwilioSimulator:
         retry_after_seconds: int = 3,
         slow_response_seconds: float = 2.0,
         callback_delay_seconds: float = 0.0,
+        callback_concurrency: int = 1000,
     ) -> None:
         self.account_sid = account_sid
         self.auth_token = auth_token
@@ -155,7 +156,10 @@ class TwilioSimulator:
         self._validator = RequestValidator(auth_token)
         self._reporting: set[asyncio.Task[None]] = set()
         self._closing = asyncio.Event()
-        self._callback_http = httpx.AsyncClient(timeout=5.0)
+        self._callback_http = httpx2.AsyncClient(timeout=5.0)
+        # Callbacks in flight at once (Twilio's senders are many, but not unbounded); the
+        # rest wait here rather than in the HTTP client's pool.
+        self._callback_slots = asyncio.Semaphore(callback_concurrency)
         self._server = LocalServer(
             Starlette(
                 routes=[
@@ -345,9 +349,10 @@ class TwilioSimulator:
             self.status_reports.append(SentStatusReport(url, headers, body, params, None))
             return
         try:
-            response = await self._callback_http.post(url, content=body, headers=headers)
+            async with self._callback_slots:
+                response = await self._callback_http.post(url, content=body, headers=headers)
             response_status = response.status_code
-        except httpx.HTTPError:
+        except httpx2.HTTPError:
             pass  # Twilio does not retry a failed status callback either; the report is lost.
         self.status_reports.append(SentStatusReport(url, headers, body, params, response_status))
 
