@@ -39,7 +39,7 @@ async def post_signed(
     at: datetime,
     timeout_seconds: float = TIMEOUT_SECONDS,
 ) -> Outcome:
-    """POST `body` signed with every key; never raises for the receiver's failures."""
+    """POST `body` signed with every key; a failure of any kind is in the outcome, not raised."""
     headers = {
         **signed_headers(webhook_id, at, body, keys),
         "content-type": "application/json",
@@ -59,7 +59,9 @@ async def post_signed(
         error = f"timed out after {timeout_seconds:g} s"
     except UnsafeUrl as exc:
         error = f"refused: {exc}"
-    except httpx.HTTPError as exc:
+    except Exception as exc:
+        # Whatever the client raises (an HTTP error, a URL it cannot parse, a TLS or IDNA
+        # error) is this attempt failing: retried on schedule, never a crashed job.
         error = f"{type(exc).__name__}: {exc}"[:500] if str(exc) else type(exc).__name__
     latency_ms = round((time.monotonic() - started) * 1000)
     if status_code is not None and not 200 <= status_code < 300 and error is None:

@@ -151,14 +151,14 @@ def endpoint_view(endpoint: EndpointRow) -> EndpointView:
 
 
 async def _checked_url(url: str, settings: Settings) -> str:
+    """The URL normalised as the HTTP client will read it, or 422 naming `body.url`."""
     try:
-        await check_url(url, settings.webhooks_allow_loopback_http)
+        return await check_url(url, settings.webhooks_allow_loopback_http)
     except UnsafeUrl as exc:
         raise InvalidRequest(
             detail="the webhook URL is not allowed",
             errors=[FieldError(path="body.url", message=str(exc), type="unsafe_url")],
         ) from None
-    return url
 
 
 async def create_endpoint(

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import re
 import socket
 import ssl
 from collections.abc import Iterable
-from urllib.parse import urlsplit
 
 import certifi
 import httpcore
@@ -34,12 +34,43 @@ class UnsafeUrl(ValueError):
     """The URL may not be called: bad scheme, or a host that is not public."""
 
 
+# IPv6 prefixes that carry an IPv4 address in their last 32 bits (RFC 4291, 2765, 6052).
+IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
+IPV4_TRANSLATED = ipaddress.IPv6Network("::ffff:0:0:0/96")
+NAT64_WELL_KNOWN = ipaddress.IPv6Network("64:ff9b::/96")
+# RFC 8215: for networks' own translators, with the IPv4 at a position only they know.
+NAT64_LOCAL_USE = ipaddress.IPv6Network("64:ff9b:1::/48")
+
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses a tunnel or translator would reach through `ip` (6to4, Teredo,
+    NAT64, IPv4-compatible or -translated)."""
+    found: list[ipaddress.IPv4Address] = []
+    if ip.sixtofour is not None:
+        found.append(ip.sixtofour)
+    if ip.teredo is not None:
+        found.extend(ip.teredo)
+    if ip.is_unspecified or ip.is_loopback:
+        return found
+    if any(ip in net for net in (IPV4_COMPATIBLE, IPV4_TRANSLATED, NAT64_WELL_KNOWN)):
+        found.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+    return found
+
+
 def address_refusal(ip: IPAddress, allow_loopback: bool) -> str | None:
     """Why we may not connect to `ip`, or None when it is a public unicast address."""
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
     if ip in METADATA_ADDRESSES:
         return "a cloud metadata address"
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip in NAT64_LOCAL_USE:
+            return "a local-use NAT64 address"
+        for inner in embedded_ipv4(ip):
+            # Through a tunnel even loopback is someone else's: never allowed inside.
+            reason = address_refusal(inner, allow_loopback=False)
+            if reason:
+                return f"embeds {inner}, {reason}"
     if ip.is_loopback:
         return None if allow_loopback else "a loopback address"
     for refused, reason in (
@@ -55,25 +86,59 @@ def address_refusal(ip: IPAddress, allow_loopback: bool) -> str | None:
     return None
 
 
-def check_url_shape(url: str, allow_loopback_http: bool) -> tuple[str, int]:
-    """The (host, port) to resolve; https only, plain http only to loopback in dev mode."""
-    parts = urlsplit(url)
-    host = parts.hostname
-    if not host:
-        raise UnsafeUrl("the URL has no host")
-    if parts.username or parts.password:
-        raise UnsafeUrl("credentials in the URL are not allowed; use the signature")
+# Hosts made only of numbers (decimal, octal, hex), which parsers read as IPv4 each their
+# own way: `01.1.1.1`, `0x7f.1`, `2130706433`, `1.1.1.1.`.
+NUMERIC_HOST = re.compile(r"^(0x[0-9a-f]*|[0-9]+)(\.(0x[0-9a-f]*|[0-9]+)){0,3}\.?$", re.IGNORECASE)
+HOST_NAME = re.compile(
+    r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?)*\.?$"
+)
+
+
+def normalized_host(host: str) -> str:
+    """The host as it is connected to: an IP address in its canonical form, or a lowercase
+    ASCII (IDNA) name; UnsafeUrl for what parsers could read differently."""
     try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
+        ip = ipaddress.ip_address(host)
     except ValueError:
-        raise UnsafeUrl("the URL's port is not valid") from None
-    if parts.scheme == "https":
-        return host, port
-    if parts.scheme == "http" and allow_loopback_http and _names_loopback(host):
-        return host, port
-    raise UnsafeUrl(
-        "the URL must use https"
-        + (" (plain http only to loopback in dev mode)" if allow_loopback_http else "")
+        pass
+    else:
+        return f"[{ip}]" if ip.version == 6 else str(ip)
+    if NUMERIC_HOST.match(host):
+        raise UnsafeUrl(
+            f"the host {host} is not a valid IPv4 address: write four decimal numbers"
+            " without leading zeros (e.g. 203.0.113.7)"
+        )
+    if not HOST_NAME.match(host) or len(host) > 253:
+        raise UnsafeUrl(f"the host {host} is not a valid host name")
+    return host
+
+
+def _parsed(url: str, allow_loopback_http: bool) -> tuple[str, str, int]:
+    try:
+        # The parser of the client that will send: what it cannot read is refused now.
+        parsed = httpx.URL(url)
+        raw_host = parsed.raw_host.decode("ascii")
+        port = parsed.port
+    except (httpx.InvalidURL, ValueError) as exc:
+        raise UnsafeUrl(f"the URL cannot be parsed: {exc}") from None
+    if not raw_host:
+        raise UnsafeUrl("the URL has no host")
+    if parsed.userinfo:
+        raise UnsafeUrl("credentials in the URL are not allowed; use the signature")
+    host = normalized_host(raw_host.lower())
+    bare_host = host.strip("[]")
+    scheme = parsed.scheme
+    if scheme not in ("https", "http"):
+        raise UnsafeUrl(_https_only(allow_loopback_http))
+    if scheme == "http" and not (allow_loopback_http and _names_loopback(bare_host)):
+        raise UnsafeUrl(_https_only(allow_loopback_http))
+    normalized = str(parsed.copy_with(host=bare_host))
+    return normalized, bare_host, port or (443 if scheme == "https" else 80)
+
+
+def _https_only(allow_loopback_http: bool) -> str:
+    return "the URL must use https" + (
+        " (plain http only to loopback in dev mode)" if allow_loopback_http else ""
     )
 
 
@@ -115,10 +180,11 @@ def checked(host: str, addresses: Iterable[IPAddress], allow_loopback: bool) -> 
     return result
 
 
-async def check_url(url: str, allow_loopback_http: bool) -> None:
-    """Registration-time check: raises UnsafeUrl."""
-    host, port = check_url_shape(url, allow_loopback_http)
+async def check_url(url: str, allow_loopback_http: bool) -> str:
+    """Registration-time check: the normalised URL to store, or UnsafeUrl."""
+    normalized, host, port = _parsed(url, allow_loopback_http)
     checked(host, await resolve(host, port), allow_loopback_http)
+    return normalized
 
 
 class CheckedNetworkBackend(httpcore.AsyncNetworkBackend):

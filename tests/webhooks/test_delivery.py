@@ -8,10 +8,13 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
+from sqlalchemy import update
 from standardwebhooks import Webhook
 
+from app.ids import from_public
 from app.webhooks.events import event_type
 from app.webhooks.retries import JITTER, RETRY_SCHEDULE
+from app.webhooks.tables import webhook_endpoints
 from tests.conftest import Service, Tenant
 from tests.helpers import message_body, send, wait_until_final
 from tests.webhooks.conftest import WebhookJobs, create_endpoint, deliveries
@@ -499,3 +502,48 @@ async def test_a_tenant_receives_and_sees_only_its_own_events(
         response = await tenant.client.request(method, url, json=body)
         assert response.status_code == 404, (method, url, response.text)
     assert (await other_tenant.client.get(path)).json()["description"] == ""
+
+
+async def _break_url(service: Service, endpoint_id: str, url: str) -> None:
+    """An endpoint registered before its URL was checked as the HTTP client reads it."""
+    async with service.worker_runtime.engine.begin() as conn:
+        await conn.execute(
+            update(webhook_endpoints)
+            .where(webhook_endpoints.c.id == from_public("whe", endpoint_id))
+            .values(url=url)
+        )
+
+
+async def test_a_url_the_client_cannot_send_to_is_a_failed_attempt_retried_then_disabled(
+    service: Service, tenant: Tenant, receiver: Receiver, webhook_jobs: WebhookJobs
+) -> None:
+    endpoint = await create_endpoint(tenant.client, receiver.url())
+    await _break_url(service, endpoint["id"], "https://01.1.1.1/hook")
+
+    tested = await tenant.client.post(f"/v1/webhooks/{endpoint['id']}/test")
+    assert tested.status_code == 200, tested.text
+    result = tested.json()
+    assert (result["succeeded"], result["status_code"]) == (False, None)
+    assert "01.1.1.1" in result["error"]
+
+    message = await wait_until_final(
+        tenant.client, await send(tenant.client, message_body(cascade=PUSH_ONLY))
+    )
+    log = await _wait_for_deliveries(
+        tenant.client,
+        endpoint["id"],
+        lambda found: len(found) == len(message["events"]) and all(map(_attempted, found)),
+    )
+    assert {d["status"] for d in log} == {"pending"}
+    assert all("01.1.1.1" in d["error"] and d["next_retry_at"] for d in log)
+
+    # Five days of this later, the endpoint is given up on (each delivery as last listed:
+    # the worker retrying one meanwhile leaves the others to the test).
+    later = min(_at(d["last_attempt_at"]) for d in log) + timedelta(days=5, minutes=1)
+    for delivery in await deliveries(tenant.client, endpoint["id"]):
+        await webhook_jobs.deliver(delivery["id"], delivery["attempts"], later)
+    state = (await tenant.client.get(f"/v1/webhooks/{endpoint['id']}")).json()
+    assert state["enabled"] is False
+    assert "01.1.1.1" in state["disabled_reason"]
+    assert {d["status"] for d in await deliveries(tenant.client, endpoint["id"])} == {"failed"}
+    assert receiver.received == []

@@ -101,3 +101,63 @@ async def test_redirects_are_not_followed(
 
     assert (result["succeeded"], result["status_code"]) == (False, 307)
     assert [r.path for r in receiver.received] == ["/hook"]
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        # Forms the HTTP client cannot parse, or that parsers read differently.
+        ("https://01.1.1.1/hook", "IPv4"),
+        ("https://0001.0001.0001.0001/hook", "IPv4"),
+        ("https://0x5d.184.216.34/hook", "IPv4"),
+        ("https://1572395042/hook", "IPv4"),
+        ("https://93.184.216.34./hook", "IPv4"),
+        ("https://xn--/hook", "host"),
+        ("https://exa mple.com/hook", "host"),
+        ("https://[::1/hook", "parsed"),
+        # IPv6 forms with a private or reserved IPv4 inside.
+        ("https://[2002:a9fe:a9fe::]/hook", "169.254.169.254"),
+        ("https://[2002:a00:1::]/hook", "10.0.0.1"),
+        ("https://[2001:0:a9fe:a9fe::]/hook", "169.254.169.254"),
+        ("https://[64:ff9b::a9fe:a9fe]/hook", "169.254.169.254"),
+        ("https://[64:ff9b:1::a00:1]/hook", "NAT64"),
+        ("https://[::a9fe:a9fe]/hook", "169.254.169.254"),
+        ("https://[::ffff:0:a00:1]/hook", "10.0.0.1"),
+    ],
+)
+async def test_hosts_the_client_cannot_parse_or_that_hide_an_internal_ipv4_are_refused(
+    service: Service, tenant: Tenant, url: str, says: str
+) -> None:
+    response = await tenant.client.post("/v1/webhooks", json={"url": url})
+
+    assert response.status_code == 422, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    problem = response.json()
+    assert problem["type"] == "https://cascade.dev/problems/invalid-request"
+    [error] = problem["errors"]
+    assert (error["path"], error["type"]) == ("body.url", "unsafe_url")
+    assert says in error["message"], error["message"]
+
+
+def test_ipv6_addresses_embedding_an_ipv4_are_judged_by_the_ipv4_inside() -> None:
+    def reason(address: str) -> str | None:
+        return address_refusal(ipaddress.ip_address(address), allow_loopback=True)
+
+    for address, inside in (
+        ("2002:a9fe:a9fe::", "169.254.169.254"),  # 6to4
+        ("2002:7f00:1::", "127.0.0.1"),  # a tunnel to loopback is not loopback
+        ("2001:0:4136:e378:8000:63bf:3fff:fdd2", "192.0.2.45"),  # Teredo client
+        ("64:ff9b::a9fe:a9fe", "169.254.169.254"),  # NAT64
+        ("::a9fe:a9fe", "169.254.169.254"),  # IPv4-compatible
+    ):
+        refusal = reason(address)
+        assert refusal is not None and inside in refusal, (address, refusal)
+    assert "NAT64" in (reason("64:ff9b:1::808:808") or "")
+    assert reason("2002:808:808::") is None  # 6to4 of a public address
+
+
+async def test_a_public_ipv6_host_is_stored_in_its_canonical_form(
+    service: Service, tenant: Tenant
+) -> None:
+    endpoint = await create_endpoint(tenant.client, "https://[2606:4700:0:0:0:0:0:1111]/hook")
+    assert endpoint["url"] == "https://[2606:4700::1111]/hook"
