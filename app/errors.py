@@ -124,7 +124,7 @@ def problem_response(problem: Problem, headers: dict[str, str] | None = None) ->
     )
 
 
-def _field_path(loc: Sequence[int | str]) -> str:
+def field_path(loc: Sequence[int | str]) -> str:
     path = ""
     for part in loc:
         if isinstance(part, int):
@@ -142,7 +142,7 @@ def validation_problem(exc: RequestValidationError) -> ProblemError:
         detail=f"{len(errors)} field error(s)",
         errors=[
             FieldError(
-                path=_field_path(err.get("loc", ())),
+                path=field_path(err.get("loc", ())),
                 message=str(err.get("msg", "")),
                 type=str(err.get("type", "")),
             )

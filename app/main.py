@@ -17,6 +17,7 @@ from app import embedded
 from app.auth.endpoints import router as keys_router
 from app.cascade.endpoints import router as provider_router
 from app.errors import PayloadTooLarge, install_error_handlers, problem_response
+from app.input_checks import RefuseNulCharacters
 from app.logs import configure_logging
 from app.messages.endpoints import router as messages_router
 from app.messages.receipts import router as receipts_router
@@ -175,6 +176,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ready = all(v == "ok" for v in checks.values())
         return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
 
+    # Inside the size limit: it only ever reads a body already bounded.
+    app.add_middleware(RefuseNulCharacters)
     app.add_middleware(
         BodySizeLimit,
         limit=settings.max_body_bytes,

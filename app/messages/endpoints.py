@@ -6,12 +6,12 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import AwareDatetime
 
 from app.auth.dependencies import get_runtime, require
 from app.auth.service import Principal, Scope
 from app.cascade.machine import MessageStatus
 from app.errors import PROBLEM_MEDIA_TYPE, PROBLEM_RESPONSES, Problem
+from app.input_checks import UtcDateTime
 from app.messages import batch, service
 from app.messages.listing import MAX_LIMIT, MessageFilter, list_messages, parse_metadata_filters
 from app.messages.schemas import (
@@ -97,8 +97,8 @@ async def search_messages(
             " chat id.",
         ),
     ] = None,
-    created_after: Annotated[AwareDatetime | None, Query(description="Inclusive.")] = None,
-    created_before: Annotated[AwareDatetime | None, Query(description="Exclusive.")] = None,
+    created_after: Annotated[UtcDateTime | None, Query(description="Inclusive.")] = None,
+    created_before: Annotated[UtcDateTime | None, Query(description="Exclusive.")] = None,
     metadata: Annotated[
         list[str] | None, Query(description="`key=value`, repeatable: all must match.")
     ] = None,

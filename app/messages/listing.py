@@ -23,6 +23,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from app.cascade.machine import UNSUCCESSFUL_ATTEMPT, MessageStatus
 from app.errors import FieldError, InvalidRequest
 from app.ids import to_public
+from app.input_checks import fits_in_utc
 from app.ledger.tables import attempts, messages
 from app.messages.schemas import LastErrorView, MessagePage, MessageSummary
 from providers.base import Category, Channel
@@ -84,7 +85,7 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         at, _, hex_id = raw.partition("|")
-        created_at = datetime.fromisoformat(at)
+        created_at = fits_in_utc(datetime.fromisoformat(at))
         if created_at.tzinfo is None:
             raise ValueError("naive time")
         return created_at, uuid.UUID(hex=hex_id)

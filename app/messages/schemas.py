@@ -9,7 +9,6 @@ from typing import Annotated, Any, Self
 import phonenumbers
 from pydantic import (
     AfterValidator,
-    AwareDatetime,
     BaseModel,
     ConfigDict,
     EmailStr,
@@ -23,6 +22,7 @@ from pydantic import (
 
 from app.cascade.machine import AttemptStatus, MessageStatus, SuccessOn
 from app.errors import FieldError, Problem
+from app.input_checks import UtcDateTime
 from app.policy.schemas import TimeZone
 from app.templates.schemas import LocaleTag, TemplateName
 from providers.base import Category, Channel
@@ -128,10 +128,10 @@ class SendMessageRequest(Strict):
     content: ContentIn
     cascade: Annotated[list[CascadeStepIn], Field(min_length=1, max_length=8)]
     metadata: Annotated[dict[MetadataKey, MetadataValue], Field(max_length=32)] = {}
-    send_at: AwareDatetime | None = Field(
+    send_at: UtcDateTime | None = Field(
         default=None, description="Send no earlier than this (the message waits `queued`)"
     )
-    expires_at: AwareDatetime | None = Field(
+    expires_at: UtcDateTime | None = Field(
         default=None, description="Not delivered by then: the message ends `expired`"
     )
 
@@ -218,8 +218,8 @@ class BatchMessageIn(Strict):
     content: ContentIn | None = Field(default=None, description="Replaces the batch's content")
     cascade: Annotated[list[CascadeStepIn], Field(min_length=1, max_length=8)] | None = None
     metadata: Annotated[dict[MetadataKey, MetadataValue], Field(max_length=32)] | None = None
-    send_at: AwareDatetime | None = None
-    expires_at: AwareDatetime | None = None
+    send_at: UtcDateTime | None = None
+    expires_at: UtcDateTime | None = None
     idempotency_key: Annotated[str, StringConstraints(min_length=1, max_length=255)] | None = Field(
         default=None, description="Per message, shared with `POST /v1/messages` keys"
     )
@@ -257,8 +257,8 @@ class SendBatchRequest(Strict):
     cascade: Annotated[list[CascadeStepIn], Field(min_length=1, max_length=8)] | None = None
     content: ContentIn | None = None
     metadata: Annotated[dict[MetadataKey, MetadataValue], Field(max_length=32)] = {}
-    send_at: AwareDatetime | None = None
-    expires_at: AwareDatetime | None = None
+    send_at: UtcDateTime | None = None
+    expires_at: UtcDateTime | None = None
     messages: Annotated[list[BatchItem], Field(min_length=1, max_length=1000)]
 
 

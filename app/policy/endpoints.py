@@ -20,6 +20,7 @@ from app.errors import (
     NotFound,
     Unauthorized,
 )
+from app.input_checks import NUL
 from app.policy import service
 from app.policy.schemas import (
     InboundReceipt,
@@ -58,6 +59,8 @@ def _after(cursor: str | None) -> tuple[str, str] | None:
         return None
     try:
         channel, address = orjson.loads(base64.urlsafe_b64decode(cursor))
+        if NUL in f"{channel}{address}":
+            raise ValueError("a NUL in the cursor")
         return str(channel), str(address)
     except (ValueError, TypeError):
         raise InvalidRequest("not a cursor this endpoint gave out") from None

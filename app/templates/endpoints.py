@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends, Query, Response
 from app.auth.dependencies import get_runtime, require
 from app.auth.service import Principal, Scope
 from app.errors import PROBLEM_RESPONSES, InvalidRequest
+from app.input_checks import NUL
 from app.runtime import Runtime, utcnow
 from app.templates import service
 from app.templates.schemas import TemplateIn, TemplateList, TemplateName, TemplateView
@@ -27,6 +28,8 @@ def _after(cursor: str | None) -> tuple[str, str] | None:
         return None
     try:
         name, locale = orjson.loads(base64.urlsafe_b64decode(cursor))
+        if NUL in f"{name}{locale}":
+            raise ValueError("a NUL in the cursor")
         return str(name), str(locale)
     except (ValueError, TypeError):
         raise InvalidRequest("not a cursor this endpoint gave out") from None

@@ -7,7 +7,6 @@ from typing import Annotated, Self, TypeVar
 
 from pydantic import (
     AfterValidator,
-    AwareDatetime,
     BaseModel,
     ConfigDict,
     Field,
@@ -15,6 +14,7 @@ from pydantic import (
     model_validator,
 )
 
+from app.input_checks import UtcDateTime, fits_in_utc
 from app.webhooks.events import EventType
 from providers.base import Category
 
@@ -110,7 +110,7 @@ class ReplayRequest(Strict):
     `recover` sends only the failed ones)."""
 
     delivery_id: str | None = Field(default=None, examples=["whd_0193a5b2c3d47e8f9a0b1c2d3e4f5a6b"])
-    since: datetime | None = None
+    since: Annotated[datetime, AfterValidator(fits_in_utc)] | None = None
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Self:
@@ -124,7 +124,7 @@ class ReplayRequest(Strict):
 class RecoverRequest(Strict):
     """Every failed delivery created since a time."""
 
-    since: AwareDatetime = Field(examples=["2026-01-31T00:00:00Z"])
+    since: UtcDateTime = Field(examples=["2026-01-31T00:00:00Z"])
 
 
 class ReplayResult(BaseModel):

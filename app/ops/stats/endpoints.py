@@ -6,11 +6,11 @@ from datetime import timedelta
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query
-from pydantic import AwareDatetime
 
 from app.auth.dependencies import get_runtime, require
 from app.auth.service import Principal, Scope
 from app.errors import PROBLEM_RESPONSES
+from app.input_checks import UtcDateTime
 from app.ops.stats.schemas import Bucket, StatsView
 from app.ops.stats.service import read_stats
 from app.runtime import Runtime, utcnow
@@ -26,10 +26,10 @@ router = APIRouter(prefix="/v1/stats", tags=["stats"], responses=PROBLEM_RESPONS
 )
 async def get_stats(
     start: Annotated[
-        AwareDatetime | None,
+        UtcDateTime | None,
         Query(alias="from", description="Default: one day (bucket `day`: 30 days) before `to`."),
     ] = None,
-    end: Annotated[AwareDatetime | None, Query(alias="to", description="Default: now.")] = None,
+    end: Annotated[UtcDateTime | None, Query(alias="to", description="Default: now.")] = None,
     bucket: Bucket = Bucket.HOUR,
     category: Category | None = None,
     principal: Principal = Depends(require(Scope.READ)),
