@@ -10,6 +10,7 @@ covers every lost job: events past the cursors and deliveries overdue.
 
 from __future__ import annotations
 
+import functools
 import random
 import time
 import uuid
@@ -98,20 +99,34 @@ _TENANT_CACHE_MAX = 10_000
 _tenants_with_endpoints: dict[uuid.UUID, tuple[float, bool]] = {}
 
 
+_forgotten = 0  # how many times an entry was dropped: see tenant_has_endpoints
+
+
 async def tenant_has_endpoints(tx: Transaction, tenant_id: uuid.UUID) -> bool:
     """Cached per process for a few seconds; a stale "no" only delays events to the sweep."""
     now = time.monotonic()
     cached = _tenants_with_endpoints.get(tenant_id)
     if cached is not None and cached[0] > now:
         return cached[1]
+    forgotten = _forgotten
     found = await repo.has_enabled_endpoint(tx.conn, tenant_id)
+    if forgotten != _forgotten:
+        # An endpoint changed while we looked (our snapshot may predate it): keep no answer.
+        return found
     if len(_tenants_with_endpoints) >= _TENANT_CACHE_MAX:
         _tenants_with_endpoints.clear()
     _tenants_with_endpoints[tenant_id] = (now + TENANT_CACHE_TTL_SECONDS, found)
     return found
 
 
+def forget_after_commit(tx: Transaction, tenant_id: uuid.UUID) -> None:
+    """The tenant's endpoints change in `tx`: drop the cached answer once they are visible."""
+    tx.after_commit(functools.partial(forget_tenant, tenant_id))
+
+
 def forget_tenant(tenant_id: uuid.UUID) -> None:
+    global _forgotten
+    _forgotten += 1
     _tenants_with_endpoints.pop(tenant_id, None)
 
 
@@ -186,7 +201,7 @@ async def create_endpoint(
             "updated_at": at,
         },
     )
-    forget_tenant(tenant_id)
+    forget_after_commit(tx, tenant_id)
     return endpoint, secret
 
 
@@ -234,7 +249,7 @@ async def update_endpoint(
     elif request.enabled is False and endpoint.disabled_at is None:
         values.update(disabled_at=at, disabled_reason="disabled through the API")
         await repo.fail_pending_deliveries(tx.conn, endpoint.id, at, "endpoint disabled")
-    forget_tenant(tenant_id)
+    forget_after_commit(tx, tenant_id)
     if not values:
         return endpoint
     return await repo.update_endpoint(tx.conn, endpoint.id, at, **values)
@@ -244,7 +259,7 @@ async def delete_endpoint(tx: Transaction, tenant_id: uuid.UUID, public_id: str)
     endpoint_id = from_public("whe", public_id)
     if endpoint_id is None or not await repo.delete_endpoint(tx.conn, tenant_id, endpoint_id):
         raise NotFound(f"no webhook endpoint {public_id}")
-    forget_tenant(tenant_id)
+    forget_after_commit(tx, tenant_id)
 
 
 async def rotate_secret(
@@ -446,7 +461,7 @@ async def record_delivery_result(
         )
         await repo.disable_endpoint(tx.conn, plan.endpoint_id, at, reason)
         await repo.fail_pending_deliveries(tx.conn, plan.endpoint_id, at, "endpoint disabled")
-        forget_tenant(plan.tenant_id)
+        forget_after_commit(tx, plan.tenant_id)
         log.warning("webhook_endpoint_disabled", endpoint=to_public("whe", plan.endpoint_id))
         delay = None
     elif disabled_at is not None:
