@@ -213,6 +213,8 @@ class InboundMessage:
     sender: str  # the recipient's address: E.164 for SMS
     text: str
     event_id: str
+    # When the recipient sent it, where the provider says (Twilio's webhook does not).
+    sent_at: datetime | None = None
 
 
 @runtime_checkable

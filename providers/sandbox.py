@@ -15,7 +15,8 @@ at once, `{"receipts": [report, ...]}`; a post the service does not take (connec
 5xx, 429) is sent again with backoff, as real providers retry their callbacks.
 
 Replies from recipients (`STOP`) are posted, signed the same way, to
-`POST /v1/providers/sandbox/inbound` as `{"event_id", "channel", "from", "text"}`; a send
+`POST /v1/providers/sandbox/inbound` as `{"event_id", "channel", "from", "text"}` (and
+`sent_at`, ISO 8601 with a zone, when the recipient sent it); a send
 not yet answered by a receipt can be withdrawn with `cancel` (recorded in `cancelled`).
 """
 
@@ -26,6 +27,7 @@ import hashlib
 import hmac
 import time
 from collections import Counter
+from datetime import UTC, datetime
 from enum import Enum
 
 import httpx2
@@ -54,6 +56,13 @@ SIGNATURE_TOLERANCE_SECONDS = 300
 FLAKY_FAILURES = 2
 
 log = structlog.get_logger()
+
+
+def _aware_time(value: object) -> datetime:
+    sent_at = datetime.fromisoformat(str(value))
+    if sent_at.tzinfo is None:
+        raise ValueError("`sent_at` needs a time zone")
+    return sent_at.astimezone(UTC)  # OverflowError when UTC cannot hold it
 
 
 class Outcome(Enum):
@@ -238,9 +247,10 @@ class SandboxProvider:
                     sender=str(data["from"]),
                     text=str(data["text"]),
                     event_id=str(data["event_id"]),
+                    sent_at=_aware_time(data["sent_at"]) if "sent_at" in data else None,
                 )
             ]
-        except (orjson.JSONDecodeError, KeyError, ValueError, TypeError) as exc:
+        except (orjson.JSONDecodeError, KeyError, ValueError, TypeError, OverflowError) as exc:
             raise MalformedCallback(f"not a sandbox inbound message: {exc}") from exc
 
     async def cancel(self, provider_message_id: str) -> bool:

@@ -188,5 +188,7 @@ async def provider_inbound(
     applied = 0
     async with runtime.transaction() as tx:
         for message in inbound:
-            applied += await service.apply_inbound(tx, message, runtime.settings, utcnow())
+            applied += await service.apply_inbound(
+                tx, provider, message, runtime.settings, utcnow()
+            )
     return InboundReceipt(received=len(inbound), applied=applied)

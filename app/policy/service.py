@@ -19,7 +19,7 @@ from datetime import datetime, time, timedelta
 from typing import Any
 
 import phonenumbers
-from sqlalchemy import bindparam, delete, func, select, text, tuple_
+from sqlalchemy import bindparam, delete, exists, func, select, text, tuple_
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -36,7 +36,7 @@ from app.policy.schemas import (
     Reason,
     SuppressionView,
 )
-from app.policy.tables import marketing_sends, suppressions, tenant_settings
+from app.policy.tables import inbound_replies, marketing_sends, suppressions, tenant_settings
 from app.settings import Settings
 from providers.base import Category, Channel, InboundMessage
 
@@ -535,18 +535,63 @@ def unsubscribe_headers(settings: Settings, tenant_id: uuid.UUID, address: str) 
     }
 
 
+async def record_reply(
+    tx: Transaction,
+    provider: str,
+    inbound: InboundMessage,
+    address: str,
+    stop: bool,
+    at: datetime,
+) -> bool:
+    """Record a STOP/START reply; whether to apply it: False for a replay of one recorded
+    before, or for one sent before the latest recorded for the address."""
+    said_at = inbound.sent_at or at
+    # One address's replies are decided one at a time, so two racing ones see each other.
+    lock_key = f"inbound:{inbound.channel.value}:{address}"
+    lock = int.from_bytes(hashlib.sha256(lock_key.encode()).digest()[:8], "big", signed=True)
+    await tx.conn.execute(select(func.pg_advisory_xact_lock(lock)))
+    recorded = await tx.conn.execute(
+        pg_insert(inbound_replies)
+        .values(
+            provider=provider,
+            event_id=inbound.event_id,
+            channel=inbound.channel.value,
+            address=address,
+            keyword="stop" if stop else "start",
+            said_at=said_at,
+            received_at=at,
+        )
+        .on_conflict_do_nothing(index_elements=["provider", "event_id"])
+        .returning(inbound_replies.c.event_id)
+    )
+    if recorded.first() is None:
+        return False
+    newer = await tx.conn.scalar(
+        select(
+            exists().where(
+                inbound_replies.c.channel == inbound.channel.value,
+                inbound_replies.c.address == address,
+                inbound_replies.c.said_at > said_at,
+            )
+        )
+    )
+    return not newer
+
+
 def keyword(text_: str) -> str:
     return text_.strip().strip(".!").upper()
 
 
 async def apply_inbound(
-    tx: Transaction, inbound: InboundMessage, settings: Settings, at: datetime
+    tx: Transaction, provider: str, inbound: InboundMessage, settings: Settings, at: datetime
 ) -> int:
     """A `STOP` reply suppresses the sender for marketing, a `START` lifts that, for each
     tenant that sent it marketing lately; returns how many tenants it changed.
 
     Provider accounts are shared between tenants, so the reply is matched to the tenants
-    whose marketing reached that address within `marketing_log_retention`.
+    whose marketing reached that address within `marketing_log_retention`. Each reply
+    applies once (a replay of its event id changes nothing) and only if it is the
+    address's latest by the provider's clock (else by arrival): `record_reply`.
     """
     word = keyword(inbound.text)
     if word not in STOP_KEYWORDS | START_KEYWORDS:
@@ -554,6 +599,8 @@ async def apply_inbound(
     try:
         address = normalise_address(inbound.channel, inbound.sender)
     except ValueError:
+        return 0
+    if not await record_reply(tx, provider, inbound, address, word in STOP_KEYWORDS, at):
         return 0
     tenants = (
         await tx.conn.execute(

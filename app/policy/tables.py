@@ -1,4 +1,5 @@
-"""Policy tables (migration 0004): tenant settings, suppressions, the marketing send log."""
+"""Policy tables (migrations 0004, 0006): tenant settings, suppressions, the marketing send
+log, STOP/START replies."""
 
 from __future__ import annotations
 
@@ -37,4 +38,16 @@ marketing_sends = Table(
     Column("address_key", Text, primary_key=True),
     Column("message_id", Uuid, primary_key=True),
     Column("at", DateTime(timezone=True), nullable=False),
+)
+
+inbound_replies = Table(
+    "inbound_replies",
+    metadata,
+    Column("provider", Text, primary_key=True),
+    Column("event_id", Text, primary_key=True),
+    Column("channel", Text, nullable=False),
+    Column("address", Text, nullable=False),
+    Column("keyword", Text, nullable=False),  # stop | start
+    Column("said_at", DateTime(timezone=True), nullable=False),
+    Column("received_at", DateTime(timezone=True), nullable=False),
 )

@@ -259,6 +259,85 @@ async def test_a_stop_reply_through_twilios_incoming_webhook_suppresses(
     assert after["status"] == "suppressed"
 
 
+async def _marketing_status(tenant: Tenant, phone: str) -> str:
+    """What a marketing SMS to `phone` ends as now: `delivered` or `suppressed`."""
+    body = marketing(to={"phone": phone}, cascade=[{"channel": "sms"}])
+    return str((await wait_until_final(tenant.client, await send(tenant.client, body)))["status"])
+
+
+def _reply(phone: str, event_id: str, text: str, at: str | None = None) -> dict[str, Any]:
+    reply = {"event_id": event_id, "channel": "sms", "from": phone, "text": text}
+    return reply if at is None else {**reply, "sent_at": at}
+
+
+async def test_a_replayed_stop_or_start_changes_nothing(service: Service, tenant: Tenant) -> None:
+    phone = "+48604" + str(uuid.uuid4().int % 10_000).zfill(4) + "55"
+    assert await _marketing_status(tenant, phone) == "delivered"
+    stop, start = _reply(phone, f"r-{phone}-1", "STOP"), _reply(phone, f"r-{phone}-2", "START")
+
+    assert (await _inbound(service, stop)).json() == {"received": 1, "applied": 1}
+    assert (await _inbound(service, start)).json() == {"received": 1, "applied": 1}
+    # A captured STOP posted again (its signature is fresh: the sandbox's has a timestamp,
+    # Twilio's none at all) does not unsubscribe the number again.
+    assert (await _inbound(service, stop)).json() == {"received": 1, "applied": 0}
+    assert await _marketing_status(tenant, phone) == "delivered"
+
+    again = _reply(phone, f"r-{phone}-3", "stop")
+    assert (await _inbound(service, again)).json() == {"received": 1, "applied": 1}
+    # Nor does the old START re-subscribe it.
+    assert (await _inbound(service, start)).json() == {"received": 1, "applied": 0}
+    assert await _marketing_status(tenant, phone) == "suppressed"
+
+
+async def test_a_replayed_twilio_start_does_not_resubscribe(
+    service: Service, tenant: Tenant, simulators: Simulators
+) -> None:
+    phone = "+48605" + str(uuid.uuid4().int % 10_000).zfill(4) + "55"
+    assert await _marketing_status(tenant, phone) == "delivered"
+    url = f"{service.base_url}/v1/providers/twilio/inbound"
+    validator = RequestValidator(simulators.twilio.auth_token)
+
+    async def twilio_reply(sid: str, text: str) -> Any:
+        form = {
+            "MessageSid": sid,
+            "AccountSid": simulators.twilio.account_sid,
+            "From": phone,
+            "To": "+15005550006",
+            "Body": text,
+        }
+        signature = validator.compute_signature(url, form)
+        async with httpx.AsyncClient() as twilio:
+            answer = await twilio.post(url, data=form, headers={"X-Twilio-Signature": signature})
+        return answer.json()
+
+    start_sid = f"SM{uuid.uuid4().hex}"
+    assert await twilio_reply(f"SM{uuid.uuid4().hex}", "STOP") == {"received": 1, "applied": 1}
+    assert await twilio_reply(start_sid, "START") == {"received": 1, "applied": 1}
+    assert await twilio_reply(f"SM{uuid.uuid4().hex}", "STOP") == {"received": 1, "applied": 1}
+    assert await twilio_reply(start_sid, "START") == {"received": 1, "applied": 0}
+    assert await _marketing_status(tenant, phone) == "suppressed"
+
+
+async def test_replies_apply_in_the_providers_order_not_their_arrival(
+    service: Service, tenant: Tenant
+) -> None:
+    phone = "+48606" + str(uuid.uuid4().int % 10_000).zfill(4) + "55"
+    assert await _marketing_status(tenant, phone) == "delivered"
+
+    stop = _reply(phone, f"o-{phone}-2", "STOP", at="2026-06-01T12:00:05Z")
+    late_start = _reply(phone, f"o-{phone}-1", "START", at="2026-06-01T12:00:00+00:00")
+    assert (await _inbound(service, stop)).json() == {"received": 1, "applied": 1}
+    # Sent before the STOP, delivered after it: the recipient's last word was STOP.
+    assert (await _inbound(service, late_start)).json() == {"received": 1, "applied": 0}
+    assert await _marketing_status(tenant, phone) == "suppressed"
+
+    start = _reply(phone, f"o-{phone}-4", "START", at="2026-06-01T12:10:00Z")
+    late_stop = _reply(phone, f"o-{phone}-3", "STOP", at="2026-06-01T12:09:00Z")
+    assert (await _inbound(service, start)).json() == {"received": 1, "applied": 1}
+    assert (await _inbound(service, late_stop)).json() == {"received": 1, "applied": 0}
+    assert await _marketing_status(tenant, phone) == "delivered"
+
+
 async def test_one_claim_of_many_applies_each_address_its_own_suppression(
     tenant: Tenant, other_tenant: Tenant
 ) -> None:
