@@ -8,7 +8,6 @@ import logging
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from app.ops.commands import create_key_via_api
 from app.ops.commands import register as register_api_commands
 from app.runtime import Runtime, utcnow
 from app.settings import Settings, production_refusal
+from app.supervisor import Supervisor
 
 _TYPE_NAMES = {"str": "TEXT", "int": "INTEGER", "float": "FLOAT", "path": "PATH"}
 _typer_display_type = typer.core.TyperOption.display_type_rich
@@ -182,34 +182,38 @@ def dev(
             "CASCADE_WEBHOOKS_ALLOW_LOOPBACK_HTTP", "true"
         ),
     }
-    children = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "app.main:create_app",
-                "--factory",
-                "--host",
-                host,
-                "--port",
-                str(port),
-                "--log-level",
-                "warning",
-                "--no-access-log",
-            ],
-            env=env,
-        ),
-        # Split as recommended for production: marketing in a process of its own, at a
-        # lower CPU priority, so a campaign does not slow transactional sends down.
-        *(
-            subprocess.Popen(
-                [sys.executable, "-m", "app.cli", "worker", "--queues", q, "--nice", str(n)],
-                env=env,
-            )
-            for q, n in PROCESS_SPLIT
-        ),
-    ]
+    supervisor = Supervisor(
+        [
+            (
+                "api",
+                [
+                    sys.executable,
+                    "-m",
+                    "uvicorn",
+                    "app.main:create_app",
+                    "--factory",
+                    "--host",
+                    host,
+                    "--port",
+                    str(port),
+                    "--log-level",
+                    "warning",
+                    "--no-access-log",
+                ],
+            ),
+            # Split as recommended for production: marketing in a process of its own, at a
+            # lower CPU priority, so a campaign does not slow transactional sends down.
+            *(
+                (
+                    f"worker {q}",
+                    [sys.executable, "-m", "app.cli", "worker", "--queues", q, "--nice", str(n)],
+                )
+                for q, n in PROCESS_SPLIT
+            ),
+        ],
+        env,
+    )
+    supervisor.start()
     console.print(
         Panel.fit(
             f"[bold]Cascade dev[/] is running on [cyan]{public_url}[/]\n\n"
@@ -226,19 +230,14 @@ def dev(
     # `kill`/`timeout` send SIGTERM: stop as cleanly as on Ctrl-C.
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
-        while all(child.poll() is None for child in children):
-            time.sleep(0.5)
+        # A child that dies is started again (with backoff); the others keep serving.
+        while True:
+            supervisor.check()
+            time.sleep(0.2)
     except KeyboardInterrupt:
         pass
     finally:
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
-        for child in children:
-            try:
-                child.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                child.kill()
+        supervisor.stop()
         servers.stop()
         console.print("stopped")
 

@@ -322,6 +322,13 @@ CASCADE_BIN = str(Path(sys.executable).parent / "cascade")
 
 @pytest.fixture(scope="session")
 def dev_stack() -> Iterator[DevStack]:
+    with started_dev_stack() as stack:
+        yield stack
+
+
+@contextlib.contextmanager
+def started_dev_stack() -> Iterator[DevStack]:
+    """A `cascade dev` of its own (data dir, port), stopped with SIGTERM on exit."""
     data_dir = Path(tempfile.mkdtemp(prefix="cascade-dev-"))
     data_dir.chmod(0o755)
     port = _free_port()
@@ -347,11 +354,13 @@ def dev_stack() -> Iterator[DevStack]:
             process.kill()
             raise AssertionError(f"cascade dev not ready: {log_path.read_text()}")
         time.sleep(0.2)
-    yield DevStack(process, data_dir, port, base_url, key_file.read_text().strip(), log_path)
-    process.send_signal(signal.SIGTERM)
     try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-    shutil.rmtree(data_dir, ignore_errors=True)
+        yield DevStack(process, data_dir, port, base_url, key_file.read_text().strip(), log_path)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        shutil.rmtree(data_dir, ignore_errors=True)
