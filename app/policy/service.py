@@ -545,7 +545,9 @@ async def record_reply(
 ) -> bool:
     """Record a STOP/START reply; whether to apply it: False for a replay of one recorded
     before, or for one sent before the latest recorded for the address."""
-    said_at = inbound.sent_at or at
+    # No reply was sent after it arrived: a provider clock ahead of ours must not make one
+    # outrank every later reply.
+    said_at = min(inbound.sent_at, at) if inbound.sent_at is not None else at
     # One address's replies are decided one at a time, so two racing ones see each other.
     lock_key = f"inbound:{inbound.channel.value}:{address}"
     lock = int.from_bytes(hashlib.sha256(lock_key.encode()).digest()[:8], "big", signed=True)

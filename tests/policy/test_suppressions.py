@@ -337,6 +337,13 @@ async def test_replies_apply_in_the_providers_order_not_their_arrival(
     assert (await _inbound(service, late_stop)).json() == {"received": 1, "applied": 0}
     assert await _marketing_status(tenant, phone) == "delivered"
 
+    # A time ahead of its arrival counts as its arrival: it does not outrank what follows.
+    ahead = _reply(phone, f"o-{phone}-5", "STOP", at="2999-01-01T00:00:00Z")
+    assert (await _inbound(service, ahead)).json() == {"received": 1, "applied": 1}
+    now_start = _reply(phone, f"o-{phone}-6", "START")
+    assert (await _inbound(service, now_start)).json() == {"received": 1, "applied": 1}
+    assert await _marketing_status(tenant, phone) == "delivered"
+
 
 async def test_one_claim_of_many_applies_each_address_its_own_suppression(
     tenant: Tenant, other_tenant: Tenant
