@@ -18,6 +18,7 @@ import asyncpg
 import orjson
 from arq.connections import create_pool
 
+from app.cascade.machine import FINAL_MESSAGE
 from app.ids import to_public
 from app.queue import Job, JobQueue
 from app.runtime import redis_settings
@@ -32,7 +33,8 @@ from tests.simulators.twilio import DEFAULT_ACCOUNT_SID, DEFAULT_AUTH_TOKEN
 CONCURRENCY = 64
 # Reads are timed at a steady rate well under capacity: the target is latency, not rate.
 LOOKUP_RATE = 50
-FINAL = "('delivered', 'failed', 'expired', 'cancelled', 'suppressed')"
+# The final statuses as an SQL list.
+FINAL = "(" + ", ".join(sorted(f"'{status.value}'" for status in FINAL_MESSAGE)) + ")"
 
 
 @dataclass
