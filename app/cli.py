@@ -145,6 +145,19 @@ def _refuse_dev_defaults(settings: Settings, *, redis: bool = True) -> None:
         raise typer.Exit(1)
 
 
+def dev_locations(
+    environment: Settings, data_dir: Path | None, public_url: str | None, local_url: str
+) -> tuple[Path, str]:
+    """`cascade dev`'s data dir and public URL: the option, else the environment
+    (`CASCADE_DATA_DIR`, `CASCADE_PUBLIC_URL`), else the defaults (`.cascade`, the local
+    address it serves on). Options never shadow the environment with defaults of their own."""
+    given = environment.model_fields_set
+    return (
+        data_dir or environment.data_dir,
+        public_url or (environment.public_url if "public_url" in given else local_url),
+    )
+
+
 def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -153,13 +166,24 @@ def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
 def dev(
     port: Annotated[int, typer.Option(help="API port.")] = 8000,
     host: Annotated[str, typer.Option(help="API bind address.")] = "127.0.0.1",
-    data_dir: Annotated[Path, typer.Option(help="Embedded servers' data.")] = Path(".cascade"),
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(help="Embedded servers' data [default: CASCADE_DATA_DIR, else .cascade]."),
+    ] = None,
+    public_url: Annotated[
+        str | None,
+        typer.Option(
+            help="Where providers reach this API, e.g. a tunnel (status callback URLs are"
+            " built from it) [default: CASCADE_PUBLIC_URL, else http://<host>:<port>]."
+        ),
+    ] = None,
 ) -> None:
     """Everything on one machine: embedded Postgres + Redis, migrations, API, workers, sandbox."""
     from app.worker import PROCESS_SPLIT
 
     configure_logging()
-    public_url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    local_url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    data_dir, public_url = dev_locations(Settings(), data_dir, public_url, local_url)
     settings = Settings(data_dir=data_dir, public_url=public_url, dev_mode=True)
     owner = embedded.running_owner(data_dir)
     if owner is not None and owner.command == embedded.DEV_COMMAND:
@@ -216,8 +240,9 @@ def dev(
     supervisor.start()
     console.print(
         Panel.fit(
-            f"[bold]Cascade dev[/] is running on [cyan]{public_url}[/]\n\n"
-            f"API key:   [green]{key}[/]\n"
+            f"[bold]Cascade dev[/] is running on [cyan]{local_url}[/]\n"
+            + (f"Providers reach it at [cyan]{public_url}[/]\n" if public_url != local_url else "")
+            + f"\nAPI key:   [green]{key}[/]\n"
             f"Postgres:  {settings.database_url}\nRedis:     {settings.redis_url}\n"
             "Providers: sandbox for push, messenger, sms, email\n"
             "Ctrl-C stops everything.",
@@ -226,7 +251,7 @@ def dev(
     )
     # Printed outside the panel so it copies as one working command.
     console.print("Watch a cascade fall over from push (silent device) to SMS:", style="bold")
-    console.print(dev_example_curl(public_url, key), soft_wrap=True, highlight=False)
+    console.print(dev_example_curl(local_url, key), soft_wrap=True, highlight=False)
     # `kill`/`timeout` send SIGTERM: stop as cleanly as on Ctrl-C.
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:

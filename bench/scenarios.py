@@ -18,6 +18,7 @@ import asyncpg
 import orjson
 from arq.connections import create_pool
 
+from app.cascade.machine import FINAL_MESSAGE
 from app.ids import to_public
 from app.queue import Job, JobQueue
 from app.runtime import redis_settings
@@ -32,7 +33,8 @@ from tests.simulators.twilio import DEFAULT_ACCOUNT_SID, DEFAULT_AUTH_TOKEN
 CONCURRENCY = 64
 # Reads are timed at a steady rate well under capacity: the target is latency, not rate.
 LOOKUP_RATE = 50
-FINAL = "('delivered', 'failed', 'expired', 'cancelled', 'suppressed')"
+# The final statuses as an SQL list.
+FINAL = "(" + ", ".join(sorted(f"'{status.value}'" for status in FINAL_MESSAGE)) + ")"
 
 
 @dataclass
@@ -348,6 +350,29 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def postgres_pids(stack: Stack) -> list[int]:
+    """The embedded Postgres server's processes (postmaster and its backends), or none
+    when the server is an outside one."""
+    pid_file = stack.data_dir / "postgres" / "postmaster.pid"
+    if not pid_file.exists():
+        return []
+    postmaster = int(pid_file.read_text().split()[0])
+    pids = [postmaster]
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == postmaster:
+                pids.append(int(stat.parent.name))
+    return pids
+
+
+def cpu_of(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError):  # a backend that has exited meanwhile
+            total += cpu_seconds(pid)
+    return total
+
+
 @dataclass
 class Delivered:
     rate: float
@@ -379,13 +404,19 @@ async def deliver_all(
             roles["provider"] = [provider_pid]
         started = [p for _ in range(workers) for p in stack.start_worker()]
         roles["worker"] = [p.popen.pid for p in started]
-        before = {role: sum(cpu_seconds(pid) for pid in pids) for role, pids in roles.items()}
+        before = {role: cpu_of(pids) for role, pids in roles.items()}
+        # Backends come and go: each one's CPU since this moment (a new one's, all of it).
+        database = {pid: cpu_of([pid]) for pid in postgres_pids(stack)}
         await wait_for(dsn, f"SELECT count(*) FROM messages WHERE status IN {FINAL}", count, within)
-        after = {role: sum(cpu_seconds(pid) for pid in pids) for role, pids in roles.items()}
+        after = {role: cpu_of(pids) for role, pids in roles.items()}
+        if database:
+            ended = postgres_pids(stack)
+            before["postgres"] = sum(database.get(pid, 0.0) for pid in ended)
+            after["postgres"] = cpu_of(ended)
         delivered, final, elapsed = (await fetch(dsn, DELIVERY_RATE_SQL))[0]
     if delivered != count:
         raise RuntimeError(f"delivery: {delivered} of {count} delivered ({final} final)")
-    cpu = {role: 1000 * (after[role] - before[role]) / count for role in roles}
+    cpu = {role: 1000 * (after[role] - before[role]) / count for role in after}
     return Delivered(count / float(elapsed), cpu)
 
 

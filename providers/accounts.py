@@ -52,7 +52,10 @@ class ProviderAccount(BaseModel):
     burst: int = Field(default=10, ge=1)
     # Requests to this account in flight at once, per worker process.
     max_in_flight: int = Field(default=64, ge=1)
+    # The breaker opens at `breaker_threshold` provider errors in the window that are at
+    # least `breaker_failure_ratio` of the account's answers in it.
     breaker_threshold: int = Field(default=5, ge=1)
+    breaker_failure_ratio: float = Field(default=0.5, gt=0, le=1)
     breaker_window_seconds: float = Field(default=30, gt=0)
     breaker_cooldown_seconds: float = Field(default=30, gt=0)
     config: dict[str, Any] = {}

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 import httpx
 from sqlalchemy import select, update
 
+from app.cascade.machine import FINAL_MESSAGE
 from app.ids import from_public
 from app.ledger.tables import messages
 from app.messages.schemas import SendMessageRequest
@@ -19,7 +20,7 @@ from app.runtime import Runtime, utcnow
 
 T = TypeVar("T")
 
-FINAL = {"delivered", "failed", "expired", "cancelled", "suppressed"}
+FINAL = frozenset(status.value for status in FINAL_MESSAGE)
 
 
 def message_body(**overrides: Any) -> dict[str, Any]:

@@ -303,10 +303,16 @@ class DeliveryEngine:
         )
         for index, result in zip(admitted, results, strict=True):
             batch.results[index] = result
-        if failures and any(isinstance(r, Accepted) for r in results):
-            # Failures were counted and the provider answers again: reset them (none
-            # counted, nothing to reset: a Redis round trip saved on nearly every batch).
-            await _record_guard(guards.record_success(account))
+        failed = sum(isinstance(r, TransientProviderError) and r.provider_fault for r in results)
+        if failed or failures:
+            # The breaker weighs failures against answers from the first failure in its
+            # window on: with none counted and none now, there is nothing to weigh (a Redis
+            # round trip saved on nearly every batch).
+            opened = await _record_guard(
+                guards.record_outcomes(account, failures=failed, successes=len(results) - failed)
+            )
+            if opened:
+                log.warning("circuit_opened", provider=account.name, failures=failed)
 
     async def _send_one(
         self, account: ProviderAccount, limit: asyncio.Semaphore, plan: service.SendPlan
@@ -315,11 +321,7 @@ class DeliveryEngine:
             try:
                 return await plan.provider.send(plan.outbound)
             except TransientProviderError as exc:
-                if exc.provider_fault and await _record_guard(
-                    self.rt.send_guards.record_provider_failure(account)
-                ):
-                    log.warning("circuit_opened", provider=account.name)
-                return exc
+                return exc  # counted by the breaker with the rest of the group
             except (ProviderError, OSError, TimeoutError) as exc:
                 # An adapter that failed in an unclassified way: transient, retry in window.
                 log.warning("provider_send_error", provider=account.name, error=repr(exc))

@@ -2,10 +2,12 @@
 
 - A rate limit (GCRA, `app/ratelimit.py`) so several workers respect one provider limit
   between them.
-- A circuit breaker that opens after `breaker_threshold` provider-attributed transient
-  errors within `breaker_window_seconds`; while open the step falls over at once instead
-  of waiting out its whole timeout. Recipient errors never count (one dead number must not
-  take a provider out).
+- A circuit breaker that opens when, within `breaker_window_seconds`, at least
+  `breaker_threshold` provider-attributed transient errors were counted and they are at
+  least `breaker_failure_ratio` of the account's answers; while open the step falls over
+  at once instead of waiting out its whole timeout. Recipient errors never count (one dead
+  number must not take a provider out), and a busy account's occasional timeout among
+  thousands of answers does not either. A batch's outcomes are counted in one call.
 """
 
 from __future__ import annotations
@@ -17,16 +19,24 @@ from arq.connections import ArqRedis
 from app.ratelimit import GCRA_LUA
 from providers.accounts import ProviderAccount
 
-# Failures counted in a window that starts at the first one; at the threshold the circuit
-# opens for the cooldown and the count starts over.
-_TRIP = """
-local failures = redis.call('INCR', KEYS[1])
-if failures == 1 then
+# Outcomes counted in a window that starts at the first one: KEYS[1] failures, KEYS[2]
+# answers (failures included), KEYS[3] the open flag; ARGV: window ms, threshold, cooldown
+# ms, failures, other answers, ratio in percent. At the threshold and ratio the circuit
+# opens for the cooldown and the counts start over.
+_OUTCOMES = """
+local failed, answered = tonumber(ARGV[4]), tonumber(ARGV[4]) + tonumber(ARGV[5])
+local failures = redis.call('INCRBY', KEYS[1], failed)
+if failures == failed then
   redis.call('PEXPIRE', KEYS[1], ARGV[1])
 end
-if failures >= tonumber(ARGV[2]) then
-  redis.call('SET', KEYS[2], 1, 'PX', ARGV[3])
-  redis.call('DEL', KEYS[1])
+local answers = redis.call('INCRBY', KEYS[2], answered)
+if answers == answered then
+  redis.call('PEXPIRE', KEYS[2], ARGV[1])
+end
+if failed > 0 and failures >= tonumber(ARGV[2])
+    and failures * 100 >= tonumber(ARGV[6]) * answers then
+  redis.call('SET', KEYS[3], 1, 'PX', ARGV[3])
+  redis.call('DEL', KEYS[1], KEYS[2])
   return 1
 end
 return 0
@@ -75,7 +85,7 @@ class Admission:
 class SendGuards:
     def __init__(self, redis: ArqRedis) -> None:
         self._redis = redis
-        self._trip = redis.register_script(_TRIP)
+        self._outcomes = redis.register_script(_OUTCOMES)
         self._admit = redis.register_script(_ADMIT)
 
     @property
@@ -100,20 +110,31 @@ class SendGuards:
     async def circuit_open(self, account: ProviderAccount) -> bool:
         return bool(await self._redis.exists(f"cascade:circuit:{account.name}:open"))
 
-    async def record_provider_failure(self, account: ProviderAccount) -> bool:
-        """Count one provider-attributed failure; returns True when this opened the circuit."""
-        opened = await self._trip(
+    async def record_outcomes(
+        self, account: ProviderAccount, *, failures: int, successes: int
+    ) -> bool:
+        """Count a batch's answers from this account (`failures`: provider-attributed
+        transient errors; `successes`: every other answer); True when this opened the
+        circuit."""
+        if not failures and not successes:
+            return False
+        opened = await self._outcomes(
             keys=[
                 f"cascade:circuit:{account.name}:failures",
+                f"cascade:circuit:{account.name}:answers",
                 f"cascade:circuit:{account.name}:open",
             ],
             args=[
                 int(account.breaker_window_seconds * 1000),
                 account.breaker_threshold,
                 int(account.breaker_cooldown_seconds * 1000),
+                failures,
+                successes,
+                round(account.breaker_failure_ratio * 100),
             ],
         )
         return bool(opened)
 
-    async def record_success(self, account: ProviderAccount) -> None:
-        await self._redis.delete(f"cascade:circuit:{account.name}:failures")
+    async def record_provider_failure(self, account: ProviderAccount) -> bool:
+        """One provider-attributed failure; True when this opened the circuit."""
+        return await self.record_outcomes(account, failures=1, successes=0)

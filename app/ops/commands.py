@@ -23,12 +23,13 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Column, Table
 
+from app.cascade.machine import FINAL_MESSAGE
 from app.ops.client import ApiClient, ApiError
 
 console = Console()
 err_console = Console(stderr=True)
 
-FINAL = {"delivered", "failed", "expired", "cancelled", "suppressed"}
+FINAL = frozenset(status.value for status in FINAL_MESSAGE)
 # `to` fields in the order a cascade is built from them when none is given.
 ADDRESS_CHANNELS = (
     ("push_token", "push"),

@@ -46,20 +46,34 @@ async def test_an_account_without_a_rate_is_never_limited(service: Service) -> N
     assert [(await guards.admit(account)).wait for _ in range(50)] == [0.0] * 50
 
 
-async def test_breaker_opens_at_the_threshold_and_success_resets_the_count(
+async def test_breaker_opens_at_the_threshold_once_failures_are_half_the_answers(
     service: Service,
 ) -> None:
     guards = SendGuards(service.worker_runtime.redis)
-    account = _account(breaker_threshold=3)
+    account = _account(breaker_threshold=3)  # and the default ratio, 0.5
 
-    assert not await guards.record_provider_failure(account)
-    assert not await guards.record_provider_failure(account)
-    await guards.record_success(account)
-    assert not await guards.record_provider_failure(account)
-    assert not await guards.record_provider_failure(account)
+    assert not await guards.record_outcomes(account, failures=2, successes=0)
+    assert not await guards.record_outcomes(account, failures=0, successes=10)
+    # 5 failures of 15 answers: over the threshold, under half.
+    assert not await guards.record_outcomes(account, failures=3, successes=0)
     assert not await guards.circuit_open(account)
-    assert await guards.record_provider_failure(account)
+    # 10 of 20.
+    assert await guards.record_outcomes(account, failures=5, successes=0)
     assert await guards.circuit_open(account)
+
+
+async def test_a_busy_accounts_occasional_timeouts_never_open_its_circuit(
+    service: Service,
+) -> None:
+    """Five timeouts within one batch of 64 that the provider otherwise answered opened the
+    circuit of a count-only breaker and sent thousands of SMS over to email."""
+    guards = SendGuards(service.worker_runtime.redis)
+    account = _account(breaker_threshold=5)
+
+    opened = [await guards.record_outcomes(account, failures=5, successes=59) for _ in range(20)]
+
+    assert not any(opened)
+    assert not await guards.circuit_open(account)
 
 
 @pytest.mark.parametrize("phone", ["+48600100500"])

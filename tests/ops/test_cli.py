@@ -12,6 +12,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 import typer
 from typer.testing import CliRunner, Result
 
@@ -311,3 +312,29 @@ async def test_webhooks_replay_and_recover_from_the_command_line(
     assert replayed.strip() == "replayed 1"
     assert neither.exit_code == 1
     assert "give exactly one of --since and --delivery" in neither.stderr
+
+
+def test_cascade_dev_takes_its_data_dir_and_public_url_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A tunnel in CASCADE_PUBLIC_URL is where providers' callbacks are addressed (Twilio
+    signs that URL); options win over the environment, never option defaults."""
+    from app.cli import dev_locations
+    from app.settings import Settings
+
+    local = "http://127.0.0.1:8000"
+    monkeypatch.delenv("CASCADE_PUBLIC_URL", raising=False)
+    monkeypatch.delenv("CASCADE_DATA_DIR", raising=False)
+    assert dev_locations(Settings(), None, None, local) == (Path(".cascade"), local)
+
+    monkeypatch.setenv("CASCADE_PUBLIC_URL", "https://cascade-dev.example.ngrok.app")
+    monkeypatch.setenv("CASCADE_DATA_DIR", str(tmp_path))
+    data_dir, public_url = dev_locations(Settings(), None, None, local)
+    assert (data_dir, public_url) == (tmp_path, "https://cascade-dev.example.ngrok.app")
+    settings = Settings(data_dir=data_dir, public_url=public_url, dev_mode=True)
+    assert settings.callback_base == "https://cascade-dev.example.ngrok.app"
+
+    assert dev_locations(Settings(), Path("elsewhere"), "https://other.example", local) == (
+        Path("elsewhere"),
+        "https://other.example",
+    )
