@@ -189,15 +189,6 @@ class StatusUpdate:
     occurred_at: datetime | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class CallbackReply:
-    """What to answer a provider request that is not a status report (e.g. a handshake)."""
-
-    status_code: int
-    body: str
-    media_type: str = "text/plain"
-
-
 @runtime_checkable
 class SubscriptionHandshake(Protocol):
     """Providers that verify a callback URL with a GET challenge (WhatsApp's `hub.challenge`)."""

@@ -88,10 +88,6 @@ class SendGuards:
         self._outcomes = redis.register_script(_OUTCOMES)
         self._admit = redis.register_script(_ADMIT)
 
-    @property
-    def redis(self) -> ArqRedis:
-        return self._redis
-
     async def admit(self, account: ProviderAccount, wanted: int = 1) -> Admission:
         """`circuit_open`, then up to `wanted` rate slots, in one round trip."""
         rate = account.rate_per_second

@@ -173,22 +173,6 @@ async def has_enabled_endpoint(conn: AsyncConnection, tenant_id: uuid.UUID) -> b
     return bool((await conn.execute(query)).scalar_one())
 
 
-async def tenants_with_enabled_endpoints(
-    conn: AsyncConnection, tenant_ids: set[uuid.UUID]
-) -> set[uuid.UUID]:
-    if not tenant_ids:
-        return set()
-    rows = await conn.execute(
-        select(webhook_endpoints.c.tenant_id)
-        .where(
-            webhook_endpoints.c.tenant_id.in_(tenant_ids),
-            webhook_endpoints.c.disabled_at.is_(None),
-        )
-        .distinct()
-    )
-    return {row[0] for row in rows}
-
-
 async def update_endpoint(
     conn: AsyncConnection, endpoint_id: uuid.UUID, at: datetime, **values: Any
 ) -> EndpointRow:
