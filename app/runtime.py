@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import httpx
 from arq.connections import ArqRedis, RedisSettings, create_pool
@@ -25,6 +26,9 @@ from providers.accounts import (
 )
 from providers.base import StatusUpdate
 from providers.registry import ProviderRegistry
+
+if TYPE_CHECKING:
+    from app.messages.writer import AcceptWriter
 
 _gc_settled = False
 
@@ -99,6 +103,13 @@ class Runtime:
         """Per-account rate limits and breakers (their Redis scripts registered once)."""
         return SendGuards(self.redis)
 
+    @cached_property
+    def accept_writer(self) -> AcceptWriter:
+        """The API's group-commit writer of new messages (made on first use)."""
+        from app.messages.writer import AcceptWriter
+
+        return AcceptWriter(self.engine, self.queue)
+
     @classmethod
     async def start(cls, settings: Settings) -> Runtime:
         if not settings.database_url or not settings.redis_url:
@@ -126,6 +137,9 @@ class Runtime:
             yield tx
 
     async def close(self) -> None:
+        for writer in ("accept_writer", "status_writer"):
+            if writer in self.__dict__:  # made (cached_property) in this process
+                await self.__dict__[writer].close()
         await self.providers.aclose()
         await self.http.aclose()
         await self.redis.aclose()

@@ -5,7 +5,6 @@ Every function takes the open connection first and never commits.
 
 from __future__ import annotations
 
-import functools
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -14,7 +13,6 @@ from typing import Any
 import orjson
 from sqlalchemy import (
     ARRAY,
-    Insert,
     Select,
     Uuid,
     and_,
@@ -22,8 +20,6 @@ from sqlalchemy import (
     bindparam,
     exists,
     func,
-    insert,
-    literal,
     select,
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -97,35 +93,126 @@ def _attempt(row: Any) -> AttemptRow:
     return AttemptRow(**data)
 
 
-@functools.cache
-def _insert_accepted(columns: tuple[str, ...]) -> Insert:
-    created = (
-        insert(messages)
-        .values({name: bindparam(f"v_{name}", type_=messages.c[name].type) for name in columns})
-        .returning(messages.c.id, messages.c.category, messages.c.tenant_id, messages.c.created_at)
-        .cte("created")
+# The columns of a new message (`messages.service.prepare_message`), in statement order.
+NEW_MESSAGE_COLUMNS = (
+    "id",
+    "category",
+    "tenant_id",
+    "status",
+    "recipient",
+    "content",
+    "cascade",
+    "metadata",
+    "current_step",
+    "seq",
+    "created_at",
+    "updated_at",
+    "send_at",
+    "expires_at",
+    "not_before",
+    "due_at",
+)
+_NEW_MESSAGE_JSON = frozenset({"recipient", "content", "cascade", "metadata"})
+_KEY_CLAIM_TYPES = ("uuid", "text", "bytea", "uuid", "jsonb", "timestamptz")
+
+
+def _accept_statement() -> str:
+    claims = ", ".join(f"${i}::{t}[]" for i, t in enumerate(_KEY_CLAIM_TYPES, 1))
+    first = len(_KEY_CLAIM_TYPES) + 1
+    rows = ", ".join(
+        f"${first + i}::{'jsonb' if c in _NEW_MESSAGE_JSON else _sql_type(c)}[]"
+        for i, c in enumerate(NEW_MESSAGE_COLUMNS)
     )
-    return insert(events).from_select(
-        ["message_id", "category", "tenant_id", "seq", "status", "source", "at"],
-        select(
-            created.c.id,
-            created.c.category,
-            created.c.tenant_id,
-            literal(1),
-            literal(MessageStatus.ACCEPTED.value),
-            literal("api"),
-            created.c.created_at,
-        ),
+    keyed = f"${first + len(NEW_MESSAGE_COLUMNS)}::bool[]"
+    columns = ", ".join(f'"{c}"' for c in NEW_MESSAGE_COLUMNS)
+    picked = ", ".join(f'm."{c}"' for c in NEW_MESSAGE_COLUMNS)
+    # A keyed message is inserted only if its key is claimed by this statement (the
+    # claims' RETURNING is visible to the rest of it); each message gets its `accepted`
+    # event. A key a concurrent transaction holds makes the claim wait for its outcome.
+    return (
+        "WITH claimed AS (INSERT INTO idempotency_keys"
+        " (tenant_id, key, request_hash, message_id, response, created_at)"
+        f" SELECT * FROM unnest({claims}) ON CONFLICT DO NOTHING RETURNING message_id),"
+        f" created AS (INSERT INTO messages ({columns})"
+        f" SELECT {picked} FROM unnest({rows}, {keyed}) AS m({columns}, keyed)"
+        " WHERE NOT m.keyed OR m.id IN (SELECT message_id FROM claimed)"
+        " RETURNING id, category, tenant_id, created_at),"
+        " accepted AS (INSERT INTO events (message_id, category, tenant_id, seq, status,"
+        " source, at) SELECT id, category, tenant_id, 1, 'accepted', 'api', created_at"
+        " FROM created)"
+        " SELECT message_id FROM claimed"
     )
 
 
-async def insert_accepted_message(conn: AsyncConnection, values: dict[str, Any]) -> None:
-    """The message row and its `accepted` event, in one statement (one round trip).
+@dataclass(frozen=True, slots=True)
+class KeyClaim:
+    """An idempotency key to claim for a new message, with what a replay answers."""
 
-    The statement is built once per column set: a fresh one per message cost more CPU to
-    build and cache-key than the round trip itself."""
-    statement = _insert_accepted(tuple(sorted(values)))
-    await conn.execute(statement, {f"v_{name}": value for name, value in values.items()})
+    tenant_id: uuid.UUID
+    key: str
+    request_hash: bytes
+    message_id: uuid.UUID
+    response: dict[str, Any]
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class StoredKey:
+    request_hash: bytes
+    response: dict[str, Any]
+
+
+async def insert_accepted_messages(
+    conn: AsyncConnection, rows: list[dict[str, Any]], claims: list[KeyClaim]
+) -> set[uuid.UUID]:
+    """Claim `claims`, then insert every row (and its `accepted` event) that is not keyed
+    or whose key was claimed here: one statement of arrays, one round trip, whatever the
+    number. Keyed rows are those whose id is a claim's `message_id`. Returns the ids of
+    the claimed keys' messages. Claims should come sorted (one lock order for all)."""
+    keyed = {claim.message_id for claim in claims}
+    args: list[Any] = _columns(
+        [
+            (c.tenant_id, c.key, c.request_hash, c.message_id, _json(c.response), c.created_at)
+            for c in claims
+        ],
+        len(_KEY_CLAIM_TYPES),
+    )
+    args += _columns(
+        [
+            (
+                *(_json(row[c]) if c in _NEW_MESSAGE_JSON else row[c] for c in NEW_MESSAGE_COLUMNS),
+                row["id"] in keyed,
+            )
+            for row in rows
+        ],
+        len(NEW_MESSAGE_COLUMNS) + 1,
+    )
+    result = await conn.exec_driver_sql(_ACCEPT, tuple(args))
+    return {message_id for (message_id,) in result.fetchall()}
+
+
+_STORED_KEYS = (
+    "SELECT k.tenant_id, k.key, k.request_hash, k.response FROM idempotency_keys k"
+    " JOIN unnest($1::uuid[], $2::text[]) AS w(tenant_id, key)"
+    " ON k.tenant_id = w.tenant_id AND k.key = w.key"
+)
+
+
+async def stored_keys(
+    conn: AsyncConnection, keys: list[tuple[uuid.UUID, str]]
+) -> dict[tuple[uuid.UUID, str], StoredKey]:
+    """The stored request hash and response of these (tenant, key) idempotency keys."""
+    if not keys:
+        return {}
+    found = await conn.exec_driver_sql(
+        _STORED_KEYS, ([tenant for tenant, _ in keys], [key for _, key in keys])
+    )
+    stored = {}
+    rows: list[Any] = list(found.fetchall())
+    for tenant_id, key, request_hash, response in rows:
+        data = orjson.loads(response) if isinstance(response, str | bytes) else response
+        stored[(tenant_id, key)] = StoredKey(bytes(request_hash), data)
+    return stored
 
 
 # The hot statements are built once (per column set, for updates) with bind parameters:
@@ -478,6 +565,7 @@ def _changes_statement() -> str:
 
 
 _WRITE_CHANGES = _changes_statement()
+_ACCEPT = _accept_statement()
 
 
 def _json(value: Any) -> str | None:

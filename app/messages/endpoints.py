@@ -47,18 +47,14 @@ async def send_message(
     principal: Principal = Depends(require(Scope.SEND)),
     runtime: Runtime = Depends(get_runtime),
 ) -> AcceptedMessage:
-    # Without an Idempotency-Key the message and its first event are the only write, one
-    # statement: it needs no BEGIN/COMMIT around it.
-    async with runtime.transaction(single_write=idempotency_key is None) as tx:
-        acceptance = await service.accept_message(
-            tx,
-            principal.tenant_id,
-            body,
-            idempotency_key,
-            runtime.providers,
-            runtime.settings,
-            utcnow(),
-        )
+    acceptance = await runtime.accept_writer.accept(
+        principal.tenant_id,
+        body,
+        idempotency_key,
+        runtime.providers,
+        runtime.settings,
+        utcnow(),
+    )
     if acceptance.replayed:
         response.headers["Idempotent-Replayed"] = "true"
     else:
