@@ -14,6 +14,7 @@ import httpx
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.auth.ratelimit import RequestRateLimit
 from app.cascade.throttle import SendGuards
 from app.db import Transaction, create_engine, transaction
 from app.queue import JobQueue
@@ -102,6 +103,12 @@ class Runtime:
     def send_guards(self) -> SendGuards:
         """Per-account rate limits and breakers (their Redis scripts registered once)."""
         return SendGuards(self.redis)
+
+    @cached_property
+    def request_limit(self) -> RequestRateLimit:
+        """The per-API-key request rate limit, with this process's leased slots."""
+        settings = self.settings
+        return RequestRateLimit(self.redis, settings.api_rate_per_second, settings.api_burst)
 
     @cached_property
     def accept_writer(self) -> AcceptWriter:

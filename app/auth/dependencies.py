@@ -7,7 +7,6 @@ from collections.abc import Awaitable, Callable
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from app.auth.ratelimit import RequestRateLimit
 from app.auth.service import (
     Principal,
     Scope,
@@ -45,9 +44,7 @@ def require(scope: Scope) -> Callable[..., Awaitable[Principal]]:
                 remember_principal(key_hash, principal)
         if principal is None:
             raise Unauthorized("the API key is unknown or revoked")
-        settings = runtime.settings
-        limit = RequestRateLimit(runtime.redis, settings.api_rate_per_second, settings.api_burst)
-        wait = await limit.retry_after(principal.key_id)
+        wait = await runtime.request_limit.retry_after(principal.key_id)
         if wait > 0:
             raise TooManyRequests(wait)
         if scope not in principal.scopes and Scope.ADMIN not in principal.scopes:
