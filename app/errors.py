@@ -180,17 +180,22 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(InternalClientError)
     @app.exception_handler(RedisError)
     @app.exception_handler(OSError)
-    async def _backing_service(request: Request, exc: Exception) -> JSONResponse:
-        if not is_unavailable(exc):
-            return await _unexpected(request, exc)
+    @app.exception_handler(Exception)
+    async def _other(_: Request, exc: Exception) -> JSONResponse:
+        return error_response(exc)
+
+
+def error_response(exc: Exception) -> JSONResponse:
+    """Any exception as its problem: a domain error's own, 503 for a backing service that
+    cannot be reached, otherwise a logged 500."""
+    if isinstance(exc, ProblemError):
+        return problem_response(exc.problem(), headers=exc.headers() or None)
+    if is_unavailable(exc):
         log.warning("backing_service_unavailable", error=repr(exc))
         return problem_response(Unavailable(detail="database or queue unreachable").problem())
-
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled_error", exc_info=exc)
-        problem = Problem(type=PROBLEM_BASE + "internal", title="Internal error", status=500)
-        return problem_response(problem)
+    log.exception("unhandled_error", exc_info=exc)
+    problem = Problem(type=PROBLEM_BASE + "internal", title="Internal error", status=500)
+    return problem_response(problem)
 
 
 # How a lost or restarting Postgres or Redis shows up, raw or wrapped by SQLAlchemy: socket

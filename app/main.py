@@ -16,8 +16,10 @@ from app import embedded
 from app.auth.endpoints import router as keys_router
 from app.cascade.endpoints import router as provider_router
 from app.errors import PayloadTooLarge, install_error_handlers, problem_response
+from app.hotpath import HotPaths
 from app.logs import configure_logging
 from app.messages.endpoints import router as messages_router
+from app.messages.endpoints import send_message_fast
 from app.messages.receipts import router as receipts_router
 from app.observability import install_observability
 from app.ops.dashboard.endpoints import install_dashboard
@@ -170,6 +172,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ready = all(v == "ok" for v in checks.values())
         return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
 
+    # Innermost of ours: inside the body limit and the request id / metrics.
+    app.add_middleware(HotPaths, exact={"/v1/messages": send_message_fast})
     app.add_middleware(
         BodySizeLimit,
         limit=settings.max_body_bytes,
