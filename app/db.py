@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import orjson
+import structlog
 from sqlalchemy import event
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -22,6 +23,8 @@ from app.queue import Job, JobQueue
 
 if TYPE_CHECKING:
     from app.ledger.repository import Change
+
+log = structlog.get_logger()
 
 
 def async_url(url: str) -> str:
@@ -97,6 +100,16 @@ class Transaction:
         for callback in self.committed:
             callback()
         await queue.enqueue_all(self.jobs, wake=sorted(self.wakes))
+
+
+async def finish_committed(tx: Transaction, queue: JobQueue) -> None:
+    """`tx.finish` for a group commit's transaction: whatever goes wrong after the commit
+    (Redis away, …), its rows are committed and the engines' poll finds them, so every
+    request of the group still gets its answer."""
+    try:
+        await tx.finish(queue)
+    except Exception as exc:
+        log.warning("after_commit_failed", error=repr(exc))
 
 
 @asynccontextmanager

@@ -215,6 +215,13 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
 )
 
 
+def is_database_error(exc: BaseException | None) -> bool:
+    """An error Postgres (or the way to it) raised, not one of ours: retrying may work."""
+    return isinstance(exc, DBAPIError | PostgresError | PoolTimeoutError) or (
+        exc is not None and is_unavailable(exc)
+    )
+
+
 def is_unavailable(exc: BaseException) -> bool:
     """Whether `exc`, or an error it wraps, means Postgres or Redis could not be reached."""
     seen: set[int] = set()

@@ -14,6 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import embedded
 from app.auth.endpoints import router as keys_router
+from app.cascade.endpoints import provider_status_fast
 from app.cascade.endpoints import router as provider_router
 from app.errors import PayloadTooLarge, install_error_handlers, problem_response
 from app.hotpath import HotPaths
@@ -173,7 +174,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
 
     # Innermost of ours: inside the body limit and the request id / metrics.
-    app.add_middleware(HotPaths, exact={"/v1/messages": send_message_fast})
+    app.add_middleware(
+        HotPaths,
+        exact={"/v1/messages": send_message_fast},
+        status_callbacks=provider_status_fast,
+    )
     app.add_middleware(
         BodySizeLimit,
         limit=settings.max_body_bytes,

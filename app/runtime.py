@@ -29,6 +29,7 @@ from providers.base import StatusUpdate
 from providers.registry import ProviderRegistry
 
 if TYPE_CHECKING:
+    from app.cascade.status_writer import StatusWriter
     from app.messages.writer import AcceptWriter
 
 _gc_settled = False
@@ -116,6 +117,13 @@ class Runtime:
         from app.messages.writer import AcceptWriter
 
         return AcceptWriter(self.engine, self.queue)
+
+    @cached_property
+    def status_writer(self) -> StatusWriter:
+        """The API's group-commit writer of provider status reports (made on first use)."""
+        from app.cascade.status_writer import StatusWriter
+
+        return StatusWriter(self.engine, self.queue)
 
     @classmethod
     async def start(cls, settings: Settings) -> Runtime:

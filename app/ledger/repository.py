@@ -13,14 +13,13 @@ from typing import Any
 import orjson
 from sqlalchemy import (
     ARRAY,
-    Select,
+    Text,
     Uuid,
-    and_,
     any_,
     bindparam,
-    exists,
     func,
     select,
+    text,
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -223,7 +222,6 @@ _LOCK_MESSAGE = _GET_MESSAGE.with_for_update()
 _GET_ATTEMPT = select(attempts).where(
     attempts.c.message_id == bindparam("message_id"), attempts.c.step == bindparam("step")
 )
-_EVENT_SEEN = select(events.c.id).where(events.c.dedupe_key == bindparam("dedupe_key"))
 _EVENT_COLUMNS = (
     "message_id",
     "category",
@@ -300,6 +298,14 @@ async def claim_due(
     return claimed, await attempts_of(conn, [m.id for m in claimed])
 
 
+_MESSAGES_BY_ID = select(messages).where(messages.c.id == any_(bindparam("ids", type_=ARRAY(Uuid))))
+
+
+async def messages_by_id(conn: AsyncConnection, ids: list[uuid.UUID]) -> list[MessageRow]:
+    rows = await conn.execute(_MESSAGES_BY_ID, {"ids": ids})
+    return [_message(row) for row in rows]
+
+
 async def lock_messages(
     conn: AsyncConnection, category: str, ids: list[uuid.UUID]
 ) -> list[MessageRow]:
@@ -327,82 +333,59 @@ async def list_attempts(conn: AsyncConnection, message_id: uuid.UUID) -> list[At
     return [_attempt(row) for row in rows]
 
 
-def _attempt_match(by_id: bool) -> Any:
-    match = attempts.c.provider == bindparam("provider")
-    if by_id:
-        return and_(match, attempts.c.id == bindparam("attempt_id"))
-    return and_(match, attempts.c.provider_message_id == bindparam("provider_message_id"))
-
-
-def _lock_message_of_attempt(by_id: bool) -> Select[Any]:
-    owner = select(attempts.c.message_id, attempts.c.category).where(_attempt_match(by_id))
-    owner = owner.limit(1)
-    return (
-        select(messages)
-        .where(
-            messages.c.id == owner.with_only_columns(attempts.c.message_id).scalar_subquery(),
-            messages.c.category == owner.with_only_columns(attempts.c.category).scalar_subquery(),
-        )
-        .with_for_update()
+# Status reports name an attempt by our id or by the provider's message id, always with the
+# provider: the messages of all the attempts of a batch of reports, locked in id order.
+_LOCK_MESSAGES_OF_ATTEMPTS = (
+    text(
+        f"SELECT {', '.join(f'm.{c.name}' for c in messages.c)}"
+        " FROM messages m WHERE (m.id, m.category) IN ("
+        " SELECT a.message_id, a.category FROM attempts a"
+        " JOIN unnest(CAST(:id_providers AS text[]), CAST(:ids AS uuid[])) AS w(provider, id)"
+        " ON a.id = w.id AND a.provider = w.provider"
+        " UNION SELECT a.message_id, a.category FROM attempts a"
+        " JOIN unnest(CAST(:pm_providers AS text[]), CAST(:pm_ids AS text[])) AS w(provider, pm)"
+        " ON a.provider = w.provider AND a.provider_message_id = w.pm)"
+        " ORDER BY m.id FOR UPDATE OF m"
     )
+    .bindparams(
+        bindparam("id_providers", type_=ARRAY(Text)),
+        bindparam("ids", type_=ARRAY(Uuid)),
+        bindparam("pm_providers", type_=ARRAY(Text)),
+        bindparam("pm_ids", type_=ARRAY(Text)),
+    )
+    .columns(*messages.c)
+)
+_SEEN_KEYS = select(events.c.dedupe_key).where(
+    events.c.dedupe_key == any_(bindparam("keys", type_=ARRAY(Text)))
+)
 
 
-def _attempt_and_seen(by_id: bool) -> Select[Any]:
-    seen = exists().where(events.c.dedupe_key == bindparam("dedupe_key")).label("seen")
-    return select(attempts, seen).where(_attempt_match(by_id)).limit(1)
-
-
-# Status reports name an attempt by our id or the provider's; a statement for each.
-_LOCK_MESSAGE_OF_ATTEMPT = {by_id: _lock_message_of_attempt(by_id) for by_id in (True, False)}
-_ATTEMPT_AND_SEEN = {by_id: _attempt_and_seen(by_id) for by_id in (True, False)}
-
-
-def _attempt_key(
-    provider: str, attempt_id: uuid.UUID | None, provider_message_id: str | None
-) -> tuple[bool, dict[str, Any]] | None:
-    if attempt_id is not None:
-        return True, {"provider": provider, "attempt_id": attempt_id}
-    if provider_message_id is not None:
-        return False, {"provider": provider, "provider_message_id": provider_message_id}
-    return None
-
-
-async def lock_message_of_attempt(
+async def lock_messages_of_attempts(
     conn: AsyncConnection,
-    provider: str,
-    *,
-    attempt_id: uuid.UUID | None,
-    provider_message_id: str | None,
-) -> MessageRow | None:
-    """Find an attempt by our id or the provider's and lock its message (one query)."""
-    key = _attempt_key(provider, attempt_id, provider_message_id)
-    if key is None:
-        return None
-    row = (await conn.execute(_LOCK_MESSAGE_OF_ATTEMPT[key[0]], key[1])).first()
-    return _message(row) if row else None
+    by_id: list[tuple[str, uuid.UUID]],
+    by_provider_id: list[tuple[str, str]],
+) -> list[MessageRow]:
+    """Lock the messages of the attempts named (provider, our attempt id) or (provider, the
+    provider's message id), in id order (one query): unknown ones are left out."""
+    if not by_id and not by_provider_id:
+        return []
+    rows = await conn.execute(
+        _LOCK_MESSAGES_OF_ATTEMPTS,
+        {
+            "id_providers": [p for p, _ in by_id],
+            "ids": [i for _, i in by_id],
+            "pm_providers": [p for p, _ in by_provider_id],
+            "pm_ids": [i for _, i in by_provider_id],
+        },
+    )
+    return [_message(row) for row in rows]
 
 
-async def attempt_and_seen(
-    conn: AsyncConnection,
-    provider: str,
-    dedupe_key: str,
-    *,
-    attempt_id: uuid.UUID | None,
-    provider_message_id: str | None,
-) -> tuple[AttemptRow | None, bool]:
-    """The attempt, and whether an event with `dedupe_key` is in the ledger (one query)."""
-    key = _attempt_key(provider, attempt_id, provider_message_id)
-    if key is None:
-        return None, False
-    row = (
-        await conn.execute(_ATTEMPT_AND_SEEN[key[0]], {**key[1], "dedupe_key": dedupe_key})
-    ).first()
-    if row is None:
-        return None, await event_seen(conn, dedupe_key)
-    data = dict(row._mapping)
-    seen = bool(data.pop("seen"))
-    data["status"] = AttemptStatus(data["status"])
-    return AttemptRow(**data), seen
+async def seen_dedupe_keys(conn: AsyncConnection, keys: list[str]) -> set[str]:
+    """Which of these event dedupe keys the ledger already has."""
+    if not keys:
+        return set()
+    return {row[0] for row in await conn.execute(_SEEN_KEYS, {"keys": keys})}
 
 
 # What a change may set on a message and on an attempt: the bulk statement writes every one
@@ -693,11 +676,6 @@ def new_attempt_row(values: dict[str, Any]) -> AttemptRow:
             "status": AttemptStatus(values["status"]),
         }
     )
-
-
-async def event_seen(conn: AsyncConnection, dedupe_key: str) -> bool:
-    row = (await conn.execute(_EVENT_SEEN, {"dedupe_key": dedupe_key})).first()
-    return row is not None
 
 
 async def list_events(conn: AsyncConnection, message_id: uuid.UUID) -> list[dict[str, Any]]:

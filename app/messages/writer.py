@@ -19,8 +19,8 @@ from datetime import datetime
 import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.db import Transaction
-from app.errors import ProblemError, Unavailable, is_unavailable
+from app.db import Transaction, finish_committed
+from app.errors import ProblemError, Unavailable, is_database_error, is_unavailable
 from app.groupcommit import FlushFailed, GroupCommit, Outcome
 from app.messages.schemas import SendMessageRequest
 from app.messages.service import (
@@ -82,6 +82,8 @@ class AcceptWriter:
         try:
             return await self.group.submit(pending_message(row, request, idempotency_key))
         except FlushFailed as exc:
+            if not is_database_error(exc.__cause__):
+                raise  # a bug, not the database: a 500 (logged)
             # The flush's transaction rolled back: none of its messages was stored.
             log.warning("accept_flush_failed", error=repr(exc.__cause__))
             raise Unavailable(
@@ -111,14 +113,5 @@ class AcceptWriter:
         async with self._engine.begin() as conn:
             tx = Transaction(conn)
             outcomes = await accept_pending(tx, items)
-        await finish_quietly(tx, self._queue)
+        await finish_committed(tx, self._queue)
         return outcomes
-
-
-async def finish_quietly(tx: Transaction, queue: JobQueue) -> None:
-    """After the commit: wake-ups and jobs. Whatever goes wrong here, the rows are
-    committed and the engines' poll finds them, so the requests still get their answer."""
-    try:
-        await tx.finish(queue)
-    except Exception as exc:
-        log.warning("after_commit_failed", error=repr(exc))
