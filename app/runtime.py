@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cached_property
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from arq.connections import ArqRedis, RedisSettings, create_pool
@@ -116,14 +116,22 @@ class Runtime:
         """The API's group-commit writer of new messages (made on first use)."""
         from app.messages.writer import AcceptWriter
 
-        return AcceptWriter(self.engine, self.queue)
+        return AcceptWriter(self.engine, self.queue, **self._group_commit())
 
     @cached_property
     def status_writer(self) -> StatusWriter:
         """The API's group-commit writer of provider status reports (made on first use)."""
         from app.cascade.status_writer import StatusWriter
 
-        return StatusWriter(self.engine, self.queue)
+        return StatusWriter(self.engine, self.queue, **self._group_commit())
+
+    def _group_commit(self) -> dict[str, Any]:
+        settings = self.settings
+        return {
+            "max_items": settings.group_commit_max_items,
+            "max_wait": settings.group_commit_max_wait_ms / 1000,
+            "max_flushes": settings.group_commit_flushes,
+        }
 
     @classmethod
     async def start(cls, settings: Settings) -> Runtime:

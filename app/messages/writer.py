@@ -110,7 +110,10 @@ class AcceptWriter:
             return outcomes
 
     async def _write(self, items: list[PendingMessage]) -> list[Acceptance | ProblemError]:
-        async with self._engine.begin() as conn:
+        # The flush writes with one statement (keys, messages, events), atomic on its own:
+        # no BEGIN/COMMIT round trips around it (what follows it only reads).
+        async with self._engine.connect() as conn:
+            await conn.execution_options(isolation_level="AUTOCOMMIT")
             tx = Transaction(conn)
             outcomes = await accept_pending(tx, items)
         await finish_committed(tx, self._queue)
