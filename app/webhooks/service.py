@@ -115,6 +115,13 @@ def forget_tenant(tenant_id: uuid.UUID) -> None:
     _tenants_with_endpoints.pop(tenant_id, None)
 
 
+def _forget_tenant_after_commit(tx: Transaction, tenant_id: uuid.UUID) -> None:
+    # Now and once committed: a lookup between the two (the engine telling webhooks about
+    # an earlier message) would otherwise cache the old answer again for seconds.
+    forget_tenant(tenant_id)
+    tx.after_commit(lambda: forget_tenant(tenant_id))
+
+
 async def notify_after_commit(
     tx: Transaction, tenant_id: uuid.UUID, message_id: uuid.UUID, category: str
 ) -> None:
@@ -186,7 +193,7 @@ async def create_endpoint(
             "updated_at": at,
         },
     )
-    forget_tenant(tenant_id)
+    _forget_tenant_after_commit(tx, tenant_id)
     return endpoint, secret
 
 
@@ -234,7 +241,7 @@ async def update_endpoint(
     elif request.enabled is False and endpoint.disabled_at is None:
         values.update(disabled_at=at, disabled_reason="disabled through the API")
         await repo.fail_pending_deliveries(tx.conn, endpoint.id, at, "endpoint disabled")
-    forget_tenant(tenant_id)
+    _forget_tenant_after_commit(tx, tenant_id)
     if not values:
         return endpoint
     return await repo.update_endpoint(tx.conn, endpoint.id, at, **values)
@@ -244,7 +251,7 @@ async def delete_endpoint(tx: Transaction, tenant_id: uuid.UUID, public_id: str)
     endpoint_id = from_public("whe", public_id)
     if endpoint_id is None or not await repo.delete_endpoint(tx.conn, tenant_id, endpoint_id):
         raise NotFound(f"no webhook endpoint {public_id}")
-    forget_tenant(tenant_id)
+    _forget_tenant_after_commit(tx, tenant_id)
 
 
 async def rotate_secret(
