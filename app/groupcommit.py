@@ -35,7 +35,7 @@ class GroupCommit(Generic[T, R]):
         *,
         max_items: int = 256,
         max_wait: float = 0.002,
-        max_flushes: int = 2,
+        max_flushes: int = 4,
         name: str = "group_commit",
     ) -> None:
         self._flush = flush
@@ -62,8 +62,9 @@ class GroupCommit(Generic[T, R]):
             self._start_flush()
         elif self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self.max_wait, self._on_timer)
-        # A caller that gives up (client gone) does not stop the flush it joined.
-        return await asyncio.shield(future)
+        # A caller that gives up (client gone) cancels only its wait: the flush it joined
+        # still writes its item (and finds its future done).
+        return await future
 
     def _on_timer(self) -> None:
         self._timer = None

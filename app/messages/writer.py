@@ -50,7 +50,7 @@ class AcceptWriter:
         *,
         max_items: int = 256,
         max_wait: float = 0.002,
-        max_flushes: int = 2,
+        max_flushes: int = 4,
     ) -> None:
         self._engine = engine
         self._queue = queue
