@@ -68,4 +68,14 @@ def known_principal(runtime: Runtime, authorization: bytes | None) -> Principal 
     if scheme.lower() != "bearer" or not credentials:
         return None
     pepper = runtime.settings.api_key_pepper.get_secret_value()
-    return cached_principal(hash_key(pepper, credentials))
+    key_hash = _hashes.get((pepper, credentials))
+    if key_hash is None:
+        if len(_hashes) >= 10_000:
+            _hashes.clear()
+        key_hash = _hashes[(pepper, credentials)] = hash_key(pepper, credentials)
+    return cached_principal(key_hash)
+
+
+# (pepper, key) → its HMAC, the principal cache's key: the same every time; what the key
+# may do is still only as fresh as that cache (5 s).
+_hashes: dict[tuple[str, str], bytes] = {}

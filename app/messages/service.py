@@ -52,13 +52,16 @@ def resolve_cascade(
     registry: ProviderRegistry,
     settings: Settings,
     content: Mapping[str, Any] | None = None,
+    recipient: Mapping[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Fill in providers, timeouts and success rules; every step must be sendable.
 
     `content` is what will be stored (a template's rendering per channel); by default the
     request's inline content.
     """
-    to = Recipient.from_mapping(request.to.model_dump(exclude_none=True))
+    to = Recipient.from_mapping(
+        recipient if recipient is not None else request.to.model_dump(exclude_none=True)
+    )
     stored = content if content is not None else inline_content(request)
     steps: list[dict[str, Any]] = []
     errors: list[FieldError] = []
@@ -182,12 +185,13 @@ def message_row(
     at: datetime,
 ) -> dict[str, Any]:
     """`prepare_message` once the content is known (inline, or a template rendered)."""
-    cascade = resolve_cascade(request, registry, settings, content)
+    recipient = request.to.model_dump(exclude_none=True)
+    cascade = resolve_cascade(request, registry, settings, content, recipient)
     return {
         "id": new_id(),
         "category": request.category.value,
         "tenant_id": tenant_id,
-        "recipient": request.to.model_dump(exclude_none=True),
+        "recipient": recipient,
         "content": content,
         "cascade": cascade,
         "metadata": request.metadata,
