@@ -47,6 +47,7 @@ def create_engine(url: str, pool_size: int) -> AsyncEngine:
         pool_timeout=10,
         connect_args={"command_timeout": 30, "timeout": 10},
         json_serializer=lambda value: orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode(),
+        json_deserializer=orjson.loads,
     )
     _ping_idle_connections(engine)
     return engine
