@@ -113,29 +113,28 @@ NEW_MESSAGE_COLUMNS = (
     "due_at",
 )
 _NEW_MESSAGE_JSON = frozenset({"recipient", "content", "cascade", "metadata"})
-_KEY_CLAIM_TYPES = ("uuid", "text", "bytea", "uuid", "jsonb", "timestamptz")
 
 
 def _accept_statement() -> str:
-    claims = ", ".join(f"${i}::{t}[]" for i, t in enumerate(_KEY_CLAIM_TYPES, 1))
-    first = len(_KEY_CLAIM_TYPES) + 1
-    rows = ", ".join(
-        f"${first + i}::{'jsonb' if c in _NEW_MESSAGE_JSON else _sql_type(c)}[]"
-        for i, c in enumerate(NEW_MESSAGE_COLUMNS)
-    )
-    keyed = f"${first + len(NEW_MESSAGE_COLUMNS)}::bool[]"
     columns = ", ".join(f'"{c}"' for c in NEW_MESSAGE_COLUMNS)
-    picked = ", ".join(f'm."{c}"' for c in NEW_MESSAGE_COLUMNS)
+    defs = ", ".join(
+        f'"{c}" {"jsonb" if c in _NEW_MESSAGE_JSON else _sql_type(c)}' for c in NEW_MESSAGE_COLUMNS
+    )
     # A keyed message is inserted only if its key is claimed by this statement (the
     # claims' RETURNING is visible to the rest of it); each message gets its `accepted`
     # event. A key a concurrent transaction holds makes the claim wait for its outcome.
+    # The rows come as JSON (one parameter each), their JSON columns nested as they are.
     return (
         "WITH claimed AS (INSERT INTO idempotency_keys"
         " (tenant_id, key, request_hash, message_id, response, created_at)"
-        f" SELECT * FROM unnest({claims}) ON CONFLICT DO NOTHING RETURNING message_id),"
+        " SELECT c.tenant_id, c.key, decode(c.request_hash, 'hex'), c.message_id, c.response,"
+        " c.created_at FROM ROWS FROM (jsonb_to_recordset($1::jsonb) AS (tenant_id uuid,"
+        " key text, request_hash text, message_id uuid, response jsonb, created_at timestamptz))"
+        " WITH ORDINALITY AS c(tenant_id, key, request_hash, message_id, response, created_at,"
+        " ord) ORDER BY c.ord ON CONFLICT DO NOTHING RETURNING message_id),"
         f" created AS (INSERT INTO messages ({columns})"
-        f" SELECT {picked} FROM unnest({rows}, {keyed}) AS m({columns}, keyed)"
-        " WHERE NOT m.keyed OR m.id IN (SELECT message_id FROM claimed)"
+        f" SELECT {columns} FROM jsonb_to_recordset($2::jsonb) AS m({defs})"
+        " WHERE m.id <> ALL($3::uuid[]) OR m.id IN (SELECT message_id FROM claimed)"
         " RETURNING id, category, tenant_id, created_at),"
         " accepted AS (INSERT INTO events (message_id, category, tenant_id, seq, status,"
         " source, at) SELECT id, category, tenant_id, 1, 'accepted', 'api', created_at"
@@ -166,28 +165,29 @@ async def insert_accepted_messages(
     conn: AsyncConnection, rows: list[dict[str, Any]], claims: list[KeyClaim]
 ) -> set[uuid.UUID]:
     """Claim `claims`, then insert every row (and its `accepted` event) that is not keyed
-    or whose key was claimed here: one statement of arrays, one round trip, whatever the
+    or whose key was claimed here: one statement, one round trip, whatever the
     number. Keyed rows are those whose id is a claim's `message_id`. Returns the ids of
     the claimed keys' messages. Claims should come sorted (one lock order for all)."""
-    keyed = {claim.message_id for claim in claims}
-    args: list[Any] = _columns(
-        [
-            (c.tenant_id, c.key, c.request_hash, c.message_id, _json(c.response), c.created_at)
-            for c in claims
-        ],
-        len(_KEY_CLAIM_TYPES),
+    keyed = [claim.message_id for claim in claims]
+    args = (
+        orjson.dumps(
+            [
+                {
+                    "tenant_id": c.tenant_id,
+                    "key": c.key,
+                    "request_hash": c.request_hash.hex(),
+                    "message_id": c.message_id,
+                    "response": c.response,
+                    "created_at": c.created_at,
+                }
+                for c in claims
+            ],
+            default=_json_default,
+        ).decode(),
+        orjson.dumps(rows, default=_json_default, option=orjson.OPT_NON_STR_KEYS).decode(),
+        keyed,
     )
-    args += _columns(
-        [
-            (
-                *(_json(row[c]) if c in _NEW_MESSAGE_JSON else row[c] for c in NEW_MESSAGE_COLUMNS),
-                row["id"] in keyed,
-            )
-            for row in rows
-        ],
-        len(NEW_MESSAGE_COLUMNS) + 1,
-    )
-    result = await conn.exec_driver_sql(_ACCEPT, tuple(args))
+    result = await conn.exec_driver_sql(_ACCEPT, args)
     return {message_id for (message_id,) in result.fetchall()}
 
 
