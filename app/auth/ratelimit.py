@@ -4,10 +4,12 @@
 
 Local first: a process takes slots from Redis for all the requests of a key waiting at
 that moment in one call (concurrent requests never each make their own round trip), plus,
-for a key allowed many requests per second, a few more it keeps for up to
-`LEASE_SECONDS`: at most a tenth of a second's worth, at most half the burst. Slots kept
-but not used by then are dropped, so the limit can only come out a little stricter than
-configured, never looser. A tight limit (under 10/s) leases nothing ahead: exact.
+for a key allowed many requests per second, as many more as it used from its last lease,
+kept for up to `LEASE_SECONDS` (at most a tenth of a second's worth of the rate, at most
+half the burst). Slots kept but not used by then are dropped, so the limit can only come
+out a little stricter than configured, never looser; a lease follows what the process
+actually sends, so idle processes hold nothing. A tight limit (under 10/s) leases nothing
+ahead: exact.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ _MAX_KEYS = 10_000
 class _Lease:
     slots: int = 0
     until: float = 0.0
+    used: int = 0
 
 
 @dataclass
@@ -83,14 +86,17 @@ class RequestRateLimit:
         if lease is None or lease.slots <= 0 or lease.until < time.monotonic():
             return False
         lease.slots -= 1
+        lease.used += 1
         return True
 
     async def _ask(self, key_id: uuid.UUID, ask: _Ask) -> None:
         await asyncio.sleep(0)  # the requests of this turn of the loop join the call
         ask.sent = True
+        last = self._leases.get(key_id)
+        ahead = min(self._ahead, last.used) if last is not None else 0
         try:
             taken, wait = await self._gcra.take(
-                f"cascade:api-rate:{key_id}", self._rate, self._burst, ask.waiters + self._ahead
+                f"cascade:api-rate:{key_id}", self._rate, self._burst, ask.waiters + ahead
             )
         except (RedisError, OSError) as exc:
             # Fail open: a Redis outage must not stop sends, which Postgres alone makes durable.
