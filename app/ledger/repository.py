@@ -6,7 +6,7 @@ Every function takes the open connection first and never commits.
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -81,16 +81,30 @@ class NewEvent:
     dedupe_key: str | None = None
 
 
+# Rows of `messages` / `attempts` (every column, in table order: the dataclasses' field
+# order, checked below) become their dataclass by position: by name (a dict per row) was
+# a tenth of a receipt's CPU.
+_MESSAGE_FIELDS = tuple(f.name for f in fields(MessageRow))
+_ATTEMPT_FIELDS = tuple(f.name for f in fields(AttemptRow))
+assert tuple(c.name for c in messages.c) == _MESSAGE_FIELDS
+assert tuple(c.name for c in attempts.c) == _ATTEMPT_FIELDS
+
+
 def _message(row: Any) -> MessageRow:
-    data = dict(row._mapping)
-    data["status"] = MessageStatus(data["status"])
-    return MessageRow(**data)
+    if tuple(row._fields) != _MESSAGE_FIELDS:
+        data = dict(row._mapping)
+        data["status"] = MessageStatus(data["status"])
+        return MessageRow(**data)
+    return MessageRow(row[0], row[1], row[2], MessageStatus(row[3]), *row[4:])
 
 
 def _attempt(row: Any) -> AttemptRow:
-    data = dict(row._mapping)
-    data["status"] = AttemptStatus(data["status"])
-    return AttemptRow(**data)
+    if tuple(row._fields) != _ATTEMPT_FIELDS:
+        data = dict(row._mapping)
+        data["status"] = AttemptStatus(data["status"])
+        return AttemptRow(**data)
+    values: tuple[Any, ...] = (*row[:6], AttemptStatus(row[6]), *row[7:])
+    return AttemptRow(*values)
 
 
 # The columns of a new message (`messages.service.prepare_message`), in statement order.
