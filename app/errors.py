@@ -215,6 +215,28 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
 )
 
 
+# Deadlock detected, serialization failure: the same transaction may well pass again.
+_LOCK_CONFLICTS = frozenset({"40P01", "40001"})
+
+
+def is_lock_conflict(exc: BaseException) -> bool:
+    """Whether `exc` (or what it wraps) is Postgres refusing a transaction for a conflict
+    with a concurrent one, rather than for what it does."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        error = pending.pop()
+        if error is None or id(error) in seen:
+            continue
+        seen.add(id(error))
+        if getattr(error, "sqlstate", None) in _LOCK_CONFLICTS:
+            return True
+        if isinstance(error, DBAPIError):
+            pending.append(error.orig)
+        pending += [error.__cause__, error.__context__]
+    return False
+
+
 def is_database_error(exc: BaseException | None) -> bool:
     """An error Postgres (or the way to it) raised, not one of ours: retrying may work."""
     return isinstance(exc, DBAPIError | PostgresError | PoolTimeoutError) or (

@@ -17,13 +17,17 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.cascade.service import record_statuses
 from app.db import Transaction, finish_committed
-from app.errors import Unavailable, is_database_error, is_unavailable
+from app.errors import Unavailable, is_database_error, is_lock_conflict, is_unavailable
 from app.groupcommit import FlushFailed, GroupCommit, Outcome
 from app.queue import JobQueue
 from app.runtime import utcnow
 from providers.base import StatusUpdate
 
 log = structlog.get_logger()
+
+# A flush that deadlocks with another writer (or fails to serialise) runs again whole,
+# this many times in all, before its callbacks are tried one by one.
+CONFLICT_TRIES = 3
 
 # One callback: its provider and its reports (most carry one, some a batch).
 Callback = tuple[str, Sequence[StatusUpdate]]
@@ -68,6 +72,13 @@ class StatusWriter:
         await self.group.close()
 
     async def _flush(self, callbacks: list[Callback]) -> Sequence[Outcome[int]]:
+        for _ in range(CONFLICT_TRIES - 1):
+            try:
+                return await self._write(callbacks)
+            except Exception as exc:
+                if not is_lock_conflict(exc):
+                    break
+                log.warning("status_flush_conflict_retrying", items=len(callbacks))
         try:
             return await self._write(callbacks)
         except Exception as exc:

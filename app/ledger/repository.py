@@ -546,7 +546,7 @@ def _changes_statement() -> str:
     )
     parts.append(
         f"rollups AS (INSERT INTO stats_rollups ({', '.join(ROLLUP_COLUMNS)})"
-        f" SELECT {select_rollup} FROM {rollups}"
+        f" SELECT {select_rollup} FROM {rollups} ORDER BY ord"
         " ON CONFLICT (tenant_id, category, channel, status, step, shard, resolution, bucket)"
         " DO UPDATE SET messages = stats_rollups.messages + excluded.messages,"
         " latency_ms_sum = stats_rollups.latency_ms_sum + excluded.latency_ms_sum,"
@@ -644,11 +644,14 @@ async def write_changes(conn: AsyncConnection, changes: list[Change]) -> None:
             )
         )
     rollup_row = tuple(c if c != "latency_hist" else "latency_hist_json" for c in ROLLUP_COLUMNS)
+    # In key order: concurrent writers (receipt flushes, engine batches) upsert the same
+    # rollup rows, and in any other order they deadlocked (1 s until Postgres noticed).
+    ordered = [rollups[key] for key in sorted(rollups, key=_rollup_order)]
     args = (
         _json_records(ATTEMPT_COLUMNS, new_attempts),
         _json_records(("id", *ATTEMPT_STATE), changed_attempts),
         _json_records(_EVENT_COLUMNS, new_events),
-        _json_records(rollup_row, [tuple(r[c] for c in ROLLUP_COLUMNS) for r in rollups.values()]),
+        _json_records(rollup_row, [tuple(r[c] for c in ROLLUP_COLUMNS) for r in ordered]),
         _json_records(("id", "category", *MESSAGE_STATE), moved),
     )
     await conn.exec_driver_sql(_WRITE_CHANGES, args)
@@ -664,6 +667,10 @@ def _json_records(columns: tuple[str, ...], rows: list[tuple[Any, ...]]) -> str:
     return orjson.dumps(
         [dict(zip(columns, row, strict=True)) for row in rows], default=_json_default
     ).decode()
+
+
+def _rollup_order(key: tuple[Any, ...]) -> tuple[str, ...]:
+    return tuple(str(part) for part in key)
 
 
 _ROLLUP_SUMS = frozenset({"messages", "latency_ms_sum", "latency_hist", "cost"})
