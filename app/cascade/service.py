@@ -590,13 +590,17 @@ def _attempt_key(provider_name: str, update: StatusUpdate) -> tuple[bool, Attemp
 
 
 async def record_statuses(
-    tx: Transaction, reports: Sequence[tuple[str, StatusUpdate]], at: datetime
+    tx: Transaction,
+    reports: Sequence[tuple[str, StatusUpdate]],
+    at: datetime,
+    rollup_shard: int | None = None,
 ) -> list[bool]:
     """Apply many provider status reports (provider, report) in one transaction: whether
     each changed anything, in order. The attempts' messages are locked in one query and
     the changes written in one statement per round; a message with several reports gets
     one per round, in the order they came (a `sent` before its `delivered`). The same
-    report twice changes nothing (deduplicated on `(provider, event id)`)."""
+    report twice changes nothing (deduplicated on `(provider, event id)`).
+    `rollup_shard`: see `ledger.write_changes`."""
     named = [_attempt_key(provider, update) for provider, update in reports]
     by_id = list({key for n in named if n is not None and n[0] for key in [n[1]]})
     by_provider_id = list({key for n in named if n is not None and not n[0] for key in [n[1]]})
@@ -647,7 +651,7 @@ async def record_statuses(
                 applied[index] = await _apply_report(
                     tx, messages[attempt.message_id], attempt, provider, update, seen, at
                 )
-            await ledger.write_changes(tx.conn, tx.changes)
+            await ledger.write_changes(tx.conn, tx.changes, rollup_shard)
         finally:
             tx.changes = buffered
         if later:

@@ -19,6 +19,7 @@ from app.cascade.service import record_statuses
 from app.db import Transaction, finish_committed
 from app.errors import Unavailable, is_database_error, is_lock_conflict, is_unavailable
 from app.groupcommit import FlushFailed, GroupCommit, Outcome
+from app.ops.stats.service import SHARDS
 from app.queue import JobQueue
 from app.runtime import utcnow
 from providers.base import StatusUpdate
@@ -45,6 +46,8 @@ class StatusWriter:
     ) -> None:
         self._engine = engine
         self._queue = queue
+        # Each flush writes its stats rows on a shard no other flush of this process holds.
+        self._free_shards = list(range(SHARDS))
         self.group: GroupCommit[Callback, int] = GroupCommit(
             self._flush,
             max_items=max_items,
@@ -96,9 +99,14 @@ class StatusWriter:
 
     async def _write(self, callbacks: list[Callback]) -> list[int]:
         reports = [(provider, update) for provider, updates in callbacks for update in updates]
-        async with self._engine.begin() as conn:
-            tx = Transaction(conn)
-            applied = await record_statuses(tx, reports, utcnow())
+        shard = self._free_shards.pop() if self._free_shards else None
+        try:
+            async with self._engine.begin() as conn:
+                tx = Transaction(conn)
+                applied = await record_statuses(tx, reports, utcnow(), shard)
+        finally:
+            if shard is not None:
+                self._free_shards.append(shard)
         await finish_committed(tx, self._queue)
         counts = []
         start = 0

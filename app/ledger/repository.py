@@ -571,10 +571,14 @@ def _json(value: Any) -> str | None:
     return None if value is None else orjson.dumps(value).decode()
 
 
-async def write_changes(conn: AsyncConnection, changes: list[Change]) -> None:
+async def write_changes(
+    conn: AsyncConnection, changes: list[Change], rollup_shard: int | None = None
+) -> None:
     """Write many messages' changes in one statement (one round trip): attempts inserted
-    and updated, events appended, stats rolled up and messages moved, each from arrays
-    (`unnest`), whatever the number of messages.
+    and updated, events appended, stats rolled up and messages moved, each from JSON rows,
+    whatever the number of messages. `rollup_shard`: every stats row of this write on
+    that shard (readers add the shards up), so concurrent writers that each keep to a
+    shard of their own never wait for each other's rollup rows.
 
     Callers hold every message's lock, so sequence numbers are gap-free; each message
     appears at most once. An event whose `dedupe_key` exists is skipped (callers check
@@ -626,6 +630,8 @@ async def write_changes(conn: AsyncConnection, changes: list[Change]) -> None:
                 )
             )
         for rollup in change.rollup_rows or ():
+            if rollup_shard is not None:
+                rollup = {**rollup, "shard": rollup_shard}
             key = tuple(rollup[c] for c in ROLLUP_COLUMNS if c not in _ROLLUP_SUMS)
             if key in rollups:
                 _add_rollup(rollups[key], rollup)
