@@ -180,17 +180,22 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(InternalClientError)
     @app.exception_handler(RedisError)
     @app.exception_handler(OSError)
-    async def _backing_service(request: Request, exc: Exception) -> JSONResponse:
-        if not is_unavailable(exc):
-            return await _unexpected(request, exc)
+    @app.exception_handler(Exception)
+    async def _other(_: Request, exc: Exception) -> JSONResponse:
+        return error_response(exc)
+
+
+def error_response(exc: Exception) -> JSONResponse:
+    """Any exception as its problem: a domain error's own, 503 for a backing service that
+    cannot be reached, otherwise a logged 500."""
+    if isinstance(exc, ProblemError):
+        return problem_response(exc.problem(), headers=exc.headers() or None)
+    if is_unavailable(exc):
         log.warning("backing_service_unavailable", error=repr(exc))
         return problem_response(Unavailable(detail="database or queue unreachable").problem())
-
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled_error", exc_info=exc)
-        problem = Problem(type=PROBLEM_BASE + "internal", title="Internal error", status=500)
-        return problem_response(problem)
+    log.exception("unhandled_error", exc_info=exc)
+    problem = Problem(type=PROBLEM_BASE + "internal", title="Internal error", status=500)
+    return problem_response(problem)
 
 
 # How a lost or restarting Postgres or Redis shows up, raw or wrapped by SQLAlchemy: socket
@@ -208,6 +213,35 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     RedisConnectionError,
     RedisTimeoutError,
 )
+
+
+# Deadlock detected, serialization failure: the same transaction may well pass again.
+_LOCK_CONFLICTS = frozenset({"40P01", "40001"})
+
+
+def is_lock_conflict(exc: BaseException) -> bool:
+    """Whether `exc` (or what it wraps) is Postgres refusing a transaction for a conflict
+    with a concurrent one, rather than for what it does."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        error = pending.pop()
+        if error is None or id(error) in seen:
+            continue
+        seen.add(id(error))
+        if getattr(error, "sqlstate", None) in _LOCK_CONFLICTS:
+            return True
+        if isinstance(error, DBAPIError):
+            pending.append(error.orig)
+        pending += [error.__cause__, error.__context__]
+    return False
+
+
+def is_database_error(exc: BaseException | None) -> bool:
+    """An error Postgres (or the way to it) raised, not one of ours: retrying may work."""
+    return isinstance(exc, DBAPIError | PostgresError | PoolTimeoutError) or (
+        exc is not None and is_unavailable(exc)
+    )
 
 
 def is_unavailable(exc: BaseException) -> bool:

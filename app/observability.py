@@ -9,8 +9,10 @@ answers for all of them (prometheus-client's multiprocess mode).
 
 from __future__ import annotations
 
+import functools
 import os
 import re
+import secrets
 import time
 import uuid
 from collections.abc import Iterable
@@ -187,8 +189,13 @@ class RequestContext:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
-        request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        given = b""
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                given = value  # the last one, as before
+        request_id = given.decode("latin-1")
+        if not _REQUEST_ID.match(request_id):
+            request_id = secrets.token_hex(16)  # as uuid4().hex looked, at a third of the cost
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(request_id=request_id)
         status = 500
@@ -209,9 +216,17 @@ class RequestContext:
         finally:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
-            method = scope.get("method", "")
-            HTTP_REQUESTS.labels(method, template, str(status)).inc()
-            HTTP_SECONDS.labels(method, template).observe(time.perf_counter() - started)
+            counted, timed = _request_metrics(scope.get("method", ""), template, status)
+            counted.inc()
+            timed.observe(time.perf_counter() - started)
+
+
+@functools.lru_cache(maxsize=1024)
+def _request_metrics(method: str, template: str, status: int) -> tuple[Counter, Histogram]:
+    # A metric's `labels()` lookup cost more than the count itself, on every request.
+    return HTTP_REQUESTS.labels(method, template, str(status)), HTTP_SECONDS.labels(
+        method, template
+    )
 
 
 def install_observability(app: FastAPI) -> None:

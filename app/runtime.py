@@ -9,10 +9,12 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
+from typing import TYPE_CHECKING, Any
 
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.auth.ratelimit import RequestRateLimit
 from app.cascade.throttle import SendGuards
 from app.db import Transaction, create_engine, transaction
 from app.queue import JobQueue
@@ -25,6 +27,10 @@ from providers.accounts import (
 )
 from providers.base import StatusUpdate
 from providers.registry import ProviderRegistry
+
+if TYPE_CHECKING:
+    from app.cascade.status_writer import StatusWriter
+    from app.messages.writer import AcceptWriter
 
 _gc_settled = False
 
@@ -108,6 +114,34 @@ class Runtime:
         """Per-account rate limits and breakers (their Redis scripts registered once)."""
         return SendGuards(self.redis)
 
+    @cached_property
+    def request_limit(self) -> RequestRateLimit:
+        """The per-API-key request rate limit, with this process's leased slots."""
+        settings = self.settings
+        return RequestRateLimit(self.redis, settings.api_rate_per_second, settings.api_burst)
+
+    @cached_property
+    def accept_writer(self) -> AcceptWriter:
+        """The API's group-commit writer of new messages (made on first use)."""
+        from app.messages.writer import AcceptWriter
+
+        return AcceptWriter(self.engine, self.queue, **self._group_commit())
+
+    @cached_property
+    def status_writer(self) -> StatusWriter:
+        """The API's group-commit writer of provider status reports (made on first use)."""
+        from app.cascade.status_writer import StatusWriter
+
+        return StatusWriter(self.engine, self.queue, **self._group_commit())
+
+    def _group_commit(self) -> dict[str, Any]:
+        settings = self.settings
+        return {
+            "max_items": settings.group_commit_max_items,
+            "max_wait": settings.group_commit_max_wait_ms / 1000,
+            "max_flushes": settings.group_commit_flushes,
+        }
+
     @classmethod
     async def start(cls, settings: Settings) -> Runtime:
         if not settings.database_url or not settings.redis_url:
@@ -129,6 +163,9 @@ class Runtime:
             yield tx
 
     async def close(self) -> None:
+        for writer in ("accept_writer", "status_writer"):
+            if writer in self.__dict__:  # made (cached_property) in this process
+                await self.__dict__[writer].close()
         await self.providers.aclose()
         await self.redis.aclose()
         await self.engine.dispose()

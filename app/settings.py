@@ -58,6 +58,11 @@ class Settings(BaseSettings):
     api_rate_per_second: float = 100.0
     api_burst: int = 200
     max_cascade_steps: int = 8
+    # Group commit in each API process (accepts, provider receipts): rows per flush, how
+    # long a gathering flush waits for more while another writes, and flushes at once.
+    group_commit_max_items: int = Field(default=256, ge=1, le=5000)
+    group_commit_max_wait_ms: float = Field(default=2.0, ge=0, le=100)
+    group_commit_flushes: int = Field(default=4, ge=1, le=16)
 
     # Delivery engine, per category and worker process: messages with their providers at
     # once (transactional gets the largest share), messages per claim, and the longest

@@ -37,6 +37,9 @@ class ProviderRegistry:
         for route in self._routes:
             self._by_name.setdefault(route.provider.name, route)
         self._defaults = dict(defaults)
+        # The routes never change once built: each (channel, ref, category) is looked up
+        # once (accepting a message resolves every step of its cascade).
+        self._chosen: dict[tuple[Channel, str | None, Category], Route] = {}
 
     @classmethod
     def from_accounts(
@@ -54,6 +57,13 @@ class ProviderRegistry:
 
     def route(self, channel: Channel, ref: str | None, category: Category) -> Route:
         """The account for a step: `ref` (or the channel default) narrowed by category."""
+        key = (channel, ref, category)
+        chosen = self._chosen.get(key)
+        if chosen is None:
+            chosen = self._chosen[key] = self._choose(channel, ref, category)
+        return chosen
+
+    def _choose(self, channel: Channel, ref: str | None, category: Category) -> Route:
         wanted = ref or self._defaults.get(channel, "")
         candidates = [
             r

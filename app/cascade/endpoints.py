@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+from urllib.parse import parse_qsl
+
+import orjson
 import structlog
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel
+from starlette.responses import Response
+from starlette.types import Scope
 
 from app.auth.dependencies import get_runtime
-from app.cascade import service
-from app.errors import PROBLEM_RESPONSES, Forbidden, MalformedBody, NotFound, Unauthorized
-from app.runtime import Runtime, utcnow
+from app.errors import (
+    PROBLEM_RESPONSES,
+    Forbidden,
+    MalformedBody,
+    NotFound,
+    Unauthorized,
+    error_response,
+)
+from app.hotpath import JSONBytes
+from app.runtime import Runtime
 from providers.base import (
     InvalidSignature,
     MalformedCallback,
@@ -86,8 +98,35 @@ async def provider_status(
     except MalformedCallback as exc:
         log.warning("provider_callback_refused", provider=provider, error=repr(exc))
         raise MalformedBody(str(exc)) from None
-    applied = 0
-    for update in updates:
-        async with runtime.transaction() as tx:
-            applied += await service.record_status(tx, adapter.name, update, utcnow())
+    applied = await runtime.status_writer.record(adapter.name, updates)
     return CallbackReceipt(received=len(updates), applied=applied)
+
+
+async def provider_status_fast(scope: Scope, body: bytes, runtime: Runtime) -> Response | None:
+    """`provider_status` for a callback that verifies and parses, without the framework
+    (see `app/hotpath.py`); None for anything else, which the route then refuses."""
+    path: str = scope["path"]
+    try:
+        adapter = runtime.providers.for_callbacks(path.split("/")[3])
+    except UnknownProvider:
+        return None
+    headers: dict[str, str] = {}
+    for name, value in scope["headers"]:
+        headers.setdefault(name.decode("latin-1"), value.decode("latin-1"))
+    query = scope["query_string"].decode("latin-1")
+    callback = ProviderCallback(
+        method="POST",
+        url=f"{runtime.settings.callback_base}{path}{'?' + query if query else ''}",
+        headers=headers,
+        body=body,
+        query=dict(parse_qsl(query, keep_blank_values=True)),
+    )
+    try:
+        updates = await adapter.parse_status(callback)
+    except (InvalidSignature, MalformedCallback):
+        return None
+    try:
+        applied = await runtime.status_writer.record(adapter.name, updates)
+    except Exception as exc:
+        return error_response(exc)
+    return JSONBytes(orjson.dumps({"received": len(updates), "applied": applied}), 200, None)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -585,31 +586,111 @@ async def record_status(
     tx: Transaction, provider_name: str, update: StatusUpdate, at: datetime
 ) -> bool:
     """Apply one provider status report; the same report twice changes nothing."""
+    (applied,) = await record_statuses(tx, [(provider_name, update)], at)
+    return applied
+
+
+AttemptKey = tuple[str, uuid.UUID] | tuple[str, str]
+
+
+def _attempt_key(provider_name: str, update: StatusUpdate) -> tuple[bool, AttemptKey] | None:
+    """How a report names its attempt: (True, (provider, our id)) or (False, (provider,
+    the provider's message id)); None when it names none."""
     attempt_id = from_public("att", update.attempt_id) if update.attempt_id else None
-    message = await ledger.lock_message_of_attempt(
-        tx.conn,
-        provider_name,
-        attempt_id=attempt_id,
-        provider_message_id=update.provider_message_id,
-    )
-    if message is None:
-        log.info(
-            "status_for_unknown_attempt",
-            provider=provider_name,
-            provider_message_id=update.provider_message_id,
+    if attempt_id is not None:
+        return True, (provider_name, attempt_id)
+    if update.provider_message_id is not None:
+        return False, (provider_name, update.provider_message_id)
+    return None
+
+
+async def record_statuses(
+    tx: Transaction,
+    reports: Sequence[tuple[str, StatusUpdate]],
+    at: datetime,
+    rollup_shard: int | None = None,
+) -> list[bool]:
+    """Apply many provider status reports (provider, report) in one transaction: whether
+    each changed anything, in order. The attempts' messages are locked in one query and
+    the changes written in one statement per round; a message with several reports gets
+    one per round, in the order they came (a `sent` before its `delivered`). The same
+    report twice changes nothing (deduplicated on `(provider, event id)`).
+    `rollup_shard`: see `ledger.write_changes`."""
+    named = [_attempt_key(provider, update) for provider, update in reports]
+    by_id = list({key for n in named if n is not None and n[0] for key in [n[1]]})
+    by_provider_id = list({key for n in named if n is not None and not n[0] for key in [n[1]]})
+    messages = {
+        m.id: m
+        for m in await ledger.lock_messages_of_attempts(
+            tx.conn,
+            by_id,  # type: ignore[arg-type]
+            by_provider_id,  # type: ignore[arg-type]
         )
-        return False
-    dedupe_key = f"{provider_name}:{update.event_id}"
-    # Read under the message lock: the attempt may have moved while we waited for it.
-    current, seen = await ledger.attempt_and_seen(
-        tx.conn,
-        provider_name,
-        dedupe_key,
-        attempt_id=attempt_id,
-        provider_message_id=update.provider_message_id,
+    }
+    attempts = await ledger.attempts_of(tx.conn, list(messages))
+    found: dict[tuple[bool, AttemptKey], uuid.UUID] = {}
+    for a in attempts:
+        found[(True, (a.provider, a.id))] = a.id
+        if a.provider_message_id is not None:
+            found.setdefault((False, (a.provider, a.provider_message_id)), a.id)
+    current = {a.id: a for a in attempts}
+    seen = await ledger.seen_dedupe_keys(
+        tx.conn, [f"{provider}:{update.event_id}" for provider, update in reports]
     )
-    if seen or current is None:
+    applied = [False] * len(reports)
+    waiting: list[tuple[int, uuid.UUID]] = []
+    for index, key in enumerate(named):
+        attempt_id = found.get(key) if key is not None else None
+        if attempt_id is None:
+            provider, update = reports[index]
+            log.info(
+                "status_for_unknown_attempt",
+                provider=provider,
+                provider_message_id=update.provider_message_id,
+            )
+            continue
+        waiting.append((index, attempt_id))
+    while waiting:
+        this_round: list[tuple[int, uuid.UUID]] = []
+        later: list[tuple[int, uuid.UUID]] = []
+        taken: set[uuid.UUID] = set()
+        for index, attempt_id in waiting:
+            message_id = current[attempt_id].message_id
+            (later if message_id in taken else this_round).append((index, attempt_id))
+            taken.add(message_id)
+        buffered, tx.changes = tx.changes, []
+        try:
+            for index, attempt_id in this_round:
+                attempt = current[attempt_id]
+                provider, update = reports[index]
+                applied[index] = await _apply_report(
+                    tx, messages[attempt.message_id], attempt, provider, update, seen, at
+                )
+            await ledger.write_changes(tx.conn, tx.changes, rollup_shard)
+        finally:
+            tx.changes = buffered
+        if later:
+            # The next round reads what this one wrote (the locks are still ours).
+            ids = list({current[attempt_id].message_id for _, attempt_id in later})
+            messages.update((m.id, m) for m in await ledger.messages_by_id(tx.conn, ids))
+            current.update((a.id, a) for a in await ledger.attempts_of(tx.conn, ids))
+        waiting = later
+    return applied
+
+
+async def _apply_report(
+    tx: Transaction,
+    message: MessageRow,
+    current: AttemptRow,
+    provider_name: str,
+    update: StatusUpdate,
+    seen: set[str],
+    at: datetime,
+) -> bool:
+    dedupe_key = f"{provider_name}:{update.event_id}"
+    if dedupe_key in seen:
         return False
+    seen.add(dedupe_key)
     error = (
         Error(update.error_code or "failed", update.error_detail or "")
         if (update.status is ReceiptStatus.FAILED)

@@ -5,26 +5,22 @@ Every function takes the open connection first and never commits.
 
 from __future__ import annotations
 
-import functools
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 import orjson
 from sqlalchemy import (
     ARRAY,
-    Insert,
-    Select,
+    Text,
     Uuid,
-    and_,
     any_,
     bindparam,
-    exists,
     func,
-    insert,
-    literal,
     select,
+    text,
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -85,47 +81,152 @@ class NewEvent:
     dedupe_key: str | None = None
 
 
+# Rows of `messages` / `attempts` (every column, in table order: the dataclasses' field
+# order, checked below) become their dataclass by position: by name (a dict per row) was
+# a tenth of a receipt's CPU.
+_MESSAGE_FIELDS = tuple(f.name for f in fields(MessageRow))
+_ATTEMPT_FIELDS = tuple(f.name for f in fields(AttemptRow))
+assert tuple(c.name for c in messages.c) == _MESSAGE_FIELDS
+assert tuple(c.name for c in attempts.c) == _ATTEMPT_FIELDS
+
+
 def _message(row: Any) -> MessageRow:
-    data = dict(row._mapping)
-    data["status"] = MessageStatus(data["status"])
-    return MessageRow(**data)
+    if tuple(row._fields) != _MESSAGE_FIELDS:
+        data = dict(row._mapping)
+        data["status"] = MessageStatus(data["status"])
+        return MessageRow(**data)
+    return MessageRow(row[0], row[1], row[2], MessageStatus(row[3]), *row[4:])
 
 
 def _attempt(row: Any) -> AttemptRow:
-    data = dict(row._mapping)
-    data["status"] = AttemptStatus(data["status"])
-    return AttemptRow(**data)
+    if tuple(row._fields) != _ATTEMPT_FIELDS:
+        data = dict(row._mapping)
+        data["status"] = AttemptStatus(data["status"])
+        return AttemptRow(**data)
+    values: tuple[Any, ...] = (*row[:6], AttemptStatus(row[6]), *row[7:])
+    return AttemptRow(*values)
 
 
-@functools.cache
-def _insert_accepted(columns: tuple[str, ...]) -> Insert:
-    created = (
-        insert(messages)
-        .values({name: bindparam(f"v_{name}", type_=messages.c[name].type) for name in columns})
-        .returning(messages.c.id, messages.c.category, messages.c.tenant_id, messages.c.created_at)
-        .cte("created")
+# The columns of a new message (`messages.service.prepare_message`), in statement order.
+NEW_MESSAGE_COLUMNS = (
+    "id",
+    "category",
+    "tenant_id",
+    "status",
+    "recipient",
+    "content",
+    "cascade",
+    "metadata",
+    "current_step",
+    "seq",
+    "created_at",
+    "updated_at",
+    "send_at",
+    "expires_at",
+    "not_before",
+    "due_at",
+)
+_NEW_MESSAGE_JSON = frozenset({"recipient", "content", "cascade", "metadata"})
+
+
+def _accept_statement() -> str:
+    columns = ", ".join(f'"{c}"' for c in NEW_MESSAGE_COLUMNS)
+    defs = ", ".join(
+        f'"{c}" {"jsonb" if c in _NEW_MESSAGE_JSON else _sql_type(c)}' for c in NEW_MESSAGE_COLUMNS
     )
-    return insert(events).from_select(
-        ["message_id", "category", "tenant_id", "seq", "status", "source", "at"],
-        select(
-            created.c.id,
-            created.c.category,
-            created.c.tenant_id,
-            literal(1),
-            literal(MessageStatus.ACCEPTED.value),
-            literal("api"),
-            created.c.created_at,
-        ),
+    # A keyed message is inserted only if its key is claimed by this statement (the
+    # claims' RETURNING is visible to the rest of it); each message gets its `accepted`
+    # event. A key a concurrent transaction holds makes the claim wait for its outcome.
+    # The rows come as JSON (one parameter each), their JSON columns nested as they are.
+    return (
+        "WITH claimed AS (INSERT INTO idempotency_keys"
+        " (tenant_id, key, request_hash, message_id, response, created_at)"
+        " SELECT c.tenant_id, c.key, decode(c.request_hash, 'hex'), c.message_id, c.response,"
+        " c.created_at FROM ROWS FROM (jsonb_to_recordset($1::jsonb) AS (tenant_id uuid,"
+        " key text, request_hash text, message_id uuid, response jsonb, created_at timestamptz))"
+        " WITH ORDINALITY AS c(tenant_id, key, request_hash, message_id, response, created_at,"
+        " ord) ORDER BY c.ord ON CONFLICT DO NOTHING RETURNING message_id),"
+        f" created AS (INSERT INTO messages ({columns})"
+        f" SELECT {columns} FROM jsonb_to_recordset($2::jsonb) AS m({defs})"
+        " WHERE m.id <> ALL($3::uuid[]) OR m.id IN (SELECT message_id FROM claimed)"
+        " RETURNING id, category, tenant_id, created_at),"
+        " accepted AS (INSERT INTO events (message_id, category, tenant_id, seq, status,"
+        " source, at) SELECT id, category, tenant_id, 1, 'accepted', 'api', created_at"
+        " FROM created)"
+        " SELECT message_id FROM claimed"
     )
 
 
-async def insert_accepted_message(conn: AsyncConnection, values: dict[str, Any]) -> None:
-    """The message row and its `accepted` event, in one statement (one round trip).
+@dataclass(frozen=True, slots=True)
+class KeyClaim:
+    """An idempotency key to claim for a new message, with what a replay answers."""
 
-    The statement is built once per column set: a fresh one per message cost more CPU to
-    build and cache-key than the round trip itself."""
-    statement = _insert_accepted(tuple(sorted(values)))
-    await conn.execute(statement, {f"v_{name}": value for name, value in values.items()})
+    tenant_id: uuid.UUID
+    key: str
+    request_hash: bytes
+    message_id: uuid.UUID
+    response: dict[str, Any]
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class StoredKey:
+    request_hash: bytes
+    response: dict[str, Any]
+
+
+async def insert_accepted_messages(
+    conn: AsyncConnection, rows: list[dict[str, Any]], claims: list[KeyClaim]
+) -> set[uuid.UUID]:
+    """Claim `claims`, then insert every row (and its `accepted` event) that is not keyed
+    or whose key was claimed here: one statement, one round trip, whatever the
+    number. Keyed rows are those whose id is a claim's `message_id`. Returns the ids of
+    the claimed keys' messages. Claims should come sorted (one lock order for all)."""
+    keyed = [claim.message_id for claim in claims]
+    args = (
+        orjson.dumps(
+            [
+                {
+                    "tenant_id": c.tenant_id,
+                    "key": c.key,
+                    "request_hash": c.request_hash.hex(),
+                    "message_id": c.message_id,
+                    "response": c.response,
+                    "created_at": c.created_at,
+                }
+                for c in claims
+            ],
+            default=_json_default,
+        ).decode(),
+        orjson.dumps(rows, default=_json_default, option=orjson.OPT_NON_STR_KEYS).decode(),
+        keyed,
+    )
+    result = await conn.exec_driver_sql(_ACCEPT, args)
+    return {message_id for (message_id,) in result.fetchall()}
+
+
+_STORED_KEYS = (
+    "SELECT k.tenant_id, k.key, k.request_hash, k.response FROM idempotency_keys k"
+    " JOIN unnest($1::uuid[], $2::text[]) AS w(tenant_id, key)"
+    " ON k.tenant_id = w.tenant_id AND k.key = w.key"
+)
+
+
+async def stored_keys(
+    conn: AsyncConnection, keys: list[tuple[uuid.UUID, str]]
+) -> dict[tuple[uuid.UUID, str], StoredKey]:
+    """The stored request hash and response of these (tenant, key) idempotency keys."""
+    if not keys:
+        return {}
+    found = await conn.exec_driver_sql(
+        _STORED_KEYS, ([tenant for tenant, _ in keys], [key for _, key in keys])
+    )
+    stored = {}
+    rows: list[Any] = list(found.fetchall())
+    for tenant_id, key, request_hash, response in rows:
+        data = orjson.loads(response) if isinstance(response, str | bytes) else response
+        stored[(tenant_id, key)] = StoredKey(bytes(request_hash), data)
+    return stored
 
 
 # The hot statements are built once (per column set, for updates) with bind parameters:
@@ -136,7 +237,6 @@ _LOCK_MESSAGE = _GET_MESSAGE.with_for_update()
 _GET_ATTEMPT = select(attempts).where(
     attempts.c.message_id == bindparam("message_id"), attempts.c.step == bindparam("step")
 )
-_EVENT_SEEN = select(events.c.id).where(events.c.dedupe_key == bindparam("dedupe_key"))
 _EVENT_COLUMNS = (
     "message_id",
     "category",
@@ -213,6 +313,14 @@ async def claim_due(
     return claimed, await attempts_of(conn, [m.id for m in claimed])
 
 
+_MESSAGES_BY_ID = select(messages).where(messages.c.id == any_(bindparam("ids", type_=ARRAY(Uuid))))
+
+
+async def messages_by_id(conn: AsyncConnection, ids: list[uuid.UUID]) -> list[MessageRow]:
+    rows = await conn.execute(_MESSAGES_BY_ID, {"ids": ids})
+    return [_message(row) for row in rows]
+
+
 async def lock_messages(
     conn: AsyncConnection, category: str, ids: list[uuid.UUID]
 ) -> list[MessageRow]:
@@ -240,82 +348,59 @@ async def list_attempts(conn: AsyncConnection, message_id: uuid.UUID) -> list[At
     return [_attempt(row) for row in rows]
 
 
-def _attempt_match(by_id: bool) -> Any:
-    match = attempts.c.provider == bindparam("provider")
-    if by_id:
-        return and_(match, attempts.c.id == bindparam("attempt_id"))
-    return and_(match, attempts.c.provider_message_id == bindparam("provider_message_id"))
-
-
-def _lock_message_of_attempt(by_id: bool) -> Select[Any]:
-    owner = select(attempts.c.message_id, attempts.c.category).where(_attempt_match(by_id))
-    owner = owner.limit(1)
-    return (
-        select(messages)
-        .where(
-            messages.c.id == owner.with_only_columns(attempts.c.message_id).scalar_subquery(),
-            messages.c.category == owner.with_only_columns(attempts.c.category).scalar_subquery(),
-        )
-        .with_for_update()
+# Status reports name an attempt by our id or by the provider's message id, always with the
+# provider: the messages of all the attempts of a batch of reports, locked in id order.
+_LOCK_MESSAGES_OF_ATTEMPTS = (
+    text(
+        f"SELECT {', '.join(f'm.{c.name}' for c in messages.c)}"
+        " FROM messages m WHERE (m.id, m.category) IN ("
+        " SELECT a.message_id, a.category FROM attempts a"
+        " JOIN unnest(CAST(:id_providers AS text[]), CAST(:ids AS uuid[])) AS w(provider, id)"
+        " ON a.id = w.id AND a.provider = w.provider"
+        " UNION SELECT a.message_id, a.category FROM attempts a"
+        " JOIN unnest(CAST(:pm_providers AS text[]), CAST(:pm_ids AS text[])) AS w(provider, pm)"
+        " ON a.provider = w.provider AND a.provider_message_id = w.pm)"
+        " ORDER BY m.id FOR UPDATE OF m"
     )
+    .bindparams(
+        bindparam("id_providers", type_=ARRAY(Text)),
+        bindparam("ids", type_=ARRAY(Uuid)),
+        bindparam("pm_providers", type_=ARRAY(Text)),
+        bindparam("pm_ids", type_=ARRAY(Text)),
+    )
+    .columns(*messages.c)
+)
+_SEEN_KEYS = select(events.c.dedupe_key).where(
+    events.c.dedupe_key == any_(bindparam("keys", type_=ARRAY(Text)))
+)
 
 
-def _attempt_and_seen(by_id: bool) -> Select[Any]:
-    seen = exists().where(events.c.dedupe_key == bindparam("dedupe_key")).label("seen")
-    return select(attempts, seen).where(_attempt_match(by_id)).limit(1)
-
-
-# Status reports name an attempt by our id or the provider's; a statement for each.
-_LOCK_MESSAGE_OF_ATTEMPT = {by_id: _lock_message_of_attempt(by_id) for by_id in (True, False)}
-_ATTEMPT_AND_SEEN = {by_id: _attempt_and_seen(by_id) for by_id in (True, False)}
-
-
-def _attempt_key(
-    provider: str, attempt_id: uuid.UUID | None, provider_message_id: str | None
-) -> tuple[bool, dict[str, Any]] | None:
-    if attempt_id is not None:
-        return True, {"provider": provider, "attempt_id": attempt_id}
-    if provider_message_id is not None:
-        return False, {"provider": provider, "provider_message_id": provider_message_id}
-    return None
-
-
-async def lock_message_of_attempt(
+async def lock_messages_of_attempts(
     conn: AsyncConnection,
-    provider: str,
-    *,
-    attempt_id: uuid.UUID | None,
-    provider_message_id: str | None,
-) -> MessageRow | None:
-    """Find an attempt by our id or the provider's and lock its message (one query)."""
-    key = _attempt_key(provider, attempt_id, provider_message_id)
-    if key is None:
-        return None
-    row = (await conn.execute(_LOCK_MESSAGE_OF_ATTEMPT[key[0]], key[1])).first()
-    return _message(row) if row else None
+    by_id: list[tuple[str, uuid.UUID]],
+    by_provider_id: list[tuple[str, str]],
+) -> list[MessageRow]:
+    """Lock the messages of the attempts named (provider, our attempt id) or (provider, the
+    provider's message id), in id order (one query): unknown ones are left out."""
+    if not by_id and not by_provider_id:
+        return []
+    rows = await conn.execute(
+        _LOCK_MESSAGES_OF_ATTEMPTS,
+        {
+            "id_providers": [p for p, _ in by_id],
+            "ids": [i for _, i in by_id],
+            "pm_providers": [p for p, _ in by_provider_id],
+            "pm_ids": [i for _, i in by_provider_id],
+        },
+    )
+    return [_message(row) for row in rows]
 
 
-async def attempt_and_seen(
-    conn: AsyncConnection,
-    provider: str,
-    dedupe_key: str,
-    *,
-    attempt_id: uuid.UUID | None,
-    provider_message_id: str | None,
-) -> tuple[AttemptRow | None, bool]:
-    """The attempt, and whether an event with `dedupe_key` is in the ledger (one query)."""
-    key = _attempt_key(provider, attempt_id, provider_message_id)
-    if key is None:
-        return None, False
-    row = (
-        await conn.execute(_ATTEMPT_AND_SEEN[key[0]], {**key[1], "dedupe_key": dedupe_key})
-    ).first()
-    if row is None:
-        return None, await event_seen(conn, dedupe_key)
-    data = dict(row._mapping)
-    seen = bool(data.pop("seen"))
-    data["status"] = AttemptStatus(data["status"])
-    return AttemptRow(**data), seen
+async def seen_dedupe_keys(conn: AsyncConnection, keys: list[str]) -> set[str]:
+    """Which of these event dedupe keys the ledger already has."""
+    if not keys:
+        return set()
+    return {row[0] for row in await conn.execute(_SEEN_KEYS, {"keys": keys})}
 
 
 # What a change may set on a message and on an attempt: the bulk statement writes every one
@@ -413,9 +498,15 @@ class Change:
     rollup_rows: list[dict[str, Any]] | None = None
 
 
-def _unnest(alias: str, columns: tuple[str, ...], first: int) -> str:
-    arrays = ", ".join(f"${first + i}::{_sql_type(c)}[]" for i, c in enumerate(columns))
-    return f"unnest({arrays}) WITH ORDINALITY AS {alias}({', '.join(columns)}, ord)"
+def _records(alias: str, columns: tuple[str, ...], n: int) -> str:
+    """Rows from parameter `n`, a JSON array of objects keyed by `columns`: one parameter
+    per table, encoded in one `orjson.dumps` (arrays of every column cost the driver a
+    Python-level check per element, a fifth of a receipt's CPU)."""
+    defs = ", ".join(f"{c} {_sql_type(c)}" for c in columns)
+    return (
+        f"ROWS FROM (jsonb_to_recordset(${n}::jsonb) AS ({defs}))"
+        f" WITH ORDINALITY AS {alias}({', '.join(columns)}, ord)"
+    )
 
 
 _HIST_SUM = (
@@ -425,32 +516,27 @@ _HIST_SUM = (
 
 
 def _changes_statement() -> str:
-    n = 1
     parts = []
-    new_attempts = _unnest("n", ATTEMPT_COLUMNS, n)
-    n += len(ATTEMPT_COLUMNS)
+    new_attempts = _records("n", ATTEMPT_COLUMNS, 1)
     parts.append(
         f"new_attempts AS (INSERT INTO attempts ({', '.join(ATTEMPT_COLUMNS)})"
         f" SELECT {', '.join(ATTEMPT_COLUMNS)} FROM {new_attempts} ORDER BY ord)"
     )
     changed = ("id", *ATTEMPT_STATE)
-    changed_attempts = _unnest("u", changed, n)
-    n += len(changed)
+    changed_attempts = _records("u", changed, 2)
     sets = ", ".join(f"{c} = u.{c}" for c in ATTEMPT_STATE)
     parts.append(
         f"changed_attempts AS (UPDATE attempts SET {sets} FROM {changed_attempts}"
         " WHERE attempts.id = u.id)"
     )
-    new_events = _unnest("e", _EVENT_COLUMNS, n)
-    n += len(_EVENT_COLUMNS)
+    new_events = _records("e", _EVENT_COLUMNS, 3)
     parts.append(
         f"new_events AS (INSERT INTO events ({', '.join(_EVENT_COLUMNS)})"
         f" SELECT {', '.join(_EVENT_COLUMNS)} FROM {new_events} ORDER BY ord"
         " ON CONFLICT (dedupe_key) DO NOTHING)"
     )
     rollup_row = tuple(c if c != "latency_hist" else "latency_hist_json" for c in ROLLUP_COLUMNS)
-    rollups = _unnest("r", rollup_row, n)
-    n += len(ROLLUP_COLUMNS)
+    rollups = _records("r", rollup_row, 4)
     select_rollup = ", ".join(
         "ARRAY(SELECT h.x::int FROM jsonb_array_elements_text(latency_hist_json)"
         " WITH ORDINALITY AS h(x, i) ORDER BY h.i)"
@@ -460,7 +546,7 @@ def _changes_statement() -> str:
     )
     parts.append(
         f"rollups AS (INSERT INTO stats_rollups ({', '.join(ROLLUP_COLUMNS)})"
-        f" SELECT {select_rollup} FROM {rollups}"
+        f" SELECT {select_rollup} FROM {rollups} ORDER BY ord"
         " ON CONFLICT (tenant_id, category, channel, status, step, shard, resolution, bucket)"
         " DO UPDATE SET messages = stats_rollups.messages + excluded.messages,"
         " latency_ms_sum = stats_rollups.latency_ms_sum + excluded.latency_ms_sum,"
@@ -469,7 +555,7 @@ def _changes_statement() -> str:
         " ELSE coalesce(stats_rollups.cost, 0) + excluded.cost END)"
     )
     moved = ("id", "category", *MESSAGE_STATE)
-    messages_from = _unnest("m", moved, n)
+    messages_from = _records("m", moved, 5)
     sets = ", ".join(f"{c} = m.{c}" for c in MESSAGE_STATE)
     return (
         "WITH " + ", ".join(parts) + f" UPDATE messages SET {sets} FROM {messages_from}"
@@ -478,16 +564,21 @@ def _changes_statement() -> str:
 
 
 _WRITE_CHANGES = _changes_statement()
+_ACCEPT = _accept_statement()
 
 
 def _json(value: Any) -> str | None:
     return None if value is None else orjson.dumps(value).decode()
 
 
-async def write_changes(conn: AsyncConnection, changes: list[Change]) -> None:
+async def write_changes(
+    conn: AsyncConnection, changes: list[Change], rollup_shard: int | None = None
+) -> None:
     """Write many messages' changes in one statement (one round trip): attempts inserted
-    and updated, events appended, stats rolled up and messages moved, each from arrays
-    (`unnest`), whatever the number of messages.
+    and updated, events appended, stats rolled up and messages moved, each from JSON rows,
+    whatever the number of messages. `rollup_shard`: every stats row of this write on
+    that shard (readers add the shards up), so concurrent writers that each keep to a
+    shard of their own never wait for each other's rollup rows.
 
     Callers hold every message's lock, so sequence numbers are gap-free; each message
     appears at most once. An event whose `dedupe_key` exists is skipped (callers check
@@ -533,12 +624,14 @@ async def write_changes(conn: AsyncConnection, changes: list[Change]) -> None:
                     event.step,
                     event.status,
                     event.source,
-                    _json(event.detail),
+                    event.detail,
                     event.dedupe_key,
                     at,
                 )
             )
         for rollup in change.rollup_rows or ():
+            if rollup_shard is not None:
+                rollup = {**rollup, "shard": rollup_shard}
             key = tuple(rollup[c] for c in ROLLUP_COLUMNS if c not in _ROLLUP_SUMS)
             if key in rollups:
                 _add_rollup(rollups[key], rollup)
@@ -558,20 +651,34 @@ async def write_changes(conn: AsyncConnection, changes: list[Change]) -> None:
                 *(values[c] if c in values else getattr(message, c) for c in MESSAGE_STATE),
             )
         )
-    args: list[Any] = []
-    for rows, width in (
-        (new_attempts, len(ATTEMPT_COLUMNS)),
-        (changed_attempts, 1 + len(ATTEMPT_STATE)),
-        (new_events, len(_EVENT_COLUMNS)),
-    ):
-        args += _columns(rows, width)
-    rollup_rows = [
-        tuple(_json(r[c]) if c == "latency_hist" else r[c] for c in ROLLUP_COLUMNS)
-        for r in rollups.values()
-    ]
-    args += _columns(rollup_rows, len(ROLLUP_COLUMNS))
-    args += _columns(moved, 2 + len(MESSAGE_STATE))
-    await conn.exec_driver_sql(_WRITE_CHANGES, tuple(args))
+    rollup_row = tuple(c if c != "latency_hist" else "latency_hist_json" for c in ROLLUP_COLUMNS)
+    # In key order: concurrent writers (receipt flushes, engine batches) upsert the same
+    # rollup rows, and in any other order they deadlocked (1 s until Postgres noticed).
+    ordered = [rollups[key] for key in sorted(rollups, key=_rollup_order)]
+    args = (
+        _json_records(ATTEMPT_COLUMNS, new_attempts),
+        _json_records(("id", *ATTEMPT_STATE), changed_attempts),
+        _json_records(_EVENT_COLUMNS, new_events),
+        _json_records(rollup_row, [tuple(r[c] for c in ROLLUP_COLUMNS) for r in ordered]),
+        _json_records(("id", "category", *MESSAGE_STATE), moved),
+    )
+    await conn.exec_driver_sql(_WRITE_CHANGES, args)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Decimal | uuid.UUID):
+        return str(value)  # Decimal exactly; asyncpg's own UUID type, which orjson skips
+    raise TypeError(f"not JSON: {type(value).__name__}")
+
+
+def _json_records(columns: tuple[str, ...], rows: list[tuple[Any, ...]]) -> str:
+    return orjson.dumps(
+        [dict(zip(columns, row, strict=True)) for row in rows], default=_json_default
+    ).decode()
+
+
+def _rollup_order(key: tuple[Any, ...]) -> tuple[str, ...]:
+    return tuple(str(part) for part in key)
 
 
 _ROLLUP_SUMS = frozenset({"messages", "latency_ms_sum", "latency_hist", "cost"})
@@ -607,11 +714,6 @@ def new_attempt_row(values: dict[str, Any]) -> AttemptRow:
             "status": AttemptStatus(values["status"]),
         }
     )
-
-
-async def event_seen(conn: AsyncConnection, dedupe_key: str) -> bool:
-    row = (await conn.execute(_EVENT_SEEN, {"dedupe_key": dedupe_key})).first()
-    return row is not None
 
 
 async def list_events(conn: AsyncConnection, message_id: uuid.UUID) -> list[dict[str, Any]]:

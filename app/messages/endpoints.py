@@ -6,11 +6,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
+from starlette.types import Scope as AsgiScope
 
-from app.auth.dependencies import get_runtime, require
+from app.auth.dependencies import admit, get_runtime, known_principal, require
 from app.auth.service import Principal, Scope
 from app.cascade.machine import MessageStatus
-from app.errors import PROBLEM_MEDIA_TYPE, PROBLEM_RESPONSES, Problem
+from app.errors import PROBLEM_MEDIA_TYPE, PROBLEM_RESPONSES, Problem, error_response
+from app.hotpath import JSONBytes
 from app.input_checks import UtcDateTime
 from app.messages import batch, service
 from app.messages.listing import MAX_LIMIT, MessageFilter, list_messages, parse_metadata_filters
@@ -47,23 +49,71 @@ async def send_message(
     principal: Principal = Depends(require(Scope.SEND)),
     runtime: Runtime = Depends(get_runtime),
 ) -> AcceptedMessage:
-    # Without an Idempotency-Key the message and its first event are the only write, one
-    # statement: it needs no BEGIN/COMMIT around it.
-    async with runtime.transaction(single_write=idempotency_key is None) as tx:
-        acceptance = await service.accept_message(
-            tx,
-            principal.tenant_id,
-            body,
-            idempotency_key,
-            runtime.providers,
-            runtime.settings,
-            utcnow(),
-        )
+    acceptance = await runtime.accept_writer.accept(
+        principal.tenant_id,
+        body,
+        idempotency_key,
+        runtime.providers,
+        runtime.settings,
+        utcnow(),
+    )
     if acceptance.replayed:
         response.headers["Idempotent-Replayed"] = "true"
     else:
         count_accepted(body.category)
     return acceptance.message
+
+
+async def send_message_fast(scope: AsgiScope, body: bytes, runtime: Runtime) -> Response | None:
+    """`send_message` for the plain case, without the framework (see `app/hotpath.py`):
+    None when the route must answer (an unknown key, a body or header that does not
+    validate), so every refusal keeps the route's exact answer."""
+    content_type = authorization = key = None
+    for name, value in scope["headers"]:
+        if name == b"content-type":
+            content_type = value
+        elif name == b"authorization":
+            authorization = value
+        elif name == b"idempotency-key":
+            if key is not None:
+                return None
+            key = value
+    if content_type is None or not content_type.startswith(b"application/json"):
+        return None
+    principal = known_principal(runtime, authorization)
+    if principal is None:
+        return None
+    idempotency_key = None
+    if key is not None:
+        idempotency_key = key.decode("latin-1")
+        if not 1 <= len(idempotency_key) <= 255:
+            return None
+    try:
+        request = SendMessageRequest.model_validate_json(body)
+    except ValueError:
+        return None
+    try:
+        await admit(runtime, principal, Scope.SEND)
+        acceptance = await runtime.accept_writer.accept(
+            principal.tenant_id,
+            request,
+            idempotency_key,
+            runtime.providers,
+            runtime.settings,
+            utcnow(),
+        )
+    except Exception as exc:
+        return error_response(exc)
+    if acceptance.replayed:
+        headers = REPLAYED
+    else:
+        headers = None
+        count_accepted(request.category)
+    return JSONBytes(_ACCEPTED_JSON(acceptance.message), 202, headers)
+
+
+_ACCEPTED_JSON = AcceptedMessage.__pydantic_serializer__.to_json
+REPLAYED = {"Idempotent-Replayed": "true"}
 
 
 @router.get("/{message_id}", summary="A message with its attempts and event timeline")

@@ -4,22 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import select
-from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from app.cascade.machine import MessageStatus, Stop, SuccessOn
 from app.cascade.service import stop_now
 from app.db import Transaction
-from app.errors import Conflict, FieldError, InvalidRequest, NotFound
+from app.errors import Conflict, FieldError, InvalidRequest, NotFound, ProblemError
 from app.ids import from_public, new_id, to_public
 from app.ledger import repository as ledger
-from app.ledger.tables import idempotency_keys
 from app.messages.schemas import (
     AcceptedMessage,
     AttemptView,
@@ -55,13 +52,16 @@ def resolve_cascade(
     registry: ProviderRegistry,
     settings: Settings,
     content: Mapping[str, Any] | None = None,
+    recipient: Mapping[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Fill in providers, timeouts and success rules; every step must be sendable.
 
     `content` is what will be stored (a template's rendering per channel); by default the
     request's inline content.
     """
-    to = Recipient.from_mapping(request.to.model_dump(exclude_none=True))
+    to = Recipient.from_mapping(
+        recipient if recipient is not None else request.to.model_dump(exclude_none=True)
+    )
     stored = content if content is not None else inline_content(request)
     steps: list[dict[str, Any]] = []
     errors: list[FieldError] = []
@@ -173,12 +173,25 @@ async def prepare_message(
 ) -> dict[str, Any]:
     """The new message's row, or InvalidRequest: everything but the insert."""
     content = await resolve_content(request, lookup)
-    cascade = resolve_cascade(request, registry, settings, content)
+    return message_row(tenant_id, request, registry, settings, content, at)
+
+
+def message_row(
+    tenant_id: uuid.UUID,
+    request: SendMessageRequest,
+    registry: ProviderRegistry,
+    settings: Settings,
+    content: dict[str, Any],
+    at: datetime,
+) -> dict[str, Any]:
+    """`prepare_message` once the content is known (inline, or a template rendered)."""
+    recipient = request.to.model_dump(exclude_none=True)
+    cascade = resolve_cascade(request, registry, settings, content, recipient)
     return {
         "id": new_id(),
         "category": request.category.value,
         "tenant_id": tenant_id,
-        "recipient": request.to.model_dump(exclude_none=True),
+        "recipient": recipient,
         "content": content,
         "cascade": cascade,
         "metadata": request.metadata,
@@ -202,6 +215,91 @@ def request_fingerprint(request: SendMessageRequest) -> bytes:
     return hashlib.sha256(canonical).digest()
 
 
+@dataclass(frozen=True, slots=True)
+class PendingMessage:
+    """A validated, prepared message, ready to be written (alone or in a group commit)."""
+
+    row: dict[str, Any]
+    accepted: AcceptedMessage
+    idempotency_key: str | None = None
+    fingerprint: bytes | None = None
+
+
+def pending_message(
+    row: dict[str, Any], request: SendMessageRequest, idempotency_key: str | None
+) -> PendingMessage:
+    accepted = AcceptedMessage.model_construct(
+        id=to_public("msg", row["id"]),
+        status=MessageStatus(row["status"]),
+        category=request.category,
+        created_at=row["created_at"],
+    )
+    if idempotency_key is None:
+        return PendingMessage(row, accepted)
+    return PendingMessage(row, accepted, idempotency_key, request_fingerprint(request))
+
+
+async def accept_pending(
+    tx: Transaction, items: Sequence[PendingMessage]
+) -> list[Acceptance | ProblemError]:
+    """Write every new message of `items` at once; each item's outcome, in order.
+
+    Per (tenant, key) the first item claims the key and the others replay it (same body)
+    or conflict; a key already in the ledger, or committed meanwhile by a concurrent
+    transaction (the claim waits for it), replays or conflicts for each item carrying it.
+    The engines are woken and webhooks told after commit."""
+    owners: dict[tuple[uuid.UUID, str], int] = {}
+    written: list[PendingMessage] = []
+    for index, item in enumerate(items):
+        if item.idempotency_key is not None:
+            owner = (item.row["tenant_id"], item.idempotency_key)
+            if owner in owners:
+                continue
+            owners[owner] = index
+        written.append(item)
+    claims = [
+        ledger.KeyClaim(
+            tenant_id,
+            key,
+            items[index].fingerprint or b"",
+            items[index].row["id"],
+            items[index].accepted.model_dump(mode="json"),
+            items[index].row["created_at"],
+        )
+        for (tenant_id, key), index in sorted(owners.items())  # one lock order for all
+    ]
+    claimed = await ledger.insert_accepted_messages(tx.conn, [item.row for item in written], claims)
+    stored = await ledger.stored_keys(
+        tx.conn,
+        [(c.tenant_id, c.key) for c in claims if c.message_id not in claimed],
+    )
+    outcomes: list[Acceptance | ProblemError] = []
+    for index, item in enumerate(items):
+        key = item.idempotency_key
+        if key is None:
+            outcomes.append(Acceptance(item.accepted, replayed=False))
+            continue
+        owner = (item.row["tenant_id"], key)
+        earlier = stored.get(owner)
+        if earlier is None:
+            if owners[owner] == index:
+                outcomes.append(Acceptance(item.accepted, replayed=False))
+                continue
+            first = items[owners[owner]]
+            earlier = ledger.StoredKey(first.fingerprint or b"", first.accepted.model_dump())
+        if earlier.request_hash != item.fingerprint:
+            outcomes.append(Conflict("this Idempotency-Key was used with a different request body"))
+        else:
+            outcomes.append(Acceptance(AcceptedMessage.model_validate(earlier.response), True))
+    for item in written:
+        row = item.row
+        if item.idempotency_key is not None and row["id"] not in claimed:
+            continue
+        wake_for(tx, row)
+        await notify_after_commit(tx, row["tenant_id"], row["id"], row["category"])
+    return outcomes
+
+
 async def accept_message(
     tx: Transaction,
     tenant_id: uuid.UUID,
@@ -211,49 +309,14 @@ async def accept_message(
     settings: Settings,
     at: datetime,
 ) -> Acceptance:
-    new = await prepare_message(
+    """One message in `tx` (the API's writer accepts many at once the same way)."""
+    row = await prepare_message(
         tenant_id, request, registry, settings, TemplateLookup(tx.conn, tenant_id, settings), at
     )
-    message_id = new["id"]
-    accepted = AcceptedMessage(
-        id=to_public("msg", message_id),
-        status=new["status"],
-        category=request.category,
-        created_at=at,
-    )
-    if idempotency_key is not None:
-        fingerprint = request_fingerprint(request)
-        claimed = await tx.conn.execute(
-            pg_insert(idempotency_keys)
-            .values(
-                tenant_id=tenant_id,
-                key=idempotency_key,
-                request_hash=fingerprint,
-                message_id=message_id,
-                response=accepted.model_dump(mode="json"),
-                created_at=at,
-            )
-            .on_conflict_do_nothing()
-            .returning(idempotency_keys.c.key)
-        )
-        if claimed.first() is None:
-            # A concurrent duplicate waits on the unique index, then sees the committed row.
-            row = (
-                await tx.conn.execute(
-                    select(idempotency_keys.c.request_hash, idempotency_keys.c.response).where(
-                        idempotency_keys.c.tenant_id == tenant_id,
-                        idempotency_keys.c.key == idempotency_key,
-                    )
-                )
-            ).one()
-            if row.request_hash != fingerprint:
-                raise Conflict("this Idempotency-Key was used with a different request body")
-            return Acceptance(AcceptedMessage.model_validate(row.response), replayed=True)
-
-    await ledger.insert_accepted_message(tx.conn, new)
-    wake_for(tx, new)
-    await notify_after_commit(tx, tenant_id, message_id, request.category.value)
-    return Acceptance(accepted, replayed=False)
+    (outcome,) = await accept_pending(tx, [pending_message(row, request, idempotency_key)])
+    if isinstance(outcome, ProblemError):
+        raise outcome
+    return outcome
 
 
 async def get_message_view(tx: Transaction, tenant_id: uuid.UUID, public_id: str) -> MessageView:

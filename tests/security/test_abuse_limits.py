@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -12,6 +13,7 @@ import httpx
 import pytest
 import uvicorn
 
+from app.auth.ratelimit import RequestRateLimit
 from app.main import create_app
 from tests.conftest import Service, Tenant
 from tests.security.spec_walk import operations
@@ -110,3 +112,22 @@ async def test_a_batch_over_the_item_limit_is_refused(service: Service, tenant: 
     assert response.headers["content-type"] == "application/problem+json"
     listed = (await tenant.client.get("/v1/messages")).json()
     assert listed["data"] == []  # nothing of the refused batch was accepted
+
+
+async def test_concurrent_requests_of_one_key_share_the_burst_across_processes(
+    service: Service,
+) -> None:
+    """Two processes' limiters (each leasing slots for the requests waiting together) on
+    one Redis: however many requests of a key arrive at once, no more than the burst go
+    ahead, and every one refused is told to wait."""
+    burst = 10
+    redis = service.api_runtime.redis
+    limits = [RequestRateLimit(redis, 0.5, burst) for _ in range(2)]
+    key = uuid.uuid4()
+
+    waits = await asyncio.gather(*(limits[i % 2].retry_after(key) for i in range(40)))
+    again = await asyncio.gather(*(limits[i % 2].retry_after(key) for i in range(10)))
+
+    assert sum(w == 0 for w in waits) == burst
+    assert all(w > 0 for w in waits if w != 0)
+    assert all(w > 0 for w in again)  # a slot frees every 2 s: none yet

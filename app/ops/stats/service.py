@@ -8,6 +8,7 @@ rows of one resolution over a range; they never scan `messages`.
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass
@@ -45,8 +46,10 @@ MAX_RANGE = {
 }
 
 
+@functools.lru_cache(maxsize=256)
 def truncate(at: datetime, bucket: Bucket) -> datetime:
-    """The start of `at`'s bucket (UTC)."""
+    """The start of `at`'s bucket (UTC). Cached: a group commit finalises many messages at
+    one `at`, each with a row per bucket."""
     at = at.astimezone(UTC)
     if bucket is Bucket.MINUTE:
         return at.replace(second=0, microsecond=0)

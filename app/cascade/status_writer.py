@@ -1,0 +1,116 @@
+"""The API process's receipt writer: provider status callbacks share one transaction.
+
+Each callback is verified and parsed in its request (`endpoints.provider_status`), then
+its reports join the writer's next flush (`app/groupcommit.py`): one transaction finds and
+locks every attempt's message in one query and applies all the reports
+(`service.record_statuses`), commits, wakes the engines for the failovers it started,
+and only then answers each callback 200: what a provider is told was received is
+committed, so its retry (after a 503) is the only redelivery, and that is deduplicated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import structlog
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app.cascade.service import record_statuses
+from app.db import Transaction, finish_committed
+from app.errors import Unavailable, is_database_error, is_lock_conflict, is_unavailable
+from app.groupcommit import FlushFailed, GroupCommit, Outcome
+from app.ops.stats.service import SHARDS
+from app.queue import JobQueue
+from app.runtime import utcnow
+from providers.base import StatusUpdate
+
+log = structlog.get_logger()
+
+# A flush that deadlocks with another writer (or fails to serialise) runs again whole,
+# this many times in all, before its callbacks are tried one by one.
+CONFLICT_TRIES = 3
+
+# One callback: its provider and its reports (most carry one, some a batch).
+Callback = tuple[str, Sequence[StatusUpdate]]
+
+
+class StatusWriter:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        queue: JobQueue,
+        *,
+        max_items: int = 256,
+        max_wait: float = 0.002,
+        max_flushes: int = 4,
+    ) -> None:
+        self._engine = engine
+        self._queue = queue
+        # Each flush writes its stats rows on a shard no other flush of this process holds.
+        self._free_shards = list(range(SHARDS))
+        self.group: GroupCommit[Callback, int] = GroupCommit(
+            self._flush,
+            max_items=max_items,
+            max_wait=max_wait,
+            max_flushes=max_flushes,
+            name="status_writer",
+        )
+
+    async def record(self, provider_name: str, updates: Sequence[StatusUpdate]) -> int:
+        """Apply one callback's reports with the others of its flush; how many changed
+        something, once committed."""
+        if not updates:
+            return 0
+        try:
+            return await self.group.submit((provider_name, updates))
+        except FlushFailed as exc:
+            if not is_database_error(exc.__cause__):
+                raise  # a bug, not the database: a 500 (logged)
+            log.warning("status_flush_failed", error=repr(exc.__cause__))
+            raise Unavailable(
+                detail="database unreachable (nothing of this callback was recorded; retry)"
+            ) from exc
+
+    async def close(self) -> None:
+        await self.group.close()
+
+    async def _flush(self, callbacks: list[Callback]) -> Sequence[Outcome[int]]:
+        for _ in range(CONFLICT_TRIES - 1):
+            try:
+                return await self._write(callbacks)
+            except Exception as exc:
+                if not is_lock_conflict(exc):
+                    break
+                log.warning("status_flush_conflict_retrying", items=len(callbacks))
+        try:
+            return await self._write(callbacks)
+        except Exception as exc:
+            if len(callbacks) == 1 or is_unavailable(exc):
+                raise
+            # A deadlock with the engine, one bad report: the others must not pay for it.
+            log.warning("status_flush_failed_retrying_alone", items=len(callbacks), error=repr(exc))
+            outcomes: list[Outcome[int]] = []
+            for callback in callbacks:
+                try:
+                    outcomes += await self._write([callback])
+                except Exception as alone:
+                    outcomes.append(alone)
+            return outcomes
+
+    async def _write(self, callbacks: list[Callback]) -> list[int]:
+        reports = [(provider, update) for provider, updates in callbacks for update in updates]
+        shard = self._free_shards.pop() if self._free_shards else None
+        try:
+            async with self._engine.begin() as conn:
+                tx = Transaction(conn)
+                applied = await record_statuses(tx, reports, utcnow(), shard)
+        finally:
+            if shard is not None:
+                self._free_shards.append(shard)
+        await finish_committed(tx, self._queue)
+        counts = []
+        start = 0
+        for _, updates in callbacks:
+            counts.append(sum(applied[start : start + len(updates)]))
+            start += len(updates)
+        return counts
