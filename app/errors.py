@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import structlog
@@ -219,9 +219,8 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
 _LOCK_CONFLICTS = frozenset({"40P01", "40001"})
 
 
-def is_lock_conflict(exc: BaseException) -> bool:
-    """Whether `exc` (or what it wraps) is Postgres refusing a transaction for a conflict
-    with a concurrent one, rather than for what it does."""
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """`exc` and every error it wraps (the driver's `orig`, causes, contexts), once each."""
     seen: set[int] = set()
     pending: list[BaseException | None] = [exc]
     while pending:
@@ -229,12 +228,16 @@ def is_lock_conflict(exc: BaseException) -> bool:
         if error is None or id(error) in seen:
             continue
         seen.add(id(error))
-        if getattr(error, "sqlstate", None) in _LOCK_CONFLICTS:
-            return True
+        yield error
         if isinstance(error, DBAPIError):
             pending.append(error.orig)
         pending += [error.__cause__, error.__context__]
-    return False
+
+
+def is_lock_conflict(exc: BaseException) -> bool:
+    """Whether `exc` (or what it wraps) is Postgres refusing a transaction for a conflict
+    with a concurrent one, rather than for what it does."""
+    return any(getattr(error, "sqlstate", None) in _LOCK_CONFLICTS for error in _chain(exc))
 
 
 def is_database_error(exc: BaseException | None) -> bool:
@@ -246,21 +249,11 @@ def is_database_error(exc: BaseException | None) -> bool:
 
 def is_unavailable(exc: BaseException) -> bool:
     """Whether `exc`, or an error it wraps, means Postgres or Redis could not be reached."""
-    seen: set[int] = set()
-    pending: list[BaseException | None] = [exc]
-    while pending:
-        error = pending.pop()
-        if error is None or id(error) in seen:
-            continue
-        seen.add(id(error))
-        if isinstance(error, _UNAVAILABLE):
-            return True
-        if isinstance(error, DBAPIError):
-            if error.connection_invalidated:
-                return True
-            pending.append(error.orig)
-        pending += [error.__cause__, error.__context__]
-    return False
+    return any(
+        isinstance(error, _UNAVAILABLE)
+        or (isinstance(error, DBAPIError) and error.connection_invalidated)
+        for error in _chain(exc)
+    )
 
 
 PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {

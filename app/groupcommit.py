@@ -125,6 +125,31 @@ class GroupCommit(Generic[T, R]):
                 await asyncio.gather(*self._running, return_exceptions=True)
 
 
+async def alone_if_it_fails(
+    write: Callable[[list[T]], Awaitable[Sequence[R]]],
+    items: list[T],
+    *,
+    fatal: Callable[[BaseException], bool],
+    event: str,
+) -> Sequence[Outcome[R]]:
+    """Write a flush whole; should that fail for a reason `fatal` does not name (the
+    database being away fails every item alike), write each item alone, so that one bad
+    item (a deadlock, a row the database refuses) fails only itself."""
+    try:
+        return await write(items)
+    except Exception as exc:
+        if len(items) == 1 or fatal(exc):
+            raise
+        log.warning(event, items=len(items), error=repr(exc))
+    outcomes: list[Outcome[R]] = []
+    for item in items:
+        try:
+            outcomes.extend(await write([item]))
+        except Exception as alone:
+            outcomes.append(alone)
+    return outcomes
+
+
 class FlushFailed(Exception):
     """The flush an item was in failed as a whole (its cause is the flush's error)."""
 

@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app.cascade.service import record_statuses
 from app.db import Transaction, finish_committed
 from app.errors import Unavailable, is_database_error, is_lock_conflict, is_unavailable
-from app.groupcommit import FlushFailed, GroupCommit, Outcome
+from app.groupcommit import FlushFailed, GroupCommit, Outcome, alone_if_it_fails
 from app.ops.stats.service import SHARDS
 from app.queue import JobQueue
 from app.runtime import utcnow
@@ -82,20 +82,10 @@ class StatusWriter:
                 if not is_lock_conflict(exc):
                     break
                 log.warning("status_flush_conflict_retrying", items=len(callbacks))
-        try:
-            return await self._write(callbacks)
-        except Exception as exc:
-            if len(callbacks) == 1 or is_unavailable(exc):
-                raise
-            # A deadlock with the engine, one bad report: the others must not pay for it.
-            log.warning("status_flush_failed_retrying_alone", items=len(callbacks), error=repr(exc))
-            outcomes: list[Outcome[int]] = []
-            for callback in callbacks:
-                try:
-                    outcomes += await self._write([callback])
-                except Exception as alone:
-                    outcomes.append(alone)
-            return outcomes
+        # A deadlock with the engine, one bad report: the others must not pay for it.
+        return await alone_if_it_fails(
+            self._write, callbacks, fatal=is_unavailable, event="status_flush_failed_retrying_alone"
+        )
 
     async def _write(self, callbacks: list[Callback]) -> list[int]:
         reports = [(provider, update) for provider, updates in callbacks for update in updates]

@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.db import Transaction, finish_committed
 from app.errors import ProblemError, Unavailable, is_database_error, is_unavailable
-from app.groupcommit import FlushFailed, GroupCommit, Outcome
+from app.groupcommit import FlushFailed, GroupCommit, Outcome, alone_if_it_fails
 from app.messages.schemas import SendMessageRequest
 from app.messages.service import (
     Acceptance,
@@ -94,20 +94,10 @@ class AcceptWriter:
         await self.group.close()
 
     async def _flush(self, items: list[PendingMessage]) -> Sequence[Outcome[Acceptance]]:
-        try:
-            return await self._write(items)
-        except Exception as exc:
-            if len(items) == 1 or is_unavailable(exc):
-                raise
-            # Not the database being away: one bad row must not fail its neighbours.
-            log.warning("accept_flush_failed_retrying_alone", items=len(items), error=repr(exc))
-            outcomes: list[Outcome[Acceptance]] = []
-            for item in items:
-                try:
-                    outcomes += await self._write([item])
-                except Exception as alone:
-                    outcomes.append(alone)
-            return outcomes
+        # Not the database being away: one bad row must not fail its neighbours.
+        return await alone_if_it_fails(
+            self._write, items, fatal=is_unavailable, event="accept_flush_failed_retrying_alone"
+        )
 
     async def _write(self, items: list[PendingMessage]) -> list[Acceptance | ProblemError]:
         # The flush writes with one statement (keys, messages, events), atomic on its own:
