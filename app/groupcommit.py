@@ -18,6 +18,8 @@ from typing import Generic, TypeAlias, TypeVar
 
 import structlog
 
+from app.errors import Unavailable, is_database_error
+
 log = structlog.get_logger()
 
 T = TypeVar("T")
@@ -123,6 +125,23 @@ class GroupCommit(Generic[T, R]):
                 self._start_flush()
             if self._running:
                 await asyncio.gather(*self._running, return_exceptions=True)
+
+
+async def submit_or_unavailable(
+    group: GroupCommit[T, R], item: T, *, event: str, nothing_of: str
+) -> R:
+    """`group.submit(item)`, where a flush the database failed as a whole (rolled back:
+    nothing of it stored) is the same clear 503 for each of its requests; any other
+    failure of a whole flush is a bug (a 500, logged)."""
+    try:
+        return await group.submit(item)
+    except FlushFailed as exc:
+        if not is_database_error(exc.__cause__):
+            raise
+        log.warning(event, error=repr(exc.__cause__))
+        raise Unavailable(
+            detail=f"database unreachable (nothing of this {nothing_of} was stored; retry)"
+        ) from exc
 
 
 async def alone_if_it_fails(

@@ -17,8 +17,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.cascade.service import record_statuses
 from app.db import Transaction, finish_committed
-from app.errors import Unavailable, is_database_error, is_lock_conflict, is_unavailable
-from app.groupcommit import FlushFailed, GroupCommit, Outcome, alone_if_it_fails
+from app.errors import is_lock_conflict, is_unavailable
+from app.groupcommit import GroupCommit, Outcome, alone_if_it_fails, submit_or_unavailable
 from app.ops.stats.service import SHARDS
 from app.queue import JobQueue
 from app.runtime import utcnow
@@ -61,15 +61,9 @@ class StatusWriter:
         something, once committed."""
         if not updates:
             return 0
-        try:
-            return await self.group.submit((provider_name, updates))
-        except FlushFailed as exc:
-            if not is_database_error(exc.__cause__):
-                raise  # a bug, not the database: a 500 (logged)
-            log.warning("status_flush_failed", error=repr(exc.__cause__))
-            raise Unavailable(
-                detail="database unreachable (nothing of this callback was recorded; retry)"
-            ) from exc
+        return await submit_or_unavailable(
+            self.group, (provider_name, updates), event="status_flush_failed", nothing_of="callback"
+        )
 
     async def close(self) -> None:
         await self.group.close()

@@ -20,8 +20,8 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.db import Transaction, finish_committed
-from app.errors import ProblemError, Unavailable, is_database_error, is_unavailable
-from app.groupcommit import FlushFailed, GroupCommit, Outcome, alone_if_it_fails
+from app.errors import ProblemError, is_unavailable
+from app.groupcommit import GroupCommit, Outcome, alone_if_it_fails, submit_or_unavailable
 from app.messages.schemas import SendMessageRequest
 from app.messages.service import (
     Acceptance,
@@ -79,16 +79,12 @@ class AcceptWriter:
             async with self._engine.connect() as conn:
                 content = await resolve_content(request, TemplateLookup(conn, tenant_id, settings))
         row = message_row(tenant_id, request, registry, settings, content, at)
-        try:
-            return await self.group.submit(pending_message(row, request, idempotency_key))
-        except FlushFailed as exc:
-            if not is_database_error(exc.__cause__):
-                raise  # a bug, not the database: a 500 (logged)
-            # The flush's transaction rolled back: none of its messages was stored.
-            log.warning("accept_flush_failed", error=repr(exc.__cause__))
-            raise Unavailable(
-                detail="database unreachable (nothing of this request was stored; retry)"
-            ) from exc
+        return await submit_or_unavailable(
+            self.group,
+            pending_message(row, request, idempotency_key),
+            event="accept_flush_failed",
+            nothing_of="request",
+        )
 
     async def close(self) -> None:
         await self.group.close()
