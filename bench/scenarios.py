@@ -373,6 +373,24 @@ def cpu_of(pids: list[int]) -> float:
     return total
 
 
+class CpuMeter:
+    """CPU the given processes (by role) and the embedded Postgres spend from now on."""
+
+    def __init__(self, stack: Stack, roles: dict[str, list[int]]) -> None:
+        self.stack, self.roles = stack, roles
+        self.before = {role: cpu_of(pids) for role, pids in roles.items()}
+        # Backends come and go: each one's CPU since this moment (a new one's, all of it).
+        self.database = {pid: cpu_of([pid]) for pid in postgres_pids(stack)}
+
+    def per_item(self, count: int) -> dict[str, float]:
+        """ms of CPU per item, by role, since the meter started."""
+        used = {role: cpu_of(pids) - self.before[role] for role, pids in self.roles.items()}
+        if self.database:
+            ended = postgres_pids(self.stack)
+            used["postgres"] = cpu_of(ended) - sum(self.database.get(p, 0.0) for p in ended)
+        return {role: 1000 * seconds / count for role, seconds in used.items()}
+
+
 @dataclass
 class Delivered:
     rate: float
@@ -404,19 +422,12 @@ async def deliver_all(
             roles["provider"] = [provider_pid]
         started = [p for _ in range(workers) for p in stack.start_worker()]
         roles["worker"] = [p.popen.pid for p in started]
-        before = {role: cpu_of(pids) for role, pids in roles.items()}
-        # Backends come and go: each one's CPU since this moment (a new one's, all of it).
-        database = {pid: cpu_of([pid]) for pid in postgres_pids(stack)}
+        meter = CpuMeter(stack, roles)
         await wait_for(dsn, f"SELECT count(*) FROM messages WHERE status IN {FINAL}", count, within)
-        after = {role: cpu_of(pids) for role, pids in roles.items()}
-        if database:
-            ended = postgres_pids(stack)
-            before["postgres"] = sum(database.get(pid, 0.0) for pid in ended)
-            after["postgres"] = cpu_of(ended)
+        cpu = meter.per_item(count)
         delivered, final, elapsed = (await fetch(dsn, DELIVERY_RATE_SQL))[0]
     if delivered != count:
         raise RuntimeError(f"delivery: {delivered} of {count} delivered ({final} final)")
-    cpu = {role: 1000 * (after[role] - before[role]) / count for role in after}
     return Delivered(count / float(elapsed), cpu)
 
 
@@ -451,7 +462,7 @@ def external_twilio(stack: Stack) -> Iterator[int]:
         process.stop()
 
 
-async def bare_jobs(stack: Stack, count: int, within: float) -> float:
+async def bare_jobs(stack: Stack, count: int, within: float) -> Delivered:
     """The baseline: `count` bare arq jobs, one Postgres update each, same worker settings."""
     dsn = plain_dsn(stack.database_url)
     settings = Settings()
@@ -478,12 +489,14 @@ async def bare_jobs(stack: Stack, count: int, within: float) -> float:
     mark = await scalar(dsn, "SELECT clock_timestamp()")
     concurrency = settings.worker_concurrency[Category.TRANSACTIONAL]
     with stack.running():
-        stack.start_worker(
+        workers = stack.start_worker(
             ["bench.bare_worker", "bench:bare", str(concurrency), str(settings.worker_poll_delay)]
         )
+        meter = CpuMeter(stack, {"worker": [p.popen.pid for p in workers]})
         await wait_for(
             dsn, "SELECT count(*) FROM messages WHERE updated_at > $1", count, within, mark
         )
+        cpu = meter.per_item(len(rows))
         done, elapsed = (
             await fetch(
                 dsn,
@@ -494,7 +507,7 @@ async def bare_jobs(stack: Stack, count: int, within: float) -> float:
         )[0]
     if done != len(rows):
         raise RuntimeError(f"bare jobs: {done} of {len(rows)} ran")
-    return len(rows) / float(elapsed)
+    return Delivered(len(rows) / float(elapsed), cpu)
 
 
 async def delivery(stack: Stack, count: int, within: float) -> list[Figure]:
@@ -509,11 +522,18 @@ async def delivery(stack: Stack, count: int, within: float) -> list[Figure]:
             stack, count, lambda i: twilio_body(i, fail_first=True), within, provider_pid=provider
         )
         log(f"delivery after failover: {failover.rate:.0f} msg/s; CPU ms/msg {failover.cpu_ms}")
-    base = await bare_jobs(stack, count, within)
-    log(f"baseline (bare arq jobs, one update each): {base:.0f} jobs/s")
+    bare = await bare_jobs(stack, count, within)
+    base = bare.rate
+    log(f"baseline (bare arq jobs, one update each): {base:.0f} jobs/s; CPU ms/job {bare.cpu_ms}")
 
     def cpu(result: Delivered) -> str:
-        return "CPU ms/msg: " + ", ".join(f"{k} {v:.2f}" for k, v in result.cpu_ms.items())
+        service = sum(v for k, v in result.cpu_ms.items() if k != "provider")
+        return (
+            "CPU ms/msg: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in result.cpu_ms.items())
+            + f"; the service's (all but the provider) {service:.2f} against a bare job's"
+            f" {sum(bare.cpu_ms.values()):.2f}"
+        )
 
     return [
         Figure(
