@@ -69,7 +69,8 @@ PROVIDER_RECEIPT_SECONDS = Histogram(
 )
 WEBHOOK_DELIVERIES = Counter(
     "cascade_webhook_deliveries",
-    "Customer webhook delivery attempts by outcome (delivered, failed, retrying, ...).",
+    "Customer webhook delivery attempts, counted once committed, by outcome: succeeded,"
+    " retrying (failed, another attempt scheduled) or failed (no more attempts).",
     ["outcome"],
 )
 HTTP_REQUESTS = Counter(

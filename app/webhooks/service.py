@@ -25,6 +25,7 @@ from app.errors import Conflict, FieldError, InvalidRequest, NotFound
 from app.ids import from_public, new_id, to_public
 from app.ledger import repository as ledger
 from app.ledger.repository import MessageRow
+from app.observability import count_webhook_delivery
 from app.queue import Job
 from app.settings import Settings
 from app.webhooks import repository as repo
@@ -447,6 +448,7 @@ async def record_delivery_result(
         if not recorded:
             return None
         await repo.clear_failing(tx.conn, plan.endpoint_id)
+        tx.after_commit(functools.partial(count_webhook_delivery, "succeeded"))
         return DeliveryStatus.SUCCEEDED
 
     failing_since, disabled_at = await repo.record_failing(tx.conn, plan.endpoint_id, at)
@@ -474,6 +476,8 @@ async def record_delivery_result(
         answer["next_attempt_at"] = at + delay
     if not await repo.record_attempt(tx.conn, plan.delivery_id, plan.attempts, at, **answer):
         return None
+    outcome_label = "failed" if delay is None else "retrying"
+    tx.after_commit(functools.partial(count_webhook_delivery, outcome_label))
     if delay is not None:
         tx.enqueue_after_commit(deliver_job(plan.delivery_id, plan.attempts, plan.category, delay))
     return status

@@ -188,3 +188,27 @@ async def test_worker_logs_name_the_message_attempt_and_tenant(tenant: Tenant) -
     for line in sent:
         assert line["tenant"] == str(tenant.id)
         assert line["attempt"] == message["attempts"][0]["id"]
+
+
+async def test_webhook_deliveries_are_counted_by_outcome(service: Service, tenant: Tenant) -> None:
+    from tests.webhooks.conftest import create_endpoint
+    from tests.webhooks.receiver import Receiver
+
+    async with Receiver() as receiver:
+        endpoint = await create_endpoint(tenant.client, receiver.url())
+        receiver.secrets = [endpoint["secret"]]
+        before = await scrape(service)
+        message = await wait_until_final(
+            tenant.client, await send(tenant.client, message_body(cascade=[{"channel": "push"}]))
+        )
+        await receiver.wait_for(len(message["events"]))
+        async with asyncio.timeout(10):
+            while True:  # counted once the delivery's answer is committed
+                after = await scrape(service)
+                grew = value(
+                    after, "cascade_webhook_deliveries_total", outcome="succeeded"
+                ) - value(before, "cascade_webhook_deliveries_total", outcome="succeeded")
+                if grew >= len(message["events"]):
+                    break
+                await asyncio.sleep(0.05)
+    assert grew >= len(message["events"])
