@@ -9,7 +9,6 @@ complaints, which stop every category.
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import hmac
 import uuid
@@ -208,14 +207,14 @@ async def blocking_suppression(
     known: Prefetched | None = None,
 ) -> Reason | None:
     """The suppression that stops this send, if any (`known`: looked up for a whole batch)."""
-    try:
-        normalised = normalise_address(channel, address)
-    except ValueError:
-        return None
-    key = (tenant_id, channel.value, normalised)
-    if known is not None and key in known.looked_up:
-        found = known.suppressions.get(key)
+    given = (tenant_id, channel.value, address)
+    if known is not None and given in known.suppressions:
+        found = known.suppressions[given]
     else:
+        try:
+            normalised = normalise_address(channel, address)
+        except ValueError:
+            return None
         row = (
             await conn.execute(
                 _SUPPRESSION_REASON,
@@ -229,17 +228,18 @@ async def blocking_suppression(
     return reason if category is Category.MARKETING or reason in ALL_CATEGORY_REASONS else None
 
 
+# (tenant, channel, address): the address as a step uses it, or normalised.
 SuppressionKey = tuple[uuid.UUID, str, str]
 
 
 @dataclass(frozen=True, slots=True)
 class Prefetched:
     """What `gate_step` reads, looked up for a whole batch of sends in two queries instead
-    of one or two per message: the suppressions of these addresses (`looked_up`: every key
-    asked for, found or not) and the tenants' policies (marketing only needs them)."""
+    of one or two per message: each send's suppression reason, by its address as the step
+    gives it (None: none, or not an address that can be suppressed), and the tenants'
+    policies (marketing only needs them)."""
 
-    looked_up: frozenset[SuppressionKey] = frozenset()
-    suppressions: Mapping[SuppressionKey, str] = field(default_factory=dict)
+    suppressions: Mapping[SuppressionKey, str | None] = field(default_factory=dict)
     policies: Mapping[uuid.UUID, TenantPolicy] = field(default_factory=dict)
 
 
@@ -257,28 +257,37 @@ async def prefetch(
     settings: Settings,
 ) -> Prefetched:
     """Look up, for these (tenant, category, channel, address) sends, what `gate_step`
-    will ask about them."""
-    keys: set[SuppressionKey] = set()
+    will ask about them (each address normalised once, here)."""
+    normalised: dict[SuppressionKey, SuppressionKey | None] = {}
     marketing: set[uuid.UUID] = set()
     for tenant_id, category, channel, address in sends:
-        with contextlib.suppress(ValueError):
-            keys.add((tenant_id, channel.value, normalise_address(channel, address)))
+        try:
+            normalised[(tenant_id, channel.value, address)] = (
+                tenant_id,
+                channel.value,
+                normalise_address(channel, address),
+            )
+        except ValueError:
+            normalised[(tenant_id, channel.value, address)] = None
         if category is Category.MARKETING:
             marketing.add(tenant_id)
+    keys = list({key for key in normalised.values() if key is not None})
     found: dict[SuppressionKey, str] = {}
     if keys:
-        ordered = list(keys)
         rows = await conn.execute(
             _SUPPRESSIONS_OF,
             {
-                "tenants": [k[0] for k in ordered],
-                "channels": [k[1] for k in ordered],
-                "addresses": [k[2] for k in ordered],
+                "tenants": [k[0] for k in keys],
+                "channels": [k[1] for k in keys],
+                "addresses": [k[2] for k in keys],
             },
         )
         found = {(r.tenant_id, r.channel, r.address): r.reason for r in rows}
+    suppressions = {
+        given: found.get(key) if key is not None else None for given, key in normalised.items()
+    }
     policies = {t: await tenant_policy(conn, t, settings) for t in marketing}
-    return Prefetched(frozenset(keys), found, policies)
+    return Prefetched(suppressions, policies)
 
 
 # --- tenant policy ---------------------------------------------------------------------
