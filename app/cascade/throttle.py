@@ -130,7 +130,3 @@ class SendGuards:
             ],
         )
         return bool(opened)
-
-    async def record_provider_failure(self, account: ProviderAccount) -> bool:
-        """One provider-attributed failure; True when this opened the circuit."""
-        return await self.record_outcomes(account, failures=1, successes=0)

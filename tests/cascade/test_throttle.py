@@ -84,7 +84,7 @@ async def test_a_failing_provider_is_skipped_once_its_circuit_opens(
     guards = SendGuards(service.worker_runtime.redis)
     account = service.worker_runtime.providers.account("twilio-fragile")
     for _ in range(account.breaker_threshold):
-        await guards.record_provider_failure(account)
+        await guards.record_outcomes(account, failures=1, successes=0)
     body = message_body(
         to={"phone": phone, "email": "ann+circuit@example.com"},
         cascade=[
@@ -122,11 +122,11 @@ async def test_admit_checks_the_circuit_takes_a_rate_slot_and_counts_failures(
     account = _account(rate_per_second=1, burst=2, breaker_threshold=3)
 
     first = await guards.admit(account)
-    await guards.record_provider_failure(account)
+    await guards.record_outcomes(account, failures=1, successes=0)
     second = await guards.admit(account)
     limited = await guards.admit(account)
-    await guards.record_provider_failure(account)
-    await guards.record_provider_failure(account)
+    await guards.record_outcomes(account, failures=1, successes=0)
+    await guards.record_outcomes(account, failures=1, successes=0)
     tripped = await guards.admit(account)
 
     assert (first.circuit_open, first.wait, first.failures) == (False, 0.0, 0)
