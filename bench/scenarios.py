@@ -344,9 +344,14 @@ def twilio_body(index: int, fail_first: bool = False) -> bytes:
     )
 
 
+def _stat(pid: int | str) -> list[str]:
+    """`/proc/<pid>/stat`'s fields after the command name (state, ppid, …)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU a process has used so far (Linux `/proc`)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    fields = _stat(pid)
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -358,10 +363,10 @@ def postgres_pids(stack: Stack) -> list[int]:
         return []
     postmaster = int(pid_file.read_text().split()[0])
     pids = [postmaster]
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    for process in Path("/proc").glob("[0-9]*"):
         with contextlib.suppress(OSError, ValueError, IndexError):
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == postmaster:
-                pids.append(int(stat.parent.name))
+            if int(_stat(process.name)[1]) == postmaster:
+                pids.append(int(process.name))
     return pids
 
 
