@@ -16,8 +16,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.responses import Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from app.asgi import read_body, replay_body
 from app.runtime import Runtime
 
 # (scope, body, runtime) → the response, or None to let the FastAPI route answer.
@@ -68,19 +69,13 @@ class HotPaths:
             await self.app(scope, receive, send)
             return
         handler, template = found
-        chunks: list[bytes] = []
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return  # the client left before its body came
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                break
-        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        body, ended = await read_body(receive)
+        if ended is not None:
+            return  # the client left before its body came
         runtime: Runtime = scope["app"].state.runtime
         response = await handler(scope, body, runtime)
         if response is None:
-            await self.app(scope, _replay(body, receive), send)
+            await self.app(scope, replay_body(body, receive), send)
             return
         # The route the metrics middleware labels the request with.
         scope["route"] = self._route(scope, template)
@@ -92,19 +87,6 @@ class HotPaths:
                 (r for r in scope["app"].routes if getattr(r, "path", None) == template), None
             )
         return self._routes[template]
-
-
-def _replay(body: bytes, receive: Receive) -> Receive:
-    sent = False
-
-    async def replay() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay
 
 
 def header(scope: Scope, name: bytes) -> bytes | None:

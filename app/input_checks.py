@@ -16,8 +16,9 @@ from urllib.parse import parse_qsl
 
 import orjson
 from pydantic import AfterValidator, AwareDatetime
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from app.asgi import read_body, replay_body
 from app.errors import FieldError, InvalidRequest, field_path, problem_response
 
 NUL = "\x00"
@@ -105,19 +106,10 @@ class RefuseNulCharacters:
         if scope["method"] not in _METHODS_WITH_BODY:
             await self._answer(errors, scope, receive, send)
             return
-        body, rest = await _read_body(receive)
+        body, rest = await read_body(receive)
         content_type = dict(scope["headers"]).get(b"content-type", b"").lower()
         errors += _body_errors(body, content_type)
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return rest if rest is not None else await receive()
-
-        await self._answer(errors, scope, replay, send)
+        await self._answer(errors, scope, replay_body(body, receive, rest), send)
 
     async def _answer(
         self, errors: list[FieldError], scope: Scope, receive: Receive, send: Send
@@ -127,15 +119,3 @@ class RefuseNulCharacters:
             return
         refusal = InvalidRequest(detail=f"{len(errors)} field error(s)", errors=errors)
         await problem_response(refusal.problem())(scope, receive, send)
-
-
-async def _read_body(receive: Receive) -> tuple[bytes, Message | None]:
-    """The whole body (bounded by BodySizeLimit, outside), and a disconnect seen meanwhile."""
-    chunks: list[bytes] = []
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            return b"".join(chunks), message
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            return b"".join(chunks), None
