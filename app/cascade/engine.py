@@ -200,6 +200,7 @@ class DeliveryEngine:
             deadline_passed=current is not None and current.deadline_at <= at + slack,
             expired=message.expires_at is not None and message.expires_at <= at + slack,
             held=held,
+            in_window=current is not None and service.awaits_window(message, current),
         )
         if action is Due.SEND:
             reached_before = any(

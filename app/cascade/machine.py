@@ -104,6 +104,13 @@ class StepView:
     # Whether an earlier step reached a provider (was not suppressed): a cascade whose
     # steps were all suppressed ends `suppressed`, not `failed`.
     reached_before: bool = True
+    # Whether the step's provider can still report a failure after accepting (an SMTP
+    # bounce, an SMS DLR). A step that succeeds on acceptance then holds the message in
+    # `sending` until its window closes, so a failure inside the window falls over; where
+    # nothing can come later (Telegram), acceptance delivers at once.
+    reports_failures: bool = True
+    # The step the message was delivered on, if it was.
+    delivered_step: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +119,9 @@ class Decision:
     message_status: MessageStatus
     delivered_step: int | None = None
     next_step: int | None = None
+    # The step succeeded though the message was already delivered on another one (a late
+    # receipt after the next step was sent): the customer got it twice.
+    duplicate_delivery: bool = False
 
     def changes(self, view: StepView) -> bool:
         return (
@@ -143,36 +153,56 @@ def next_attempt_status(current: AttemptStatus, signal: Signal) -> AttemptStatus
     return current
 
 
+def awaits_window(status: AttemptStatus, success_on: SuccessOn, reports_failures: bool) -> bool:
+    """Accepted where acceptance is success, but a failure may still be reported: the
+    message waits out the step's window unless a receipt confirms delivery first."""
+    return status is AttemptStatus.SENT and success_on is SuccessOn.ACCEPTED and reports_failures
+
+
+def _awaits_window(status: AttemptStatus, view: StepView) -> bool:
+    return awaits_window(status, view.success_on, view.reports_failures)
+
+
+def _confirmed(status: AttemptStatus, view: StepView) -> bool:
+    return is_success(status, view.success_on) and not _awaits_window(status, view)
+
+
 def decide(view: StepView, signal: Signal) -> Decision:
     attempt = next_attempt_status(view.attempt_status, signal)
+    message = view.message_status
+    if signal is Signal.TIMEOUT and _awaits_window(view.attempt_status, view):
+        # Accepted, and the window closed without a failure report: a success.
+        attempt = view.attempt_status
+        if message in FINAL_MESSAGE:
+            return Decision(attempt, message)
+        return Decision(attempt, MessageStatus.DELIVERED, delivered_step=view.step)
     if (
         signal is Signal.TIMEOUT
-        and view.attempt_status in (AttemptStatus.DELIVERED,)
-        and not (is_success(view.attempt_status, view.success_on))
+        and view.attempt_status is AttemptStatus.DELIVERED
+        and not is_success(view.attempt_status, view.success_on)
     ):
         # Delivered but the step wanted `read`: the window closed without it.
         attempt = AttemptStatus.EXPIRED
-    message = view.message_status
 
-    newly_successful = is_success(attempt, view.success_on) and not is_success(
-        view.attempt_status, view.success_on
-    )
-    # Cancelled, suppressed and expired are the customer's or policy's word: a late receipt
-    # is recorded on the attempt but does not revive the message (a failure can be).
-    if newly_successful and message not in (
-        MessageStatus.DELIVERED,
-        MessageStatus.CANCELLED,
-        MessageStatus.SUPPRESSED,
-        MessageStatus.EXPIRED,
-    ):
-        return Decision(attempt, MessageStatus.DELIVERED, delivered_step=view.step)
+    newly_confirmed = _confirmed(attempt, view) and not _confirmed(view.attempt_status, view)
+    if newly_confirmed:
+        # Cancelled, suppressed and expired are the customer's or policy's word: a late
+        # receipt is recorded on the attempt but does not revive the message (a failure
+        # can be: the stats then move it, see `observe_outcome`).
+        if message is MessageStatus.DELIVERED:
+            return Decision(attempt, message, duplicate_delivery=view.delivered_step != view.step)
+        if message not in (
+            MessageStatus.CANCELLED,
+            MessageStatus.SUPPRESSED,
+            MessageStatus.EXPIRED,
+        ):
+            return Decision(attempt, MessageStatus.DELIVERED, delivered_step=view.step)
 
-    # A failure after success (an email bounce after the relay's 250) is recorded on the
-    # attempt but never falls over: the message may already be in the customer's hands.
+    # A failure on the current step of an unfinished message falls over, even after the
+    # step's acceptance (an email bounce inside its window). After the message ended (a
+    # bounce after the window) it is recorded on the attempt only.
     newly_unsuccessful = (
-        attempt in UNSUCCESSFUL_ATTEMPT
-        and view.attempt_status not in UNSUCCESSFUL_ATTEMPT
-        and not is_success(view.attempt_status, view.success_on)
+        attempt in UNSUCCESSFUL_ATTEMPT and view.attempt_status not in UNSUCCESSFUL_ATTEMPT
     )
     if newly_unsuccessful and view.step == view.current_step and message not in FINAL_MESSAGE:
         if view.step + 1 < view.step_count:
@@ -243,14 +273,18 @@ def due_action(
     deadline_passed: bool,
     expired: bool,
     held: bool,
+    in_window: bool = False,
 ) -> Due:
     """The decision for a due message. `attempt_status`: the current step's attempt (None
     before its first try); `deadline_passed`: that attempt's window has closed; `expired`:
-    the message's `expires_at` has come; `held`: its `not_before` is still ahead."""
+    the message's `expires_at` has come; `held`: its `not_before` is still ahead;
+    `in_window`: the attempt was accepted where that is success, and only waits out its
+    window for a failure report (an email's bounce)."""
     if message_status in FINAL_MESSAGE:
         return Due.FORGET
     if expired:
-        return Due.EXPIRE
+        # Sent in time: its window closes now, and it is a success, not an expiry.
+        return Due.TIMEOUT if in_window else Due.EXPIRE
     if attempt_status is None or (attempt_status is AttemptStatus.PENDING and not deadline_passed):
         return Due.RETIME if held else Due.SEND
     if deadline_passed:

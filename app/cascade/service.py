@@ -18,6 +18,7 @@ from typing import Any
 
 import structlog
 
+from app.cascade import machine
 from app.cascade.machine import (
     FINAL_MESSAGE,
     OPEN_ATTEMPT,
@@ -64,6 +65,8 @@ RECEIPT_SIGNALS = {
     ReceiptStatus.READ: Signal.READ,
     ReceiptStatus.FAILED: Signal.FAILED,
 }
+# The message event of a second step's delivery (webhook type `message.delivered_again`).
+DELIVERED_AGAIN = "delivered_again"
 # A timer may be looked at a hair early; within this it counts as on time.
 DEADLINE_SLACK = timedelta(milliseconds=100)
 
@@ -86,6 +89,14 @@ class SendPlan:
 
 def step_spec(message: MessageRow, step: int) -> dict[str, Any]:
     return message.cascade[step]
+
+
+def awaits_window(message: MessageRow, attempt: AttemptRow) -> bool:
+    """The attempt succeeded on acceptance and waits out its window for a failure report."""
+    spec = step_spec(message, attempt.step)
+    return machine.awaits_window(
+        attempt.status, SuccessOn(spec["success_on"]), spec.get("receipts", True)
+    )
 
 
 def due(message: MessageRow, at: datetime) -> datetime:
@@ -153,14 +164,17 @@ async def apply_signal(
 ) -> bool:
     """Apply one signal about one attempt; returns whether anything changed. `unsaved`:
     the attempt is new, and this is its row (inserted with the outcome)."""
+    spec = step_spec(message, attempt.step)
     view = StepView(
         message_status=message.status,
         current_step=message.current_step,
         step_count=len(message.cascade),
         step=attempt.step,
         attempt_status=attempt.status,
-        success_on=SuccessOn(step_spec(message, attempt.step)["success_on"]),
+        success_on=SuccessOn(spec["success_on"]),
         reached_before=reached_before,
+        reports_failures=spec.get("receipts", True),
+        delivered_step=message.delivered_step,
     )
     decision = decide(view, signal)
     if (
@@ -202,6 +216,18 @@ async def apply_signal(
         message_values["current_step"] = decision.next_step
         message_values["due_at"] = due(message, at)
         tx.wake_after_commit(message.category)
+    if decision.duplicate_delivery:
+        # The customer got it on two steps: the ledger says so, the message keeps the first.
+        new_events.append(
+            NewEvent(
+                status=DELIVERED_AGAIN,
+                source=source,
+                detail={
+                    "code": "duplicate_delivery",
+                    "detail": f"also delivered on step {attempt.step} ({attempt.channel})",
+                },
+            )
+        )
     if decision.message_status != message.status:
         message_values["status"] = decision.message_status.value
         if decision.message_status in FINAL_MESSAGE:

@@ -91,22 +91,29 @@ def resolve_cascade(
                     type="missing_content",
                 )
             )
-        steps.append(
-            {
-                "channel": step.channel.value,
-                "provider": provider.name,
-                "timeout": step.timeout or settings.default_timeouts[step.channel],
-                "success_on": (step.success_on or default_success_on(step.channel, provider)).value,
-            }
-        )
+        spec: dict[str, Any] = {
+            "channel": step.channel.value,
+            "provider": provider.name,
+            "timeout": step.timeout or settings.default_timeouts[step.channel],
+            "success_on": (step.success_on or default_success_on(step.channel, provider)).value,
+        }
+        if not confirms_delivery(provider):
+            # Nothing can be reported after acceptance: it delivers at once (see `decide`).
+            spec["receipts"] = False
+        steps.append(spec)
     if errors:
         raise InvalidRequest(detail="the cascade cannot be sent as given", errors=errors)
     return steps
 
 
+def confirms_delivery(provider: Provider) -> bool:
+    """Whether the provider reports anything after accepting a send (Telegram does not)."""
+    return bool(getattr(provider, "confirms_delivery", True))
+
+
 def default_success_on(channel: Channel, provider: Provider) -> SuccessOn:
     # Providers without receipts (Telegram) can only ever confirm acceptance.
-    if not getattr(provider, "confirms_delivery", True):
+    if not confirms_delivery(provider):
         return SuccessOn.ACCEPTED
     return DEFAULT_SUCCESS_ON[channel]
 

@@ -30,6 +30,8 @@ class EventType(StrEnum):
     ATTEMPT_FAILED = "message.attempt.failed"
     ATTEMPT_SUPPRESSED = "message.attempt.suppressed"
     MESSAGE_DELIVERED = "message.delivered"
+    # A later step was delivered too (a late receipt after the fallback was sent).
+    MESSAGE_DELIVERED_AGAIN = "message.delivered_again"
     MESSAGE_READ = "message.read"
     MESSAGE_CHECKED = "message.checked"
     MESSAGE_FAILED = "message.failed"

@@ -27,6 +27,7 @@ from tests.helpers import (
     send,
     wait_until_final,
 )
+from tests.ops.test_stats import stats
 
 
 def _sandbox(service_: Service) -> SandboxProvider:
@@ -223,3 +224,71 @@ async def test_a_final_message_found_due_is_forgotten_not_retimed_to_its_expiry(
     await engine.claim(1000)
 
     assert await due_at(service.worker_runtime, message_id) is None
+
+
+async def _wait_for_sent(tenant: Tenant, message_id: str, step: int) -> dict[str, Any]:
+    for _ in range(300):
+        message: dict[str, Any] = (await tenant.client.get(f"/v1/messages/{message_id}")).json()
+        if any(a["step"] == step and a["status"] == "sent" for a in message["attempts"]):
+            return message
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"step {step} was never sent")
+
+
+async def test_a_late_delivery_revives_a_failed_message_and_it_counts_once(
+    service: Service, tenant: Tenant
+) -> None:
+    message = await _silent_sms(tenant)
+    attempt_id = message["attempts"][0]["id"]
+
+    await _receipt(service, {"event_id": "f", "attempt_id": attempt_id, "status": "failed"})
+    failed = await stats(tenant, bucket="minute")
+    await _receipt(service, {"event_id": "d", "attempt_id": attempt_id, "status": "delivered"})
+    revived = (await tenant.client.get(f"/v1/messages/{message['id']}")).json()
+    counted = await stats(tenant, bucket="minute")
+
+    assert (failed["messages"], failed["by_status"]) == (1, {"failed": 1})
+    assert (revived["status"], revived["delivered_channel"]) == ("delivered", "sms")
+    # One message, in its latest final status: the failure is taken back.
+    assert (counted["messages"], counted["by_status"]) == (1, {"delivered": 1})
+    assert [(c["status"], c["messages"]) for c in counted["counts"] if c["messages"]] == [
+        ("delivered", 1)
+    ]
+    assert counted["time_to_deliver"]["delivered"] == 1
+    for bucket in ("hour", "day"):
+        assert (await stats(tenant, bucket=bucket))["by_status"] == {"delivered": 1}
+
+
+async def test_contradictory_receipts_leave_both_deliveries_in_the_ledger_counted_once(
+    service: Service, tenant: Tenant
+) -> None:
+    body = message_body(
+        to={"phone": "+48600100203", "push_token": "device-silent"},
+        cascade=[{"channel": "sms", "timeout": 120}, {"channel": "push", "timeout": 120}],
+    )
+    message_id = await send(tenant.client, body)
+    sms = (await _wait_for_sent(tenant, message_id, 0))["attempts"][0]["id"]
+
+    # The SMS is reported failed: the push fallback is sent...
+    await _receipt(service, {"event_id": "x1", "attempt_id": sms, "status": "failed"})
+    push = (await _wait_for_sent(tenant, message_id, 1))["attempts"][1]["id"]
+    # ... then the SMS turns out delivered after all, and so does the push.
+    await _receipt(service, {"event_id": "x2", "attempt_id": sms, "status": "delivered"})
+    await _receipt(service, {"event_id": "x3", "attempt_id": push, "status": "delivered"})
+
+    message = (await tenant.client.get(f"/v1/messages/{message_id}")).json()
+    assert (message["status"], message["delivered_channel"], message["delivered_step"]) == (
+        "delivered",
+        "sms",
+        0,
+    )
+    assert [a["status"] for a in message["attempts"]] == ["delivered", "delivered"]
+    again = [e for e in message["events"] if e["status"] == "delivered_again"]
+    assert [(e["attempt"], e["detail"]["code"]) for e in again] == [(None, "duplicate_delivery")]
+    assert [e["status"] for e in message["events"] if e["attempt"] is None] == [
+        "accepted",
+        "delivered",
+        "delivered_again",
+    ]
+    counted = await stats(tenant, bucket="minute")
+    assert (counted["messages"], counted["by_status"]) == (1, {"delivered": 1})

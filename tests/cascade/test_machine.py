@@ -14,13 +14,16 @@ from app.cascade.machine import (
     UNSUCCESSFUL_ATTEMPT,
     AttemptStatus,
     Decision,
+    Due,
     MessageStatus,
     Signal,
     StepView,
     Stop,
     StopDecision,
     SuccessOn,
+    awaits_window,
     decide,
+    due_action,
     is_success,
     retry_delay,
     stop_message,
@@ -45,9 +48,67 @@ def test_delivery_receipt_delivers_the_message() -> None:
     )
 
 
-def test_acceptance_is_success_when_the_step_says_so() -> None:
-    decision = decide(view(AttemptStatus.SENDING, success_on=SuccessOn.ACCEPTED), Signal.ACCEPTED)
-    assert decision.message_status is MessageStatus.DELIVERED
+def test_acceptance_is_success_at_once_where_nothing_can_be_reported_after_it() -> None:
+    state = replace(
+        view(AttemptStatus.SENDING, success_on=SuccessOn.ACCEPTED), reports_failures=False
+    )
+    assert decide(state, Signal.ACCEPTED) == Decision(
+        AttemptStatus.SENT, MessageStatus.DELIVERED, delivered_step=0
+    )
+
+
+def test_acceptance_as_success_waits_out_the_window_for_a_failure_report() -> None:
+    accepted = view(AttemptStatus.SENDING, success_on=SuccessOn.ACCEPTED)
+    assert decide(accepted, Signal.ACCEPTED) == Decision(AttemptStatus.SENT, MessageStatus.SENDING)
+
+    in_window = view(AttemptStatus.SENT, success_on=SuccessOn.ACCEPTED)
+    # The window closes without a bounce: delivered on that step; the attempt stays `sent`
+    # (nothing confirmed more than acceptance).
+    assert decide(in_window, Signal.TIMEOUT) == Decision(
+        AttemptStatus.SENT, MessageStatus.DELIVERED, delivered_step=0
+    )
+    # A bounce inside the window falls over like an SMS DLR does.
+    assert decide(in_window, Signal.FAILED) == Decision(
+        AttemptStatus.FAILED, MessageStatus.SENDING, next_step=1
+    )
+    last = view(AttemptStatus.SENT, success_on=SuccessOn.ACCEPTED, step=2, current=2)
+    assert decide(last, Signal.FAILED) == Decision(AttemptStatus.FAILED, MessageStatus.FAILED)
+    # A delivery receipt inside the window settles it at once.
+    assert decide(in_window, Signal.DELIVERED) == Decision(
+        AttemptStatus.DELIVERED, MessageStatus.DELIVERED, delivered_step=0
+    )
+
+
+def test_a_bounce_after_the_window_is_recorded_on_the_attempt_only() -> None:
+    state = replace(
+        view(AttemptStatus.SENT, success_on=SuccessOn.ACCEPTED, message=MessageStatus.DELIVERED),
+        delivered_step=0,
+    )
+    assert decide(state, Signal.FAILED) == Decision(AttemptStatus.FAILED, MessageStatus.DELIVERED)
+    # ... and a delivery receipt after it is no second delivery: it is the same step.
+    assert decide(state, Signal.DELIVERED) == Decision(
+        AttemptStatus.DELIVERED, MessageStatus.DELIVERED
+    )
+
+
+def test_a_second_step_delivered_after_the_first_is_a_duplicate_delivery() -> None:
+    # Step 0 failed, step 1 was sent, then step 0's late delivery delivered the message.
+    state = replace(
+        view(AttemptStatus.SENT, message=MessageStatus.DELIVERED, step=1, current=1),
+        delivered_step=0,
+    )
+    assert decide(state, Signal.DELIVERED) == Decision(
+        AttemptStatus.DELIVERED, MessageStatus.DELIVERED, duplicate_delivery=True
+    )
+
+
+def test_a_late_delivery_of_a_failed_step_delivers_the_message_on_it() -> None:
+    # Failed, fell over, the fallback still out: the late receipt wins, the message is
+    # delivered on step 0 (the engine never sends a pending fallback of a final message).
+    state = view(AttemptStatus.FAILED, step=0, current=1)
+    assert decide(state, Signal.DELIVERED) == Decision(
+        AttemptStatus.DELIVERED, MessageStatus.DELIVERED, delivered_step=0
+    )
 
 
 def test_acceptance_alone_waits_for_a_receipt() -> None:
@@ -116,7 +177,16 @@ signals = st.sampled_from(list(Signal))
 success_rules = st.sampled_from(list(SuccessOn))
 
 
-@given(attempts, messages, signals, success_rules, st.integers(0, 3), st.integers(0, 3))
+@given(
+    attempts,
+    messages,
+    signals,
+    success_rules,
+    st.integers(0, 3),
+    st.integers(0, 3),
+    st.booleans(),
+    st.none() | st.integers(0, 3),
+)
 def test_invariants(
     attempt: AttemptStatus,
     message: MessageStatus,
@@ -124,8 +194,19 @@ def test_invariants(
     success_on: SuccessOn,
     step: int,
     current: int,
+    reports_failures: bool,
+    delivered_step: int | None,
 ) -> None:
-    state = StepView(message, current, 4, step, attempt, success_on)
+    state = StepView(
+        message,
+        current,
+        4,
+        step,
+        attempt,
+        success_on,
+        reports_failures=reports_failures,
+        delivered_step=delivered_step if message is MessageStatus.DELIVERED else None,
+    )
     decision = decide(state, signal)
 
     # A delivered message stays delivered.
@@ -136,9 +217,14 @@ def test_invariants(
         assert step == current and message not in FINAL_MESSAGE
         assert decision.next_step == step + 1 < 4
         assert decision.attempt_status in UNSUCCESSFUL_ATTEMPT
-    # A successful attempt never falls over, whatever arrives after it.
-    if is_success(attempt, success_on):
+    # A successful attempt never falls over, whatever arrives after it, unless it only
+    # waits out its window for a failure report.
+    if is_success(attempt, success_on) and not awaits_window(attempt, success_on, reports_failures):
         assert decision.next_step is None
+    # A duplicate delivery is only ever of a delivered message, on another step.
+    if decision.duplicate_delivery:
+        assert message is MessageStatus.DELIVERED and step != state.delivered_step
+        assert decision.message_status is MessageStatus.DELIVERED
     # Cancelled and suppressed messages are never revived.
     if message in (MessageStatus.CANCELLED, MessageStatus.SUPPRESSED):
         assert decision.message_status is message
@@ -237,3 +323,18 @@ def test_suppression_invariants(
         ):
             assert not reached_before
             assert decision.attempt_status is AttemptStatus.SUPPRESSED
+
+
+def test_a_step_in_its_window_when_the_message_expires_ends_delivered_not_expired() -> None:
+    def action(in_window: bool) -> Due:
+        return due_action(
+            MessageStatus.SENDING,
+            AttemptStatus.SENT,
+            deadline_passed=False,
+            expired=True,
+            held=False,
+            in_window=in_window,
+        )
+
+    assert action(in_window=True) is Due.TIMEOUT
+    assert action(in_window=False) is Due.EXPIRE

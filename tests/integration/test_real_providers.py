@@ -38,7 +38,7 @@ async def test_invalid_number_at_twilio_falls_over_to_email_over_smtp(
         to={"phone": "+48600100211", "email": "ann+twilio@example.com"},
         cascade=[
             {"channel": "sms", "provider": "twilio"},
-            {"channel": "email", "provider": "smtp"},
+            {"channel": "email", "provider": "smtp", "timeout": 1},
         ],
     )
     message = await wait_until_final(tenant.client, await send(tenant.client, body))
@@ -72,7 +72,7 @@ async def test_rate_limited_sms_with_no_time_left_falls_over(tenant: Tenant) -> 
         to={"phone": "+48600100429", "email": "ann+429@example.com"},
         cascade=[
             {"channel": "sms", "provider": "twilio", "timeout": 2},
-            {"channel": "email", "provider": "smtp"},
+            {"channel": "email", "provider": "smtp", "timeout": 1},
         ],
     )
     message = await wait_until_final(tenant.client, await send(tenant.client, body))
@@ -180,15 +180,7 @@ async def test_whatsapp_webhook_handshake_echoes_the_challenge(service: Service)
     assert bad.status_code == 403
 
 
-async def test_hard_bounce_dsn_marks_the_email_attempt_failed(
-    service: Service, tenant: Tenant, simulators: Simulators
-) -> None:
-    body = message_body(
-        to={"email": "gone@example.com"}, cascade=[{"channel": "email", "provider": "smtp"}]
-    )
-    message = await wait_until_final(tenant.client, await send(tenant.client, body))
-    mail = next(m for m in simulators.smtp.messages if "gone@example.com" in m.rcpt_tos)
-    dsn = build_dsn(mail)
+async def _post_bounce(service: Service, dsn: bytes) -> tuple[httpx.Response, httpx.Response]:
     async with httpx.AsyncClient(base_url=service.base_url) as mta:
         forged = await mta.post(
             "/v1/providers/smtp/status",
@@ -200,12 +192,36 @@ async def test_hard_bounce_dsn_marks_the_email_attempt_failed(
             content=dsn,
             headers={"X-Cascade-Bounce-Signature": sign_bounce(dsn, "bounce-secret")},
         )
+    return forged, bounced
+
+
+async def test_a_hard_bounce_inside_the_email_window_falls_over_to_sms(
+    service: Service, tenant: Tenant, simulators: Simulators
+) -> None:
+    body = message_body(
+        to={"email": "gone@example.com", "phone": "+48600100200"},
+        cascade=[
+            {"channel": "email", "provider": "smtp", "timeout": 60},
+            {"channel": "sms", "provider": "twilio"},
+        ],
+    )
+    message_id = await send(tenant.client, body)
+    # The relay took it (250): the message waits out the step's window, `sending`.
+    mail = await eventually(
+        lambda: next(
+            (m for m in simulators.smtp.messages if "gone@example.com" in m.rcpt_tos), None
+        )
+    )
+    sent = (await tenant.client.get(f"/v1/messages/{message_id}")).json()
+    assert (sent["status"], attempt_statuses(sent)) == ("sending", [("email", "sent")])
+
+    forged, bounced = await _post_bounce(service, build_dsn(mail))
 
     assert forged.status_code == 401
     assert bounced.json() == {"received": 1, "applied": 1}
-    after = (await tenant.client.get(f"/v1/messages/{message['id']}")).json()
-    assert after["status"] == "delivered"  # the relay accepted it: success_on accepted
-    assert after["attempts"][0]["status"] == "failed"
+    after = await wait_until_final(tenant.client, message_id)
+    assert (after["status"], after["delivered_channel"]) == ("delivered", "sms")
+    assert attempt_statuses(after) == [("email", "failed"), ("sms", "delivered")]
     assert after["attempts"][0]["error"]["code"].startswith("smtp:5.")
     suppressed = (await tenant.client.get("/v1/suppressions", params={"channel": "email"})).json()[
         "data"
@@ -214,8 +230,32 @@ async def test_hard_bounce_dsn_marks_the_email_attempt_failed(
         ("gone@example.com", "hard_bounce", "all")
     ]
     # The next transactional email to that address is skipped, not sent.
-    again = await wait_until_final(tenant.client, await send(tenant.client, body))
+    again = await wait_until_final(
+        tenant.client, await send(tenant.client, {**body, "cascade": body["cascade"][:1]})
+    )
     assert again["status"] == "suppressed"
+
+
+async def test_a_bounce_after_the_email_window_is_recorded_without_a_resend(
+    service: Service, tenant: Tenant, simulators: Simulators
+) -> None:
+    body = message_body(
+        to={"email": "late-bounce@example.com", "phone": "+48600100200"},
+        cascade=[
+            {"channel": "email", "provider": "smtp", "timeout": 1},
+            {"channel": "sms", "provider": "twilio"},
+        ],
+    )
+    message = await wait_until_final(tenant.client, await send(tenant.client, body))
+    assert (message["status"], message["delivered_channel"]) == ("delivered", "email")
+    mail = next(m for m in simulators.smtp.messages if "late-bounce@example.com" in m.rcpt_tos)
+
+    _, bounced = await _post_bounce(service, build_dsn(mail))
+
+    assert bounced.json() == {"received": 1, "applied": 1}
+    after = (await tenant.client.get(f"/v1/messages/{message['id']}")).json()
+    assert (after["status"], after["delivered_channel"]) == ("delivered", "email")
+    assert attempt_statuses(after) == [("email", "failed")]
 
 
 async def test_sms_over_smpp_is_delivered_by_a_deliver_sm_receipt(
@@ -235,7 +275,10 @@ async def test_sms_over_smpp_is_delivered_by_a_deliver_sm_receipt(
 async def test_undelivered_smpp_receipt_falls_over_to_email(tenant: Tenant) -> None:
     body = message_body(
         to={"phone": "+48600100099", "email": "ann+smpp@example.com"},
-        cascade=[{"channel": "sms", "provider": "smpp"}, {"channel": "email", "provider": "smtp"}],
+        cascade=[
+            {"channel": "sms", "provider": "smpp"},
+            {"channel": "email", "provider": "smtp", "timeout": 1},
+        ],
     )
     message = await wait_until_final(tenant.client, await send(tenant.client, body))
 
@@ -255,7 +298,10 @@ async def test_smpp_receipt_before_the_submit_response_still_matches(tenant: Ten
 async def test_invalid_destination_at_the_smsc_falls_over(tenant: Tenant) -> None:
     body = message_body(
         to={"phone": "+48600100011", "email": "ann+smpp11@example.com"},
-        cascade=[{"channel": "sms", "provider": "smpp"}, {"channel": "email", "provider": "smtp"}],
+        cascade=[
+            {"channel": "sms", "provider": "smpp"},
+            {"channel": "email", "provider": "smtp", "timeout": 1},
+        ],
     )
     message = await wait_until_final(tenant.client, await send(tenant.client, body))
 

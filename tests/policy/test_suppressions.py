@@ -150,7 +150,9 @@ async def test_marketing_email_carries_a_one_click_unsubscribe_that_works(
     service: Service, tenant: Tenant, simulators: Simulators
 ) -> None:
     address = f"news-{uuid.uuid4().hex[:8]}@example.com"
-    body = marketing(to={"email": address}, cascade=[{"channel": "email", "provider": "smtp"}])
+    body = marketing(
+        to={"email": address}, cascade=[{"channel": "email", "provider": "smtp", "timeout": 1}]
+    )
     await wait_until_final(tenant.client, await send(tenant.client, body))
     mail = next(m for m in simulators.smtp.messages if address in m.rcpt_tos)
     link = str(mail.message["List-Unsubscribe"]).strip("<>")
@@ -176,7 +178,9 @@ async def test_transactional_email_has_no_unsubscribe_header(
     tenant: Tenant, simulators: Simulators
 ) -> None:
     address = f"otp-{uuid.uuid4().hex[:8]}@example.com"
-    body = message_body(to={"email": address}, cascade=[{"channel": "email", "provider": "smtp"}])
+    body = message_body(
+        to={"email": address}, cascade=[{"channel": "email", "provider": "smtp", "timeout": 1}]
+    )
     await wait_until_final(tenant.client, await send(tenant.client, body))
     mail = next(m for m in simulators.smtp.messages if address in m.rcpt_tos)
 

@@ -1,10 +1,10 @@
 """What the README's sandbox table says of emails, checked end to end: an email step
-succeeds on acceptance by default, so `fail@` and `silent@` end delivered on email; with
-`success_on: delivered` they fall over as the table says."""
+succeeds on acceptance by default, but waits out its window for a bounce. `fail@`'s bounce
+inside the window falls over like an SMS failure receipt; `silent@` ends delivered on email
+when the window closes. With `success_on: delivered`, `silent@` falls over too."""
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from tests.conftest import Tenant
@@ -18,21 +18,31 @@ async def final(tenant: Tenant, email: str, cascade: list[dict[str, Any]]) -> di
     return await wait_until_final(tenant.client, await send(tenant.client, body))
 
 
-async def test_fail_and_silent_emails_end_delivered_on_email_by_default(tenant: Tenant) -> None:
+async def test_a_bounce_inside_the_window_falls_over_and_silence_delivers_on_email(
+    tenant: Tenant,
+) -> None:
     failing = await final(tenant, "fail@example.com", EMAIL_THEN_SMS)
     silent = await final(tenant, "silent@example.com", EMAIL_THEN_SMS)
 
-    assert (failing["status"], failing["delivered_channel"]) == ("delivered", "email")
+    assert (failing["status"], failing["delivered_channel"]) == ("delivered", "sms")
+    assert attempt_statuses(failing) == [("email", "failed"), ("sms", "delivered")]
+    # The message was `sending` when the bounce came, never `delivered` on email.
+    assert [e["status"] for e in failing["events"] if e["attempt"] is None] == [
+        "accepted",
+        "delivered",
+    ]
+    # No bounce within the window: delivered on email; the attempt says only `sent`.
     assert (silent["status"], silent["delivered_channel"]) == ("delivered", "email")
     assert attempt_statuses(silent) == [("email", "sent")]
-    # The failure receipt (a bounce) comes later: recorded on the attempt, nothing resent.
-    for _ in range(200):
-        failing = (await tenant.client.get(f"/v1/messages/{failing['id']}")).json()
-        if attempt_statuses(failing) == [("email", "failed")]:
-            break
-        await asyncio.sleep(0.05)
+    delivered = next(e for e in silent["events"] if e["status"] == "delivered")
+    assert delivered["source"] == "timeout"
+
+
+async def test_a_bounce_of_the_last_step_fails_the_message(tenant: Tenant) -> None:
+    failing = await final(tenant, "fail@example.com", EMAIL_THEN_SMS[:1])
+
+    assert failing["status"] == "failed"
     assert attempt_statuses(failing) == [("email", "failed")]
-    assert failing["status"] == "delivered"
 
 
 async def test_with_success_on_delivered_fail_and_silent_emails_fall_over(

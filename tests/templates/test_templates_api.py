@@ -106,7 +106,10 @@ async def test_each_channel_gets_its_own_rendered_variant(
         await send(
             tenant.client,
             templated(
-                name, {"email": email}, [{"channel": "email", "provider": "smtp"}], data=data
+                name,
+                {"email": email},
+                [{"channel": "email", "provider": "smtp", "timeout": 1}],
+                data=data,
             ),
         ),
         await send(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import uuid
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -78,14 +78,21 @@ def final_status_rollup(
     step: int,
     at: datetime,
     cost: Decimal | None = None,
+    *,
+    count: int = 1,
+    delivered_at: datetime | None = None,
 ) -> Rollup:
     """Count a message that just reached final `status` on cascade step `step`: write it
-    exactly once per message, in the transaction that sets the final status."""
+    exactly once per message, in the transaction that sets the final status. `count=-1`
+    takes back how it was counted before (a failed message revived by a late delivery).
+    `delivered_at`: when it was delivered, if not `at` (an email accepted at `sent_at` and
+    delivered when its bounce window closed)."""
     latency_ms = (
-        max(0, int((at - message.created_at).total_seconds() * 1000))
+        max(0, int(((delivered_at or at) - message.created_at).total_seconds() * 1000))
         if status is MessageStatus.DELIVERED
         else None
     )
+    hist = one_hot(latency_ms)
     channel = str(message.cascade[step]["channel"]) if 0 <= step < len(message.cascade) else ""
     row = {
         "tenant_id": message.tenant_id,
@@ -94,9 +101,9 @@ def final_status_rollup(
         "status": status.value,
         "step": step,
         "shard": message.id.int % SHARDS,
-        "messages": 1,
-        "latency_ms_sum": latency_ms or 0,
-        "latency_hist": one_hot(latency_ms),
+        "messages": count,
+        "latency_ms_sum": count * (latency_ms or 0),
+        "latency_hist": hist if count == 1 else [count * n for n in hist],
         "cost": cost,
     }
     rows = [{**row, "resolution": b.value, "bucket": truncate(at, b)} for b in Bucket]
@@ -128,7 +135,26 @@ def observe_outcome(
         )
     if decision.message_status != message.status and decision.message_status in FINAL_MESSAGE:
         step = attempt.step if decision.delivered_step is None else decision.delivered_step
-        return final_status_rollup(message, decision.message_status, step, at)
+        # Delivered as its window closed: the time to deliver is the time to acceptance.
+        window_closed = source == "timeout" and decision.message_status is MessageStatus.DELIVERED
+        rollup = final_status_rollup(
+            message,
+            decision.message_status,
+            step,
+            at,
+            delivered_at=attempt.sent_at if window_closed else None,
+        )
+        if message.status in FINAL_MESSAGE and message.completed_at is not None:
+            # Revived (a late delivery of a failed message): it moves to its new status,
+            # out of the one it was counted in, so each message counts once.
+            was = message.current_step
+            if message.delivered_step is not None:
+                was = message.delivered_step
+            before = final_status_rollup(
+                message, message.status, was, message.completed_at, count=-1
+            )
+            rollup = replace(rollup, rows=rollup.rows + before.rows)
+        return rollup
     return None
 
 
@@ -261,16 +287,19 @@ def _summarise(
         end=end,
         bucket=bucket,
         messages=overall.messages,
-        by_status=dict(by_status),
+        # A revived message's first status nets to 0 (see `observe_outcome`): not shown.
+        by_status={status: n for status, n in by_status.items() if n},
         failover_rate=overall.failover_rate(),
         time_to_deliver=overall.latency(),
         counts=[
             CountView(category=Category(c), channel=ch, status=s, messages=n)
             for (c, ch, s), n in sorted(counts.items())
+            if n
         ],
         series=[
             SeriesPoint(bucket=at, category=c, channel=ch, status=st, messages=n)
             for (at, c, ch, st), n in series.items()
+            if n
         ],
         steps=steps,
         by_category=[
