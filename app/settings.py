@@ -138,6 +138,11 @@ class Settings(BaseSettings):
             missing.append("CASCADE_API_KEY_PEPPER")
         if self.unsubscribe_secret.get_secret_value() in ("", DEV_UNSUBSCRIBE_SECRET):
             missing.append("CASCADE_UNSUBSCRIBE_SECRET")
+        dev_secrets = set(ReceiptKeys.parse(DEV_RECEIPT_KEYS).secrets.values())
+        if not self.receipt_keys.get_secret_value().strip() or any(
+            secret in dev_secrets for secret in self.receipt_signing_keys.secrets.values()
+        ):
+            missing.append("CASCADE_RECEIPT_KEYS")
         if self.sandbox_active and self.sandbox_secret.get_secret_value() in (
             "",
             DEV_SANDBOX_SECRET,
