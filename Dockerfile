@@ -1,7 +1,8 @@
 # API:    docker run -p 8000:8000 -e CASCADE_DATABASE_URL=… -e CASCADE_REDIS_URL=… cascade
 # Worker: docker run -e CASCADE_DATABASE_URL=… -e CASCADE_REDIS_URL=… cascade cascade worker
 # Migrations: docker run -e CASCADE_DATABASE_URL=… cascade cascade migrate
-# All three also need CASCADE_API_KEY_PEPPER and CASCADE_UNSUBSCRIBE_SECRET; see compose.yaml.
+# All three also need CASCADE_API_KEY_PEPPER, CASCADE_UNSUBSCRIBE_SECRET and CASCADE_RECEIPT_KEYS;
+# see compose.yaml.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1

@@ -7,18 +7,23 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.auth.receipts import ReceiptKeys
 from providers.base import Category, Channel
 
 DEV_API_KEY_PEPPER = "cascade-dev-pepper"
 DEV_SANDBOX_SECRET = "cascade-sandbox-dev-secret"
 DEV_UNSUBSCRIBE_SECRET = "cascade-unsubscribe-dev-secret"
+DEV_RECEIPT_KEYS = "dev:cascade-receipt-dev-secret"
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="CASCADE_", env_file=".env", extra="ignore")
+    # An invalid value is not echoed: it may be a secret.
+    model_config = SettingsConfigDict(
+        env_prefix="CASCADE_", env_file=".env", extra="ignore", hide_input_in_errors=True
+    )
 
     # `cascade dev` and the tests: embedded servers, the built-in secrets and the sandbox
     # providers are allowed. Off (production), `cascade api`/`worker` refuse to start on them.
@@ -34,6 +39,9 @@ class Settings(BaseSettings):
 
     # Hashing pepper for API keys: a leaked table alone does not yield usable keys.
     api_key_pepper: SecretStr = SecretStr(DEV_API_KEY_PEPPER)
+    # Signs push receipt tokens: `kid:secret,…`, the first signs and all verify (rotation:
+    # add a new key, then list it first, then drop the old one). Unset: a dev key (dev mode).
+    receipt_keys: SecretStr = SecretStr("")
     sandbox_secret: SecretStr = SecretStr(DEV_SANDBOX_SECRET)
     sandbox_delay: timedelta = timedelta(milliseconds=150)
 
@@ -101,6 +109,17 @@ class Settings(BaseSettings):
     # every burst opened and closed connections (a Postgres backend fork each).
     db_pool_size: int = 20
 
+    @field_validator("receipt_keys")
+    @classmethod
+    def _receipt_keys_parse(cls, value: SecretStr) -> SecretStr:
+        if value.get_secret_value().strip():
+            ReceiptKeys.parse(value.get_secret_value())
+        return value
+
+    @cached_property
+    def receipt_signing_keys(self) -> ReceiptKeys:
+        return ReceiptKeys.parse(self.receipt_keys.get_secret_value().strip() or DEV_RECEIPT_KEYS)
+
     @property
     def sandbox_active(self) -> bool:
         return self.dev_mode if self.sandbox_enabled is None else self.sandbox_enabled
@@ -119,6 +138,11 @@ class Settings(BaseSettings):
             missing.append("CASCADE_API_KEY_PEPPER")
         if self.unsubscribe_secret.get_secret_value() in ("", DEV_UNSUBSCRIBE_SECRET):
             missing.append("CASCADE_UNSUBSCRIBE_SECRET")
+        dev_secrets = set(ReceiptKeys.parse(DEV_RECEIPT_KEYS).secrets.values())
+        if not self.receipt_keys.get_secret_value().strip() or any(
+            secret in dev_secrets for secret in self.receipt_signing_keys.secrets.values()
+        ):
+            missing.append("CASCADE_RECEIPT_KEYS")
         if self.sandbox_active and self.sandbox_secret.get_secret_value() in (
             "",
             DEV_SANDBOX_SECRET,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import secrets
@@ -50,12 +49,6 @@ def hash_key(pepper: str, key: str) -> bytes:
 
 def generate_key() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
-
-
-def receipt_token(pepper: str, message_id: str) -> str:
-    """The per-message token a device presents to confirm a push (no API key on devices)."""
-    digest = hmac.new(pepper.encode(), f"receipt:{message_id}".encode(), hashlib.sha256).digest()
-    return "rct_" + base64.urlsafe_b64encode(digest[:24]).decode().rstrip("=")
 
 
 async def ensure_tenant(conn: AsyncConnection, name: str, at: datetime) -> uuid.UUID:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 
-from app.auth.service import receipt_token
+from app.auth.receipts import receipt_token
 from app.ids import to_public
 from app.ledger.repository import MessageRow
 from app.policy import service as policy
@@ -44,7 +44,7 @@ def outbound_message(
             f"{settings.callback_base}/v1/providers/{provider.name}/status?attempt={public_attempt}"
         ),
         receipt_token=(
-            receipt_token(settings.api_key_pepper.get_secret_value(), public_message)
+            receipt_token(settings.receipt_signing_keys, public_message)
             if channel == Channel.PUSH
             else None
         ),

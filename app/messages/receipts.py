@@ -6,7 +6,6 @@ authenticated by the message's receipt token (sent in the push payload) or an AP
 
 from __future__ import annotations
 
-import hmac
 from enum import StrEnum
 from typing import Annotated
 
@@ -15,7 +14,8 @@ from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import BaseModel, Field
 
 from app.auth.dependencies import bearer, get_runtime
-from app.auth.service import Scope, authenticate, receipt_token
+from app.auth.receipts import ReceiptTokenRefused, check_receipt_token
+from app.auth.service import Scope, authenticate
 from app.cascade.service import record_status
 from app.errors import PROBLEM_RESPONSES, NotFound, Unauthorized
 from app.ids import from_public, to_public
@@ -52,18 +52,25 @@ async def post_receipt(
     body: ClientReceipt,
     receipt_token_header: Annotated[
         str | None,
-        Header(alias="X-Receipt-Token", description="The token from the push payload."),
+        Header(
+            alias="X-Receipt-Token",
+            description="The token from the push payload (`receipt_token`):"
+            " `rct1.<key id>.<mac>`, bound to this message.",
+        ),
     ] = None,
     credentials: HTTPAuthorizationCredentials | None = Depends(bearer),
     runtime: Runtime = Depends(get_runtime),
 ) -> ReceiptResult:
-    pepper = runtime.settings.api_key_pepper.get_secret_value()
     tenant_id = None
     if receipt_token_header is not None:
-        expected = receipt_token(pepper, message_id)
-        if not hmac.compare_digest(expected, receipt_token_header):
-            raise Unauthorized("the receipt token does not match this message")
+        try:
+            check_receipt_token(
+                runtime.settings.receipt_signing_keys, message_id, receipt_token_header
+            )
+        except ReceiptTokenRefused as refused:
+            raise Unauthorized(str(refused)) from None
     elif credentials is not None:
+        pepper = runtime.settings.api_key_pepper.get_secret_value()
         async with runtime.engine.connect() as conn:
             principal = await authenticate(conn, pepper, credentials.credentials)
         if principal is None or not (principal.scopes & {Scope.SEND, Scope.ADMIN}):

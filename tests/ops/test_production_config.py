@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from app.runtime import provider_accounts
-from app.settings import Settings
+from app.settings import DEV_RECEIPT_KEYS, Settings
 from tests.conftest import CASCADE_BIN
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -22,6 +22,7 @@ PRODUCTION = {
     "CASCADE_REDIS_URL": "redis://127.0.0.1:1/0",
     "CASCADE_API_KEY_PEPPER": "a-real-pepper",
     "CASCADE_UNSUBSCRIBE_SECRET": "a-real-unsubscribe-secret",
+    "CASCADE_RECEIPT_KEYS": "rk1:a-real-receipt-secret",
 }
 
 
@@ -61,6 +62,43 @@ def test_a_sandbox_turned_on_in_production_needs_its_own_secret(tmp_path: Path) 
     assert "CASCADE_DATABASE_URL" not in said
 
 
+@pytest.mark.parametrize(
+    "receipt_keys",
+    [
+        None,
+        "",
+        DEV_RECEIPT_KEYS,
+        "rk1:cascade-receipt-dev-secret",
+        "rk2:new,dev:cascade-receipt-dev-secret",
+    ],
+)
+def test_receipt_keys_unset_or_on_the_dev_secret_refuse_to_start(
+    receipt_keys: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key in os.environ:
+        if key.startswith("CASCADE_"):
+            monkeypatch.delenv(key)
+    production = {k: v for k, v in PRODUCTION.items() if k != "CASCADE_RECEIPT_KEYS"}
+    for key, value in production.items():
+        monkeypatch.setenv(key, value)
+    if receipt_keys is not None:
+        monkeypatch.setenv("CASCADE_RECEIPT_KEYS", receipt_keys)
+
+    assert Settings().missing_for_production() == ["CASCADE_RECEIPT_KEYS"]
+    assert Settings(dev_mode=True).missing_for_production() == []
+
+
+def test_the_api_refuses_to_start_without_receipt_keys(tmp_path: Path) -> None:
+    production = {k: v for k, v in PRODUCTION.items() if k != "CASCADE_RECEIPT_KEYS"}
+
+    refused = run(["api"], tmp_path, **production)
+
+    assert refused.returncode == 1
+    said = " ".join(refused.stdout.split())
+    assert "set CASCADE_RECEIPT_KEYS " in said
+    assert "CASCADE_API_KEY_PEPPER" not in said
+
+
 def test_migrate_without_a_database_url_refuses_outside_dev(tmp_path: Path) -> None:
     refused = run(["migrate"], tmp_path)
 
@@ -70,6 +108,8 @@ def test_migrate_without_a_database_url_refuses_outside_dev(tmp_path: Path) -> N
 
 
 def test_sandbox_providers_are_opt_in_outside_dev_mode() -> None:
+    """Not even a complete production configuration turns them on implicitly."""
+
     def names(**settings: Any) -> set[str]:
         return {account.name for account in provider_accounts(Settings(**settings))}
 
@@ -77,6 +117,10 @@ def test_sandbox_providers_are_opt_in_outside_dev_mode() -> None:
     assert "sandbox" in names(dev_mode=True)
     assert "sandbox" in names(sandbox_enabled=True)
     assert "sandbox" not in names(dev_mode=True, sandbox_enabled=False)
+    production = Settings(**{k.removeprefix("CASCADE_").lower(): v for k, v in PRODUCTION.items()})
+    assert production.missing_for_production() == []
+    assert not production.sandbox_active
+    assert "sandbox" not in {account.name for account in provider_accounts(production)}
 
 
 def compose() -> dict[str, Any]:
@@ -132,7 +176,7 @@ def _interpolate(value: str) -> str:
     def one(match: re.Match[str]) -> str:
         name, kind, rest = match.group(1), match.group(2), match.group(3)
         if kind == ":?":
-            return f"value-of-{name}"
+            return f"key:value-of-{name}"  # a value for any secret, `kid:secret` ones too
         return rest
 
     return re.sub(r"\$\{(\w+)(:-|:\?)([^}]*)\}", one, value)
