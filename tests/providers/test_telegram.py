@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import socket
 import uuid
 from collections.abc import AsyncIterator
@@ -11,7 +13,9 @@ from typing import Any
 import orjson
 import pytest
 from pydantic import ValidationError
+from typer.testing import CliRunner, Result
 
+from app.cli import cli
 from providers.base import (
     Accepted,
     Category,
@@ -421,3 +425,82 @@ async def test_set_webhook_needs_a_secret_and_a_valid_token(sim: TelegramSimulat
 
     assert raised.value.code == "401"
     assert "revoked-token" not in str(raised.value)
+
+
+# --- `cascade providers telegram set-webhook` ------------------------------------------
+
+
+def bot_account(sim: TelegramSimulator, name: str, **config: object) -> dict[str, object]:
+    values = {"base_url": sim.base_url, "bot_token": sim.bot_token, "webhook_secret": SECRET}
+    return {"type": "telegram", "name": name, "config": values | config}
+
+
+async def set_webhook_command(
+    accounts: list[dict[str, object]], *args: str, public_url: str = "https://cascade.example"
+) -> Result:
+    env = {
+        "CASCADE_PROVIDERS": json.dumps(accounts),
+        "CASCADE_PUBLIC_URL": public_url,
+        "COLUMNS": "200",
+    }
+    argv = ["providers", "telegram", "set-webhook", *args]
+    # In a thread: the command runs its own event loop while the simulator serves in ours.
+    return await asyncio.to_thread(CliRunner().invoke, cli, argv, env=env)
+
+
+async def test_set_webhook_points_the_bot_at_the_inbound_route(sim: TelegramSimulator) -> None:
+    result = await set_webhook_command([bot_account(sim, "news-bot")])
+
+    url = "https://cascade.example/v1/providers/news-bot/inbound"
+    assert result.exit_code == 0, result.output
+    assert sim.webhook == Webhook(url, SECRET, ALLOWED_UPDATES)
+    assert f"Webhook was set: {url}" in result.output
+    assert "updates: message, edited_message, channel_post" in result.output
+    assert sim.bot_token not in result.output
+    assert SECRET not in result.output
+
+
+async def test_set_webhook_picks_the_named_account_and_public_url(sim: TelegramSimulator) -> None:
+    accounts = [bot_account(sim, "bot-a"), bot_account(sim, "bot-b")]
+
+    ambiguous = await set_webhook_command(accounts)
+    unknown = await set_webhook_command(accounts, "--account", "bot-c")
+    chosen = await set_webhook_command(
+        accounts,
+        "--account",
+        "bot-b",
+        "--public-url",
+        "https://tunnel.example:8443/",
+        "--drop-pending-updates",
+    )
+
+    assert ambiguous.exit_code == 1
+    assert "pass --account (telegram accounts: bot-a, bot-b)" in ambiguous.output
+    assert unknown.exit_code == 1
+    assert "no telegram account 'bot-c'" in unknown.output
+    assert chosen.exit_code == 0, chosen.output
+    assert sim.webhook is not None
+    assert sim.webhook.url == "https://tunnel.example:8443/v1/providers/bot-b/inbound"
+    assert sim.requests[-1].params["drop_pending_updates"] is True
+
+
+async def test_set_webhook_shows_why_telegram_refused(sim: TelegramSimulator) -> None:
+    before = sim.webhook
+
+    plain_http = await set_webhook_command(
+        [bot_account(sim, "news-bot")], public_url="http://cascade.example"
+    )
+    no_secret = await set_webhook_command(
+        [{"type": "telegram", "name": "news-bot", "config": {"bot_token": sim.bot_token}}]
+    )
+    bad_secret = await set_webhook_command([bot_account(sim, "news-bot", webhook_secret="a b")])
+
+    assert plain_http.exit_code == 1
+    assert "Telegram refused: telegram:400: Bad Request: bad webhook: An HTTPS URL" in (
+        plain_http.output
+    )
+    assert no_secret.exit_code == 1
+    assert "account 'news-bot' has no webhook_secret" in no_secret.output
+    assert bad_secret.exit_code == 1
+    assert "webhook_secret must be 1-256 characters" in bad_secret.output
+    assert sim.webhook == before
