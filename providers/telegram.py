@@ -236,10 +236,11 @@ def inbound_messages(update: _Update) -> list[InboundMessage]:
     """A text message as the reply of the chat it came from (where we send to that chat).
 
     The event id is the update id with the chat and message ids: a redelivered update is
-    the same event, and an update id Telegram picks again (it does after a quiet week)
-    is not. A public channel or supergroup is also addressed as `@username`, so its reply
-    is given for that address too. A bot command is given as its name (`/stop@bot` is
-    `stop`): Telegram's Start button sends `/start`.
+    the same event, and a reused update id (after a week without updates Telegram picks
+    the next one at random) is not taken for a replay. A public channel or supergroup is
+    also addressed as `@username`, so its reply is given for that address too. A bot
+    command is given as its name (`/stop@bot` is `stop`): Telegram's Start button sends
+    `/start`.
     """
     message = update.message or update.edited_message or update.channel_post
     if message is None or message.text is None:
