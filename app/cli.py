@@ -56,6 +56,8 @@ keys_cli = typer.Typer(help="API keys.", no_args_is_help=True)
 cli.add_typer(keys_cli, name="keys")
 providers_cli = typer.Typer(help="Provider accounts.", no_args_is_help=True)
 cli.add_typer(providers_cli, name="providers")
+telegram_cli = typer.Typer(help="Telegram bot accounts.", no_args_is_help=True)
+providers_cli.add_typer(telegram_cli, name="telegram")
 register_api_commands(cli, keys_cli)
 console = Console()
 
@@ -412,6 +414,73 @@ def providers_check() -> None:
             console.print(f"{name}: {problem}", soft_wrap=True, highlight=False)
     if any(problems.values()):
         raise typer.Exit(1)
+
+
+@telegram_cli.command("set-webhook")
+def telegram_set_webhook(
+    account: Annotated[
+        str | None, typer.Option(help="The telegram account's name (default: the only one).")
+    ] = None,
+    public_url: Annotated[
+        str | None,
+        typer.Option(
+            help="Where Telegram reaches this API (default: CASCADE_PUBLIC_URL): HTTPS, on"
+            " port 443, 80, 88 or 8443."
+        ),
+    ] = None,
+    drop_pending_updates: Annotated[
+        bool, typer.Option("--drop-pending-updates", help="Discard the updates Telegram holds.")
+    ] = False,
+) -> None:
+    """Send a Telegram bot's updates (replies, STOP) to this API, with its webhook secret."""
+    from rich.markup import escape
+
+    from app.runtime import provider_accounts
+    from providers.accounts import adapter_config
+    from providers.telegram import (
+        ALLOWED_UPDATES,
+        TelegramApiError,
+        TelegramConfig,
+        TelegramProvider,
+    )
+
+    settings = Settings()
+    try:
+        bots = [a for a in provider_accounts(settings) if a.type == "telegram"]
+        names = ", ".join(a.name for a in bots) or "none"
+        chosen = [a for a in bots if account in (None, a.name)]
+        if len(chosen) != 1:
+            wanted = f"no telegram account {account!r}" if account else "pass --account"
+            raise ValueError(f"{wanted} (telegram accounts: {names})")
+        config = adapter_config(chosen[0])
+    except ValueError as exc:
+        console.print(f"[red]configuration error:[/] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(1) from None
+    assert isinstance(config, TelegramConfig)
+    provider = TelegramProvider(config)
+    if provider.config.webhook_secret is None:
+        console.print(
+            f"[red]configuration error:[/] account {provider.name!r} has no webhook_secret"
+            ' (1-256 of A-Z a-z 0-9 _ -, e.g. "env:TELEGRAM_WEBHOOK_SECRET")',
+            soft_wrap=True,
+        )
+        raise typer.Exit(1)
+    base = (public_url or settings.public_url).rstrip("/")
+    url = f"{base}/v1/providers/{provider.name}/inbound"
+
+    async def set_webhook() -> str:
+        try:
+            return await provider.set_webhook(url, drop_pending_updates=drop_pending_updates)
+        finally:
+            await provider.aclose()
+
+    try:
+        described = asyncio.run(set_webhook())
+    except TelegramApiError as exc:
+        console.print(f"[red]Telegram refused:[/] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(1) from None
+    console.print(f"{escape(described)}: {url}", soft_wrap=True, highlight=False)
+    console.print(f"updates: {', '.join(ALLOWED_UPDATES)}", highlight=False)
 
 
 @keys_cli.command("create")

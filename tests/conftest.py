@@ -126,6 +126,7 @@ async def simulators(api_port: int) -> AsyncIterator[Simulators]:
 
 
 SANDBOX_SECRET = Settings().sandbox_secret.get_secret_value()
+TELEGRAM_WEBHOOK_SECRET = "tg-webhook_secret-0123456789"
 
 
 def provider_accounts(sims: Simulators, api_port: int) -> list[dict[str, object]]:
@@ -158,7 +159,11 @@ def provider_accounts(sims: Simulators, api_port: int) -> list[dict[str, object]
         {
             "type": "telegram",
             "name": "telegram",
-            "config": {"base_url": sims.telegram.base_url, "bot_token": sims.telegram.bot_token},
+            "config": {
+                "base_url": sims.telegram.base_url,
+                "bot_token": sims.telegram.bot_token,
+                "webhook_secret": TELEGRAM_WEBHOOK_SECRET,
+            },
         },
         {
             "type": "fcm",

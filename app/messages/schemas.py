@@ -56,6 +56,12 @@ Email = Annotated[
 ]
 Token = Annotated[str, StringConstraints(min_length=1, max_length=4096, strip_whitespace=True)]
 ShortId = Annotated[str, StringConstraints(pattern=r"^-?[0-9A-Za-z_=+/.-]{1,64}$")]
+# A chat id, or a public channel's or supergroup's "@username" (5-32 of A-Z a-z 0-9 _).
+TelegramChatId = Annotated[
+    str,
+    StringConstraints(pattern=r"^(-?[0-9A-Za-z_=+/.-]{1,64}|@[A-Za-z0-9_]{5,32})$"),
+    Field(description='A chat id, or "@channelusername" for a public channel or supergroup'),
+]
 
 
 class Strict(BaseModel):
@@ -80,7 +86,7 @@ class RecipientIn(Strict):
     phone: Phone | None = None
     email: Email | None = None
     whatsapp: Phone | None = None
-    telegram_chat_id: ShortId | None = None
+    telegram_chat_id: TelegramChatId | None = None
     viber_id: ShortId | None = None
     web_push: WebPushSubscriptionIn | None = None
     timezone: TimeZone | None = Field(

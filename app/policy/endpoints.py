@@ -186,6 +186,8 @@ async def provider_inbound(
     except MalformedCallback as exc:
         raise MalformedBody(str(exc)) from None
     applied = 0
+    if not inbound:  # e.g. a Telegram update that is not a text message: answered at once
+        return InboundReceipt(received=0, applied=0)
     async with runtime.transaction() as tx:
         for message in inbound:
             applied += await service.apply_inbound(

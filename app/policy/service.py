@@ -57,7 +57,8 @@ RECIPIENT_FIELDS: Mapping[Channel, tuple[str, ...]] = {
 
 
 def normalise_address(channel: Channel, address: str) -> str:
-    """One spelling per address: E.164 phones, lower-case emails, trimmed ids.
+    """One spelling per address: E.164 phones, lower-case emails and Telegram
+    `@usernames` (Telegram ignores their case), trimmed ids.
 
     Raises ValueError for a phone or email that is not one.
     """
@@ -65,6 +66,8 @@ def normalise_address(channel: Channel, address: str) -> str:
     if channel is Channel.EMAIL:
         if value.count("@") != 1 or any(c.isspace() for c in value):
             raise ValueError("not an email address")
+        return value.lower()
+    if channel is Channel.MESSENGER and value.startswith("@"):
         return value.lower()
     if channel is Channel.SMS or (channel is Channel.MESSENGER and value.startswith("+")):
         try:
