@@ -44,8 +44,11 @@ refused (or times out) after earlier parts were accepted, those are withdrawn wi
 `cancel_sm` (best effort) and the send is classified by that part's answer. The attempt
 is identified by the *last* part's message id, and its receipt decides: delivered when
 the last part's receipt says DELIVRD (the handset shows the text once every part is
-there, and the last part sent is the last to arrive). A failure receipt for any part
-fails the attempt; the other parts' DELIVRD/ACCEPTD receipts are answered and dropped.
+there, and the last part sent is the last to arrive). A failure receipt for an earlier
+part is reported as a failure of the attempt too (the text is incomplete), which fails
+it when it comes first, as it usually does; the earlier parts' DELIVRD/ACCEPTD receipts
+are answered and dropped. Only the last part's id is stored, so a receipt another
+process handles matches the attempt only for that part.
 `Accepted.segments` is the number of SMS the text takes (with `message_payload`, as
 many as the SMSC is expected to send).
 
