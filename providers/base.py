@@ -115,6 +115,8 @@ class OutboundMessage:
 @dataclass(frozen=True, slots=True)
 class Accepted:
     provider_message_id: str
+    # SMS: how many messages the text went as (concatenated parts), where the adapter knows.
+    segments: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,11 +22,42 @@ SMSC queued meanwhile still arrive.
 | 0x45 SUBMITFAIL, 0x61 INVSCHED, 0x62 INVEXPIRY,    |                                    |
 | 0xC1 OPTPARNOTALLWD, 0xFF UNKNOWNERR, …            |                                    |
 
-Text goes as GSM-7 (`data_coding` 0, one septet per octet) when every character is in
-the GSM 03.38 alphabet, otherwise UCS-2 (`data_coding` 8). A text longer than one SMS
-(160 septets / 70 UCS-2 characters) goes whole in the `message_payload` TLV and the
-SMSC splits it: one submit, one message id, one receipt per attempt, which the ledger
-can match. SMSCs that refuse `message_payload` answer 0xC1 and the step falls over.
+Text goes in the default alphabet when every character has a code there, otherwise as
+UCS-2 (`data_coding` 8). The default alphabet is `default_data_coding`: 0 (the SMSC
+default, GSM 03.38, one septet per octet), 1 (IA5/ASCII, for SMSCs whose 0 is not GSM)
+or 3 (Latin-1). A text longer than one SMS (160 septets / 140 octets, 70 UCS-2
+characters) goes as `long_messages` says:
+
+- `udh` (default): split here into parts of 153 septets / 134 octets / 67 UCS-2
+  characters, each a submit_sm whose short_message starts with a concatenation UDH
+  (IEI 0x00, one 8-bit reference per message) and whose esm_class has UDHI (0x40). Every
+  SMSC carries it: the header is part of the short message, no TLV is needed.
+- `sar`: the same parts, no UDH; the `sar_msg_ref_num` (16-bit), `sar_total_segments`
+  and `sar_segment_seqnum` TLVs tell the SMSC how to join them.
+- `message_payload`: the text whole in the `message_payload` TLV; the SMSC splits it.
+  An SMSC without TLV support answers 0xC1 and the step falls over.
+
+Parts are cut between characters, never inside a GSM escape or a UTF-16 surrogate pair,
+and submitted in order on the bound session; the reference is derived from the attempt
+id and the try, so a retry never mixes with the parts of the try before. When a part is
+refused (or times out) after earlier parts were accepted, those are withdrawn with
+`cancel_sm` (best effort) and the send is classified by that part's answer. The attempt
+is identified by the *last* part's message id, and its receipt decides: delivered when
+the last part's receipt says DELIVRD (the handset shows the text once every part is
+there, and the last part sent is the last to arrive). A failure receipt for an earlier
+part is reported as a failure of the attempt too (the text is incomplete), which fails
+it when it comes first, as it usually does; the earlier parts' DELIVRD/ACCEPTD receipts
+are answered and dropped. Only the last part's id is stored, so a receipt another
+process handles matches the attempt only for that part.
+`Accepted.segments` is the number of SMS the text takes (with `message_payload`, as
+many as the SMSC is expected to send).
+
+`cancel(message_id)` (a withdrawn send) sends `cancel_sm` for each part with the
+service_type, source and destination they were submitted with, which the provider
+remembers for its recent submits. For a message this process did not submit it cancels
+the given id with the default sender and a NULL destination (§4.9.1 allows it with a
+message_id): another category's sender, or the earlier parts of a long message, are
+then not reached.
 
 Receipts arrive on the session as `deliver_sm` with `esm_class & 0x04`, not over HTTP,
 so `parse_status()` refuses every callback. Each receipt (TLVs `receipted_message_id`
@@ -51,10 +82,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import re
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, tzinfo
 from typing import Literal, Self
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -78,8 +110,10 @@ from providers.base import (
     TransientProviderError,
 )
 from providers.smpp_pdu import (
+    MAX_PARTS,
     MAX_SEQUENCE_NUMBER,
     Bind,
+    CancelSm,
     CommandId,
     CommandStatus,
     DataCoding,
@@ -90,10 +124,11 @@ from providers.smpp_pdu import (
     PduError,
     ShortMessage,
     Tag,
+    concatenation_udh,
     decode_pdu,
     encode_pdu,
-    encode_text,
     read_frame,
+    split_text,
     status_name,
     tlv_c_octet_string,
     tlv_integer,
@@ -136,8 +171,6 @@ MESSAGE_STATE_STATS: Mapping[int, str] = {
 }
 RECEIPT_FIELD = re.compile(r"\b(id|sub|dlvrd|submit date|done date|stat|err|text)\s*:", re.I)
 
-GSM7_SINGLE_SMS = 160  # septets, one per octet unpacked
-UCS2_SINGLE_SMS = 140  # octets
 MAX_MESSAGE_PAYLOAD = 0xFFFF
 MAX_RELATIVE_VALIDITY_SECONDS = 99 * 86_400 + 86_399
 UNBIND_TIMEOUT_SECONDS = 2.0
@@ -180,6 +213,12 @@ class SmppConfig(pydantic.BaseModel):
     hex_message_ids: Literal["none", "submit_sm_resp", "receipts"] = "none"
     # The SMSC's clock for the receipt's `done date`.
     receipt_timezone: str = "UTC"
+    # How a text longer than one SMS goes (module docstring): UDH parts, SAR parts, or
+    # whole in message_payload.
+    long_messages: Literal["udh", "sar", "message_payload"] = "udh"
+    # data_coding of a text in the default alphabet: 0 SMSC default (GSM 03.38), 1 IA5
+    # (ASCII), 3 Latin-1. Other texts go as UCS-2 (8).
+    default_data_coding: Literal[0, 1, 3] = 0
 
     @pydantic.field_validator("password")
     @classmethod
@@ -236,37 +275,41 @@ class SmppProvider:
         self._keep_bound()
 
     async def send(self, message: OutboundMessage) -> SendResult:
-        submit = self.submit_sm_for(message)
-        if isinstance(submit, Rejected):
-            return submit
+        plan = self.submits_for(message)
+        if isinstance(plan, Rejected):
+            return plan
         session = await self._bound_session()
-        response: Pdu | None = None
+        accepted: list[str] = []
+        refused: Rejected | TransientProviderError | None = None
         self._submits_in_flight += 1
         try:
-            response = await session.request(CommandId.SUBMIT_SM, submit, windowed=True)
-        except ResponseTimeout as exc:
-            raise TransientProviderError("smpp:timeout", str(exc)) from exc
-        except SessionClosed as exc:
-            raise TransientProviderError("smpp:connection_lost", str(exc)) from exc
-        except PduError as exc:
-            raise TransientProviderError("smpp:bad_response", str(exc)) from exc
+            for part in plan.parts:
+                try:
+                    outcome = await self._submit(session, part)
+                except TransientProviderError as exc:
+                    refused = exc
+                    break
+                if isinstance(outcome, Rejected):
+                    refused = outcome
+                    break
+                accepted.append(outcome.provider_message_id)
         finally:
             # Mapped before the count drops, so a held receipt sees its attempt.
             async with self._submits_settled:
-                if response is not None and response.command_status == CommandStatus.ESME_ROK:
-                    self._remember(response, message.attempt_id)
+                if refused is None and len(accepted) == len(plan.parts):
+                    self._remember(message.attempt_id, accepted, plan.cancel)
                 self._submits_in_flight -= 1
                 self._submits_settled.notify_all()
-        assert response is not None
-        if response.command_status == CommandStatus.ESME_RINVBNDSTS:
-            session.abort("the SMSC no longer sees this session as bound")
-        result = classify_submit_response(response)
-        if isinstance(result, Accepted):
-            return Accepted(self._canonical_id(result.provider_message_id, "submit_sm_resp"))
-        return result
+        if refused is None:
+            return Accepted(self._canonical_id(accepted[-1], "submit_sm_resp"), plan.segments)
+        if accepted:
+            await self._withdraw(session, plan.cancel, accepted)
+        if isinstance(refused, TransientProviderError):
+            raise refused
+        return refused
 
-    def submit_sm_for(self, message: OutboundMessage) -> ShortMessage | Rejected:
-        """The submit_sm for `message`, or why it cannot be sent at all."""
+    def submits_for(self, message: OutboundMessage) -> SubmitPlan | Rejected:
+        """The submit_sm PDUs for `message`, in order, or why it cannot be sent at all."""
         config = self._config
         text = message.content.text
         if not text:
@@ -274,44 +317,148 @@ class SmppProvider:
         destination = message.address.removeprefix("+")
         if not destination.isdigit() or len(destination) > 20:
             return Rejected(code="smpp:invalid_address", detail="not an E.164 phone number")
-        data_coding, encoded = encode_text(text)
-        single_limit = (
-            GSM7_SINGLE_SMS if data_coding is DataCoding.SMSC_DEFAULT else UCS2_SINGLE_SMS
-        )
-        if len(encoded) > MAX_MESSAGE_PAYLOAD:
-            return Rejected(code="smpp:too_long", detail=f"{len(encoded)} octets of text")
-        short_message, tlvs = encoded, dict[int, bytes]()
-        if len(encoded) > single_limit:
-            short_message, tlvs = b"", {Tag.MESSAGE_PAYLOAD: encoded}
+        data_coding, parts = split_text(text, config.default_data_coding)
+        segments = len(parts)
+        if config.long_messages == "message_payload" and segments > 1:
+            payload = b"".join(parts)
+            if len(payload) > MAX_MESSAGE_PAYLOAD:
+                return Rejected(code="smpp:too_long", detail=f"{len(payload)} octets of text")
+            bodies: list[tuple[int, bytes, dict[int, bytes]]] = [
+                (EsmClass.DEFAULT, b"", {Tag.MESSAGE_PAYLOAD: payload})
+            ]
+        elif segments > MAX_PARTS:
+            return Rejected(code="smpp:too_long", detail=f"{segments} parts, at most {MAX_PARTS}")
+        elif segments == 1:
+            bodies = [(EsmClass.DEFAULT, parts[0], {})]
+        else:
+            reference = concatenation_reference(message.attempt_id, message.try_number)
+            bodies = [
+                (EsmClass.UDH_INDICATOR, concatenation_udh(reference, segments, n) + part, {})
+                if config.long_messages == "udh"
+                else (EsmClass.DEFAULT, part, sar_tlvs(reference, segments, n))
+                for n, part in enumerate(parts, start=1)
+            ]
 
         sender = config.source_addr_by_category.get(message.category, config.source_addr)
-        numeric = sender.lstrip("+").isdigit()
-        default_ton, default_npi = (
-            (TON_INTERNATIONAL, NPI_E164) if numeric else (TON_ALPHANUMERIC, NPI_UNKNOWN)
+        source_addr_ton, source_addr_npi, source_addr = self._source(sender)
+        validity_period = (
+            relative_validity_period(message.timeout_seconds)
+            if config.validity_from_step_timeout
+            else ""
         )
-        return ShortMessage(
+        submits = [
+            ShortMessage(
+                service_type=config.service_type,
+                source_addr_ton=source_addr_ton,
+                source_addr_npi=source_addr_npi,
+                source_addr=source_addr,
+                dest_addr_ton=config.dest_addr_ton,
+                dest_addr_npi=config.dest_addr_npi,
+                destination_addr=destination,
+                esm_class=esm_class,
+                validity_period=validity_period,
+                registered_delivery=config.registered_delivery,
+                data_coding=data_coding,
+                short_message=short_message,
+                tlvs=tlvs,
+            )
+            for esm_class, short_message, tlvs in bodies
+        ]
+        cancel = CancelSm(
             service_type=config.service_type,
-            source_addr_ton=(
-                default_ton if config.source_addr_ton is None else config.source_addr_ton
-            ),
-            source_addr_npi=(
-                default_npi if config.source_addr_npi is None else config.source_addr_npi
-            ),
-            source_addr=sender.lstrip("+") if numeric else sender,
+            source_addr_ton=source_addr_ton,
+            source_addr_npi=source_addr_npi,
+            source_addr=source_addr,
             dest_addr_ton=config.dest_addr_ton,
             dest_addr_npi=config.dest_addr_npi,
             destination_addr=destination,
-            esm_class=EsmClass.DEFAULT,
-            validity_period=(
-                relative_validity_period(message.timeout_seconds)
-                if config.validity_from_step_timeout
-                else ""
-            ),
-            registered_delivery=config.registered_delivery,
-            data_coding=data_coding,
-            short_message=short_message,
-            tlvs=tlvs,
         )
+        return SubmitPlan(submits, segments, cancel)
+
+    async def cancel(self, provider_message_id: str) -> bool:
+        """cancel_sm for every part of the message; True when the SMSC withdrew them all."""
+        found = self._submitted.find(provider_message_id)
+        if found is not None:
+            part_ids, template = found.submitted.part_ids, found.submitted.cancel
+        else:
+            part_ids, template = (self._smsc_id(provider_message_id),), self._default_cancel()
+        session = await self._bound_session()
+        withdrawn = True
+        for part_id in part_ids:
+            response = await self._request(
+                session, CommandId.CANCEL_SM, replace(template, message_id=part_id)
+            )
+            status = response.command_status
+            if status in TRANSIENT_STATUSES:
+                raise TransientProviderError(f"smpp:0x{status:08X}", status_name(status))
+            if status != CommandStatus.ESME_ROK:
+                log.info("smpp_cancel_refused", provider=self.name, status=status_name(status))
+                withdrawn = False
+        return withdrawn
+
+    async def _submit(self, session: SmppSession, submit: ShortMessage) -> SendResult:
+        """One submit_sm: Accepted with the SMSC's id as given, Rejected, or raises."""
+        response = await self._request(session, CommandId.SUBMIT_SM, submit)
+        return classify_submit_response(response)
+
+    async def _request(
+        self, session: SmppSession, command_id: CommandId, body: ShortMessage | CancelSm
+    ) -> Pdu:
+        try:
+            response = await session.request(command_id, body, windowed=True)
+        except ResponseTimeout as exc:
+            raise TransientProviderError("smpp:timeout", str(exc)) from exc
+        except SessionClosed as exc:
+            raise TransientProviderError("smpp:connection_lost", str(exc)) from exc
+        except PduError as exc:
+            raise TransientProviderError("smpp:bad_response", str(exc)) from exc
+        if response.command_status == CommandStatus.ESME_RINVBNDSTS:
+            session.abort("the SMSC no longer sees this session as bound")
+        return response
+
+    async def _withdraw(
+        self, session: SmppSession, template: CancelSm, part_ids: list[str]
+    ) -> None:
+        """The accepted parts of a message whose later part was not: cancel_sm, best effort."""
+        for part_id in part_ids:
+            try:
+                response = await self._request(
+                    session, CommandId.CANCEL_SM, replace(template, message_id=part_id)
+                )
+            except TransientProviderError as exc:
+                log.warning("smpp_part_not_withdrawn", provider=self.name, error=exc.code)
+                return
+            log.info(
+                "smpp_part_withdrawn",
+                provider=self.name,
+                status=status_name(response.command_status),
+            )
+
+    def _source(self, sender: str) -> tuple[int, int, str]:
+        """source_addr_ton, source_addr_npi and source_addr for a sender."""
+        config = self._config
+        numeric = sender.lstrip("+").isdigit()
+        ton, npi = (TON_INTERNATIONAL, NPI_E164) if numeric else (TON_ALPHANUMERIC, NPI_UNKNOWN)
+        return (
+            ton if config.source_addr_ton is None else config.source_addr_ton,
+            npi if config.source_addr_npi is None else config.source_addr_npi,
+            sender.lstrip("+") if numeric else sender,
+        )
+
+    def _default_cancel(self) -> CancelSm:
+        ton, npi, source_addr = self._source(self._config.source_addr)
+        return CancelSm(
+            service_type=self._config.service_type,
+            source_addr_ton=ton,
+            source_addr_npi=npi,
+            source_addr=source_addr,
+        )
+
+    def _smsc_id(self, provider_message_id: str) -> str:
+        """The id as the SMSC gave it, undoing `_canonical_id` (case and padding unknown)."""
+        if self._config.hex_message_ids == "submit_sm_resp" and provider_message_id.isdigit():
+            return format(int(provider_message_id), "X")
+        return provider_message_id
 
     async def parse_status(self, callback: ProviderCallback) -> list[StatusUpdate]:
         raise MalformedCallback(
@@ -414,12 +561,11 @@ class SmppProvider:
 
     # -- receipts --------------------------------------------------------------------
 
-    def _remember(self, response: Pdu, attempt_id: str) -> None:
-        if isinstance(response.body, MessageIdResp) and response.body.message_id:
-            message_id = response.body.message_id
-            self._submitted.remember(
-                message_id, attempt_id, self._canonical_id(message_id, "submit_sm_resp")
-            )
+    def _remember(self, attempt_id: str, part_ids: list[str], cancel: CancelSm) -> None:
+        provider_message_id = self._canonical_id(part_ids[-1], "submit_sm_resp")
+        self._submitted.remember(
+            Submitted(attempt_id, provider_message_id, tuple(part_ids), cancel)
+        )
 
     def _canonical_id(self, message_id: str, source: Literal["submit_sm_resp", "receipts"]) -> str:
         if self._config.hex_message_ids == source:
@@ -452,20 +598,32 @@ class SmppProvider:
         if receipt is None:
             log.warning("smpp_receipt_unreadable", provider=self.name)
             return None
-        submitted = await self._submitted_for(receipt.message_id)
-        message_id = (
-            submitted.provider_message_id
-            if submitted is not None
-            else self._canonical_id(receipt.message_id, "receipts")
-        )
+        found = await self._submitted_for(receipt.message_id)
+        if found is None:
+            return status_update(
+                receipt,
+                provider_message_id=self._canonical_id(receipt.message_id, "receipts"),
+                attempt_id=None,
+                timezone=self._receipt_time_zone,
+            )
+        submitted = found.submitted
+        if not found.decides and RECEIPT_STATUSES.get(receipt.stat) is not ReceiptStatus.FAILED:
+            # The last part's receipt decides delivery; an earlier part can only fail it.
+            log.debug("smpp_part_receipt", provider=self.name, part=found.index + 1)
+            return None
         return status_update(
             receipt,
-            provider_message_id=message_id,
-            attempt_id=submitted.attempt_id if submitted is not None else None,
+            provider_message_id=submitted.provider_message_id,
+            attempt_id=submitted.attempt_id,
             timezone=self._receipt_time_zone,
+            part_message_id=(
+                None
+                if found.decides
+                else self._canonical_id(submitted.part_ids[found.index], "submit_sm_resp")
+            ),
         )
 
-    async def _submitted_for(self, message_id: str) -> Submitted | None:
+    async def _submitted_for(self, message_id: str) -> SubmittedPart | None:
         """The submit a receipt is about; waits a little while responses are outstanding."""
         found = self._submitted.find(message_id)
         if found is not None or self._submits_in_flight == 0:
@@ -566,7 +724,10 @@ def status_update(
     provider_message_id: str,
     attempt_id: str | None,
     timezone: tzinfo,
+    part_message_id: str | None = None,
 ) -> StatusUpdate | None:
+    """`part_message_id`: the receipt is about that part of a concatenated message, not
+    the part whose id is the attempt's."""
     status = RECEIPT_STATUSES.get(receipt.stat)
     if status is None:
         log.info("smpp_receipt_state_ignored", stat=receipt.stat)
@@ -582,7 +743,7 @@ def status_update(
             error_detail += f", network_error_code {receipt.network_error}"
     return StatusUpdate(
         status=status,
-        event_id=f"{provider_message_id}:{receipt.stat}",
+        event_id=f"{part_message_id or provider_message_id}:{receipt.stat}",
         provider_message_id=provider_message_id,
         attempt_id=attempt_id,
         error_code=error_code,
@@ -615,37 +776,79 @@ def message_id_forms(message_id: str) -> list[str]:
 @dataclass(frozen=True, slots=True)
 class Submitted:
     attempt_id: str
-    provider_message_id: str
+    provider_message_id: str  # the attempt's: the last part's id, canonical
+    part_ids: tuple[str, ...]  # every part's id as the SMSC gave it, in order
+    cancel: CancelSm  # what cancel_sm repeats of the submit (message_id left empty)
+
+
+@dataclass(frozen=True, slots=True)
+class SubmittedPart:
+    submitted: Submitted
+    index: int
+
+    @property
+    def decides(self) -> bool:
+        """Whether this part's receipt is the attempt's (the last part's)."""
+        return self.index == len(self.submitted.part_ids) - 1
 
 
 class SubmittedMessages:
-    """message id -> the attempt that submitted it, for the most recent `capacity` submits."""
+    """message id of each part -> the attempt that submitted it, for the most recent
+    `capacity` messages."""
 
     def __init__(self, capacity: int) -> None:
         self._capacity = capacity
-        self._by_form: dict[str, Submitted] = {}
-        self._by_id: OrderedDict[str, tuple[Submitted, list[str]]] = OrderedDict()
+        self._by_form: dict[str, SubmittedPart] = {}
+        self._by_id: OrderedDict[str, tuple[Submitted, list[tuple[str, SubmittedPart]]]] = (
+            OrderedDict()
+        )
 
-    def remember(self, message_id: str, attempt_id: str, provider_message_id: str) -> None:
-        forms = message_id_forms(message_id)
-        submitted = Submitted(attempt_id, provider_message_id)
-        self._by_id[message_id] = (submitted, forms)
-        self._by_id.move_to_end(message_id)
-        for form in forms:
-            self._by_form[form] = submitted
+    def remember(self, submitted: Submitted) -> None:
+        key = submitted.part_ids[-1]
+        self._by_id.pop(key, None)
+        forms: list[tuple[str, SubmittedPart]] = []
+        for index, part_id in enumerate(submitted.part_ids):
+            part = SubmittedPart(submitted, index)
+            for form in message_id_forms(part_id):
+                self._by_form[form] = part
+                forms.append((form, part))
+        self._by_id[key] = (submitted, forms)
         while len(self._by_id) > self._capacity:
-            _, (old, old_forms) = self._by_id.popitem(last=False)
-            for form in old_forms:
-                if self._by_form.get(form) is old:
+            _, (_, old_forms) = self._by_id.popitem(last=False)
+            for form, part in old_forms:
+                if self._by_form.get(form) is part:
                     del self._by_form[form]
 
-    def find(self, message_id: str) -> Submitted | None:
+    def find(self, message_id: str) -> SubmittedPart | None:
         # The id exactly as given first: another reading only when that one is unknown.
         for form in message_id_forms(message_id):
             found = self._by_form.get(form)
             if found is not None:
                 return found
         return None
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitPlan:
+    """What `send` submits: the parts in order, the SMS count, the cancel_sm template."""
+
+    parts: list[ShortMessage]
+    segments: int
+    cancel: CancelSm
+
+
+def concatenation_reference(attempt_id: str, try_number: int) -> int:
+    """A 16-bit reference for the parts of one try (UDH keeps its low 8 bits)."""
+    digest = hashlib.blake2b(f"{attempt_id}:{try_number}".encode(), digest_size=2).digest()
+    return int.from_bytes(digest, "big")
+
+
+def sar_tlvs(reference: int, total: int, number: int) -> dict[int, bytes]:
+    return {
+        Tag.SAR_MSG_REF_NUM: reference.to_bytes(2, "big"),
+        Tag.SAR_TOTAL_SEGMENTS: bytes((total,)),
+        Tag.SAR_SEGMENT_SEQNUM: bytes((number,)),
+    }
 
 
 # -- the wire session ----------------------------------------------------------------
@@ -732,7 +935,7 @@ class SmppSession:
     async def request(
         self,
         command_id: CommandId,
-        body: Bind | ShortMessage | None = None,
+        body: Bind | ShortMessage | CancelSm | None = None,
         *,
         windowed: bool = False,
     ) -> Pdu:

@@ -2,7 +2,8 @@
 
 Only the operations an ESME transceiver needs are decoded into typed bodies: the three
 binds, submit_sm / deliver_sm (one layout, SMPP 3.4 §4.4.1 and §4.6.1), their
-`message_id` responses, and the header-only enquire_link, unbind and generic_nack.
+`message_id` responses, cancel_sm (§4.9.1), and the header-only cancel_sm_resp,
+enquire_link, unbind and generic_nack.
 Any other command id is refused with `ESME_RINVCMDID`, which the receiver answers with
 a generic_nack. Every PDU is `command_length, command_id, command_status,
 sequence_number` (four big-endian unsigned 32-bit integers) followed by its body.
@@ -38,6 +39,8 @@ class CommandId(IntEnum):
     DELIVER_SM_RESP = 0x80000005
     UNBIND = 0x00000006
     UNBIND_RESP = 0x80000006
+    CANCEL_SM = 0x00000008
+    CANCEL_SM_RESP = 0x80000008
     BIND_TRANSCEIVER = 0x00000009
     BIND_TRANSCEIVER_RESP = 0x80000009
     ENQUIRE_LINK = 0x00000015
@@ -58,6 +61,7 @@ HEADER_ONLY_COMMANDS = frozenset(
         CommandId.UNBIND_RESP,
         CommandId.ENQUIRE_LINK,
         CommandId.ENQUIRE_LINK_RESP,
+        CommandId.CANCEL_SM_RESP,
     }
 )
 
@@ -80,6 +84,7 @@ class CommandStatus(IntEnum):
     ESME_RBINDFAIL = 0x0D
     ESME_RINVPASWD = 0x0E
     ESME_RINVSYSID = 0x0F
+    ESME_RCANCELFAIL = 0x11
     ESME_RMSGQFUL = 0x14
     ESME_RINVSERTYP = 0x15
     ESME_RINVESMCLASS = 0x43
@@ -146,6 +151,8 @@ class EsmClass(IntEnum):
 
 class DataCoding(IntEnum):
     SMSC_DEFAULT = 0x00  # GSM 03.38 default alphabet here, one septet per octet
+    IA5 = 0x01  # ASCII
+    LATIN1 = 0x03
     UCS2 = 0x08
 
 
@@ -228,13 +235,27 @@ class ShortMessage:
 
 
 @dataclass(frozen=True, slots=True)
+class CancelSm:
+    """cancel_sm: `message_id` and the addresses it was submitted with (§4.9.1)."""
+
+    service_type: str = ""
+    message_id: str = ""
+    source_addr_ton: int = 0
+    source_addr_npi: int = 0
+    source_addr: str = ""
+    dest_addr_ton: int = 0
+    dest_addr_npi: int = 0
+    destination_addr: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class MessageIdResp:
     """submit_sm_resp (the SMSC's message id) and deliver_sm_resp (message_id unused, NULL)."""
 
     message_id: str = ""
 
 
-Body = Bind | BindResp | ShortMessage | MessageIdResp
+Body = Bind | BindResp | ShortMessage | CancelSm | MessageIdResp
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,6 +301,17 @@ def encode_body(command_id: CommandId, body: Body | None) -> bytes:
             return c_octet_string(body.system_id, SYSTEM_ID_MAX) + encode_tlvs(body.tlvs)
         case ShortMessage() if command_id in SHORT_MESSAGE_COMMANDS:
             return encode_short_message(body)
+        case CancelSm() if command_id == CommandId.CANCEL_SM:
+            return b"".join(
+                (
+                    c_octet_string(body.service_type, SERVICE_TYPE_MAX),
+                    c_octet_string(body.message_id, MESSAGE_ID_MAX),
+                    bytes((body.source_addr_ton, body.source_addr_npi)),
+                    c_octet_string(body.source_addr, ADDRESS_MAX),
+                    bytes((body.dest_addr_ton, body.dest_addr_npi)),
+                    c_octet_string(body.destination_addr, ADDRESS_MAX),
+                )
+            )
         case MessageIdResp() if command_id in MESSAGE_ID_RESPONSES:
             return c_octet_string(body.message_id, MESSAGE_ID_MAX)
     raise ValueError(f"{type(body).__name__} is not the body of {command_id.name}")
@@ -391,6 +423,17 @@ def decode_body(command_id: CommandId, status: int, data: bytes) -> Body | None:
         body = BindResp(cursor.c_octet_string(SYSTEM_ID_MAX, "system_id"), cursor.tlvs())
     elif command_id in SHORT_MESSAGE_COMMANDS:
         body = decode_short_message(cursor)
+    elif command_id == CommandId.CANCEL_SM:
+        body = CancelSm(
+            service_type=cursor.c_octet_string(SERVICE_TYPE_MAX, "service_type"),
+            message_id=cursor.c_octet_string(MESSAGE_ID_MAX, "message_id"),
+            source_addr_ton=cursor.octet("source_addr_ton"),
+            source_addr_npi=cursor.octet("source_addr_npi"),
+            source_addr=cursor.c_octet_string(ADDRESS_MAX, "source_addr"),
+            dest_addr_ton=cursor.octet("dest_addr_ton"),
+            dest_addr_npi=cursor.octet("dest_addr_npi"),
+            destination_addr=cursor.c_octet_string(ADDRESS_MAX, "destination_addr"),
+        )
     else:
         # deliver_sm_resp from some SMSCs and ESMEs omits even the NULL message_id.
         body = MessageIdResp(cursor.c_octet_string(MESSAGE_ID_MAX, "message_id") if data else "")
@@ -558,12 +601,74 @@ def decode_gsm7(data: bytes) -> str:
     return "".join(chars)
 
 
-def encode_text(text: str) -> tuple[DataCoding, bytes]:
-    """GSM-7 when every character has a septet, else UCS-2 (UTF-16BE, so emoji survive)."""
-    gsm7 = encode_gsm7(text)
-    if gsm7 is not None:
-        return DataCoding.SMSC_DEFAULT, gsm7
-    return DataCoding.UCS2, text.encode("utf-16-be")
+def encode_text(
+    text: str, default_data_coding: int = DataCoding.SMSC_DEFAULT
+) -> tuple[DataCoding, bytes]:
+    """In the default alphabet (`default_data_coding`) when every character has a code
+    there, else UCS-2 (UTF-16BE, so emoji survive)."""
+    data_coding, units = text_units(text, default_data_coding)
+    return data_coding, b"".join(encoded for encoded, _ in units)
+
+
+def text_units(text: str, default_data_coding: int) -> tuple[DataCoding, list[tuple[bytes, int]]]:
+    """Each character's octets and the room it takes in an SMS (septets in a 7-bit
+    alphabet, octets otherwise): an escaped GSM character or a UTF-16 surrogate pair is
+    one unit, never to be split across concatenated parts."""
+    coding = DataCoding(default_data_coding)
+    units: list[tuple[bytes, int]] = []
+    for char in text:
+        gsm7 = encode_gsm7(char)
+        if coding is DataCoding.SMSC_DEFAULT and gsm7 is not None:
+            units.append((gsm7, len(gsm7)))
+        elif coding is DataCoding.IA5 and gsm7 is not None and char.isascii():
+            # The SMSC sends IA5 as GSM 03.38 septets: only characters both share.
+            units.append((char.encode("ascii"), len(gsm7)))
+        elif coding is DataCoding.LATIN1 and ord(char) < 0x100:
+            units.append((char.encode("latin-1"), 1))
+        else:
+            break
+    else:
+        return coding, units
+    ucs2 = [char.encode("utf-16-be") for char in text]
+    return DataCoding.UCS2, [(encoded, len(encoded)) for encoded in ucs2]
+
+
+# Room in one SMS, and in each part of a concatenated one once the SMSC or we put the
+# 6-octet UDH (IEI 0x00) in front: septets for 7-bit alphabets, octets for the others.
+SMS_ROOM: Mapping[DataCoding, tuple[int, int]] = {
+    DataCoding.SMSC_DEFAULT: (160, 153),
+    DataCoding.IA5: (160, 153),
+    DataCoding.LATIN1: (140, 134),
+    DataCoding.UCS2: (140, 134),
+}
+MAX_PARTS = 255
+
+
+def split_text(
+    text: str, default_data_coding: int = DataCoding.SMSC_DEFAULT
+) -> tuple[DataCoding, list[bytes]]:
+    """The text's data_coding and its encoded parts: one when it fits a single SMS, else
+    as many as concatenation needs (153 GSM septets, 67 UCS-2 characters each), cut
+    between characters only."""
+    data_coding, units = text_units(text, default_data_coding)
+    single, part_room = SMS_ROOM[data_coding]
+    if sum(room for _, room in units) <= single:
+        return data_coding, [b"".join(encoded for encoded, _ in units)]
+    parts: list[bytes] = []
+    current, used = bytearray(), 0
+    for encoded, room in units:
+        if used + room > part_room:
+            parts.append(bytes(current))
+            current, used = bytearray(), 0
+        current += encoded
+        used += room
+    parts.append(bytes(current))
+    return data_coding, parts
+
+
+def concatenation_udh(reference: int, total: int, number: int) -> bytes:
+    """User data header of one part: IEI 0x00, concatenated SMS with an 8-bit reference."""
+    return bytes((5, 0x00, 3, reference & 0xFF, total, number))
 
 
 def decode_text(data_coding: int, data: bytes) -> str:

@@ -272,6 +272,25 @@ async def test_sms_over_smpp_is_delivered_by_a_deliver_sm_receipt(
     assert delivered[0]["source"] == "provider"
 
 
+async def test_a_long_sms_over_smpp_goes_in_parts_and_its_sent_event_counts_them(
+    tenant: Tenant, simulators: Simulators
+) -> None:
+    text = "Your parcel 1234 is on its way: track it at example.com/t/1234 " * 5  # 310 septets
+    body = message_body(
+        to={"phone": "+48600100201"},
+        content={"text": text},
+        cascade=[{"channel": "sms", "provider": "smpp"}],
+    )
+    message = await wait_until_final(tenant.client, await send(tenant.client, body))
+
+    assert attempt_statuses(message) == [("sms", "delivered")]
+    parts = simulators.smsc.submits_to("48600100201")
+    assert len(parts) == 3 and all(part.pdu.esm_class == 0x40 for part in parts)
+    assert message["attempts"][0]["provider_message_id"] == parts[-1].message_id
+    [sent] = [e for e in message["events"] if e["status"] == "sent" and e["attempt"]]
+    assert sent["detail"] == {"segments": 3}
+
+
 async def test_undelivered_smpp_receipt_falls_over_to_email(tenant: Tenant) -> None:
     body = message_body(
         to={"phone": "+48600100099", "email": "ann+smpp@example.com"},

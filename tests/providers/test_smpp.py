@@ -31,6 +31,7 @@ from providers.base import (
 from providers.smpp import (
     SmppConfig,
     SmppProvider,
+    Submitted,
     SubmittedMessages,
     classify_submit_response,
     message_id_forms,
@@ -41,6 +42,7 @@ from providers.smpp import (
 from providers.smpp_pdu import (
     Bind,
     BindResp,
+    CancelSm,
     CommandId,
     CommandStatus,
     DataCoding,
@@ -410,17 +412,20 @@ def test_message_ids_match_in_hex_and_decimal_readings() -> None:
     assert message_id_forms("B2D05E00") == ["b2d05e00", "3000000000"]
     assert message_id_forms("3000000000") == ["3000000000", "b2d05e00", str(0x3000000000)]
     submitted = SubmittedMessages(capacity=2)
-    submitted.remember("B2D05E00", "att_1", "B2D05E00")
-    submitted.remember("42", "att_2", "42")
+    submitted.remember(Submitted("att_1", "B2D05E00", ("B2D05E00",), CancelSm()))
+    submitted.remember(Submitted("att_2", "41", ("40", "41"), CancelSm()))  # two parts
 
     assert submitted.find("3000000000") == submitted.find("b2d05e00")
     found = submitted.find("3000000000")
-    assert found is not None and found.attempt_id == "att_1"
-    assert submitted.find("0042") is not None  # leading zeros
+    assert found is not None and found.submitted.attempt_id == "att_1" and found.decides
+    assert submitted.find("0041") is not None  # leading zeros
+    first_part = submitted.find("40")
+    assert first_part is not None and first_part.submitted.attempt_id == "att_2"
+    assert (first_part.index, first_part.decides) == (0, False)
 
-    submitted.remember("43", "att_3", "43")  # evicts the oldest
+    submitted.remember(Submitted("att_3", "43", ("43",), CancelSm()))  # evicts the oldest
     assert submitted.find("B2D05E00") is None
-    assert submitted.find("43") is not None
+    assert submitted.find("40") is not None and submitted.find("43") is not None
 
 
 def test_validity_period_is_the_step_timeout_in_relative_format() -> None:
@@ -456,7 +461,7 @@ async def test_send_binds_a_transceiver_and_is_accepted_with_the_smsc_message_id
     result = await provider.send(sms(SimulatedNumber.DELIVERED))
 
     [submit] = smsc.submits
-    assert result == Accepted(provider_message_id=submit.message_id or "")
+    assert result == Accepted(provider_message_id=submit.message_id or "", segments=1)
     [bind] = smsc.binds
     assert (bind.command_id, bind.system_id, bind.password, bind.interface_version) == (
         CommandId.BIND_TRANSCEIVER,
@@ -491,12 +496,17 @@ async def test_text_outside_gsm7_goes_as_ucs2(smsc: SmscSimulator, provider: Smp
     assert submit.text == "Ваш код 123456 🙂"
 
 
-async def test_a_long_text_goes_whole_in_message_payload(
-    smsc: SmscSimulator, provider: SmppProvider
+async def test_a_long_text_goes_whole_in_message_payload_when_the_account_says_so(
+    smsc: SmscSimulator,
 ) -> None:
     text = "Your appointment is confirmed. " * 10  # 310 septets, more than one SMS
+    adapter = SmppProvider(make_config(smsc, long_messages="message_payload"))
+    try:
+        result = await adapter.send(sms(SimulatedNumber.NO_RECEIPT, text=text))
+    finally:
+        await adapter.aclose()
 
-    assert isinstance(await provider.send(sms(SimulatedNumber.NO_RECEIPT, text=text)), Accepted)
+    assert isinstance(result, Accepted) and result.segments == 3  # as the SMSC will split it
 
     [submit] = smsc.submits
     assert submit.pdu.short_message == b""
@@ -731,7 +741,7 @@ async def test_a_receipt_for_another_process_is_matched_by_canonical_id_after_a_
     [submit] = smsc.submits
     assert submit.message_id is not None
     # Ids are reported in decimal when the SMSC answers submits in hex.
-    assert result == Accepted(provider_message_id=str(int(submit.message_id, 16)))
+    assert result == Accepted(provider_message_id=str(int(submit.message_id, 16)), segments=1)
 
     # Its receipts give the id in decimal. The SMSC keeps this one until someone binds
     # again: here another worker, which never saw the submit.

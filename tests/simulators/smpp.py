@@ -4,7 +4,12 @@ It checks bind credentials (0x0F invalid system_id, 0x0E invalid password, 0x0D 
 told to refuse binds, 0x05 when already bound), answers enquire_link and sends its own
 on demand, validates each submit_sm as an SMSC does (bound state, addresses with their
 TON/NPI, esm_class, registered_delivery, validity_period, data_coding, short_message vs
-message_payload), returns hex or decimal message ids, and sends delivery receipts as
+message_payload, the UDH of a part with esm_class UDHI, the three SAR TLVs together, and
+that a part fits the air interface: 160 septets or 140 octets with its UDH, the one the
+SMSC adds for SAR counted), keeps each submit's raw PDU for independent decoders, can
+play an SMSC without TLV support (`supports_tlvs=False`: 0xC1 for any TLV), answers
+cancel_sm (0x11 once the message has its receipt or is unknown, or when the source
+address differs), returns hex or decimal message ids, and sends delivery receipts as
 `deliver_sm` (esm_class 0x04) with the Appendix B text and the `receipted_message_id`,
 `message_state` and `network_error_code` TLVs. A receipt for a session that is gone
 waits, as on a real SMSC, until an ESME binds as receiver or transceiver again.
@@ -22,6 +27,10 @@ What happens depends on how the destination number ends (see `SimulatedNumber`):
     ...0098  accepted, receipt stat:EXPIRED
     ...0097  accepted, receipt stat:REJECTD err:002
     ...0077  accepted, the DELIVRD receipt is sent *before* the submit_sm_resp
+    ...0096  accepted; part 1 of a concatenated message (or a single SMS) stat:UNDELIV,
+             the other parts stat:DELIVRD
+    ...0059  part 2 of a concatenated message 0x58 ESME_RTHROTTLED, the others accepted
+             without a receipt
     other    accepted, receipt stat:DELIVRD
 
     async with SmscSimulator(system_id="cascade", password="secret") as smsc:
@@ -46,9 +55,11 @@ from providers.smpp_pdu import (
     BIND_COMMANDS,
     Bind,
     BindResp,
+    CancelSm,
     CommandId,
     CommandStatus,
     DataCoding,
+    EsmClass,
     MessageIdResp,
     MessageState,
     Pdu,
@@ -84,6 +95,8 @@ class SimulatedNumber(StrEnum):
     EXPIRED = "+15550100098"
     REJECTED = "+15550100097"
     RECEIPT_BEFORE_RESPONSE = "+15550100077"
+    FIRST_PART_UNDELIVERED = "+15550100096"
+    SECOND_PART_THROTTLED = "+15550100059"
 
 
 SUBMIT_REFUSALS: Mapping[str, CommandStatus] = {
@@ -110,6 +123,8 @@ STAT_STATES: Mapping[str, MessageState] = {
     "REJECTD": MessageState.REJECTED,
 }
 NETWORK_TYPE_GSM = 0x03
+SAR_TAGS = frozenset({Tag.SAR_MSG_REF_NUM, Tag.SAR_TOTAL_SEGMENTS, Tag.SAR_SEGMENT_SEQNUM})
+IEI_CONCATENATED_8BIT, IEI_CONCATENATED_16BIT = 0x00, 0x08
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +145,17 @@ class RecordedSubmit:
     pdu: ShortMessage
     text: str | None
     status: int
+    frame: bytes = b""  # the PDU as it came off the wire
     message_id: str | None = None
+    cancelled: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedCancel:
+    session: int
+    pdu: CancelSm
+    frame: bytes
+    status: int
 
 
 @dataclass(slots=True)
@@ -177,10 +202,13 @@ class SmscSimulator:
         receipt_tlvs: bool = True,
         response_delay_seconds: float = 0.0,
         receipt_delay_seconds: float = 0.0,
+        supports_tlvs: bool = True,
     ) -> None:
         self.system_id = system_id
         self.password = password
         self._defaults = (message_ids, receipt_ids, receipt_tlvs, response_delay_seconds)
+        self.supports_tlvs = supports_tlvs
+        self._supports_tlvs = supports_tlvs
         self.message_ids = message_ids
         self.receipt_ids = receipt_ids
         self.receipt_tlvs = receipt_tlvs
@@ -189,6 +217,7 @@ class SmscSimulator:
         self.refuse_binds = False
         self.binds: list[RecordedBind] = []
         self.submits: list[RecordedSubmit] = []
+        self.cancels: list[RecordedCancel] = []
         self.receipts: list[SentReceipt] = []
         self.enquire_links_received = 0
         self.unbinds_received = 0
@@ -200,6 +229,8 @@ class SmscSimulator:
         self._session_ids = itertools.count(1)
         self._sessions: dict[int, SmscSession] = {}
         self._undelivered_receipts: list[SentReceipt] = []
+        # Accepted, no receipt yet: what cancel_sm can still withdraw.
+        self._cancellable: dict[str, RecordedSubmit] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._changed = asyncio.Condition()
         self._server: asyncio.Server | None = None
@@ -232,9 +263,12 @@ class SmscSimulator:
         self.receipt_ids = receipt_ids
         self.receipt_tlvs = receipt_tlvs
         self.response_delay_seconds = response_delay
+        self.supports_tlvs = self._supports_tlvs
         self.refuse_binds = False
         self.binds.clear()
         self.submits.clear()
+        self.cancels.clear()
+        self._cancellable.clear()
         self.receipts.clear()
         self.events.clear()
         self._undelivered_receipts.clear()
@@ -280,7 +314,8 @@ class SmscSimulator:
         try:
             while True:
                 try:
-                    pdu = decode_pdu(await read_frame(reader))
+                    frame = await read_frame(reader)
+                    pdu = decode_pdu(frame)
                 except PduError as exc:
                     if exc.sequence_number is None:
                         break
@@ -289,7 +324,7 @@ class SmscSimulator:
                             session, Pdu(CommandId.GENERIC_NACK, exc.sequence_number, exc.status)
                         )
                     continue
-                await self._handle(session, pdu)
+                await self._handle(session, pdu, frame)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
@@ -302,7 +337,7 @@ class SmscSimulator:
                 await writer.wait_closed()
             await self._notify()
 
-    async def _handle(self, session: SmscSession, pdu: Pdu) -> None:
+    async def _handle(self, session: SmscSession, pdu: Pdu, frame: bytes) -> None:
         command = pdu.command_id
         if pdu.is_response:
             future = session.pending.pop(pdu.sequence_number, None)
@@ -322,7 +357,12 @@ class SmscSimulator:
             session.writer.close()
         elif command == CommandId.SUBMIT_SM:
             assert isinstance(pdu.body, ShortMessage)
-            self._spawn(self._submit(session, pdu.sequence_number, pdu.body))
+            self._spawn(self._submit(session, pdu.sequence_number, pdu.body, frame))
+        elif command == CommandId.CANCEL_SM:
+            assert isinstance(pdu.body, CancelSm)
+            status = self._cancel(session, pdu.body, frame)
+            await self._write(session, Pdu(CommandId.CANCEL_SM_RESP, pdu.sequence_number, status))
+            await self._notify()
         else:
             await self._write(
                 session,
@@ -369,15 +409,22 @@ class SmscSimulator:
 
     # -- submit_sm -------------------------------------------------------------------
 
-    async def _submit(self, session: SmscSession, sequence_number: int, sm: ShortMessage) -> None:
+    async def _submit(
+        self, session: SmscSession, sequence_number: int, sm: ShortMessage, frame: bytes
+    ) -> None:
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
             status = self._validate(session, sm)
             ending = sm.destination_addr[-4:]
+            part = part_number(sm)
             if status == CommandStatus.ESME_ROK:
                 status = SUBMIT_REFUSALS.get(ending, status)
-            submit = RecordedSubmit(session.id, sequence_number, sm, submitted_text(sm), status)
+            if ending == SimulatedNumber.SECOND_PART_THROTTLED[-4:] and part == 2:
+                status = CommandStatus.ESME_RTHROTTLED
+            submit = RecordedSubmit(
+                session.id, sequence_number, sm, submitted_text(sm), status, frame
+            )
             self.submits.append(submit)
             await self._notify()
             if ending == SimulatedNumber.NO_RESPONSE[-4:]:
@@ -388,8 +435,18 @@ class SmscSimulator:
             receipt = None
             if status == CommandStatus.ESME_ROK:
                 submit.message_id = self._next_message_id()
-                if sm.registered_delivery & 0x03 and ending != SimulatedNumber.NO_RECEIPT[-4:]:
+                self._cancellable[submit.message_id] = submit
+                silent = (
+                    SimulatedNumber.NO_RECEIPT[-4:],
+                    SimulatedNumber.SECOND_PART_THROTTLED[-4:],
+                )
+                if sm.registered_delivery & 0x03 and ending not in silent:
+                    del self._cancellable[submit.message_id]
                     stat, err, state = RECEIPT_OUTCOMES.get(ending, DELIVERED)
+                    if ending == SimulatedNumber.FIRST_PART_UNDELIVERED[-4:]:
+                        stat, err, state = (
+                            RECEIPT_OUTCOMES["0099"] if part in (None, 1) else DELIVERED
+                        )
                     receipt = self._receipt(
                         submit.message_id,
                         stat,
@@ -429,23 +486,61 @@ class SmscSimulator:
             return CommandStatus.ESME_RINVDSTNPI
         if not (sm.destination_addr.isdigit() and 2 <= len(sm.destination_addr) <= 15):
             return CommandStatus.ESME_RINVDSTADR
-        if sm.esm_class not in (0x00, 0x03):
+        if sm.esm_class & ~(EsmClass.UDH_INDICATOR | 0x03):
             return CommandStatus.ESME_RINVESMCLASS
+        if sm.tlvs and not self.supports_tlvs:
+            return CommandStatus.ESME_ROPTPARNOTALLWD
         if sm.registered_delivery & ~0x1F:
             return CommandStatus.ESME_RINVREGDLVFLG
         if sm.schedule_delivery_time and not valid_smpp_time(sm.schedule_delivery_time):
             return CommandStatus.ESME_RINVSCHED
         if sm.validity_period and not valid_smpp_time(sm.validity_period):
             return CommandStatus.ESME_RINVEXPIRY
-        if sm.data_coding not in (DataCoding.SMSC_DEFAULT, 0x01, 0x03, DataCoding.UCS2):
+        if sm.data_coding not in (
+            DataCoding.SMSC_DEFAULT,
+            DataCoding.IA5,
+            DataCoding.LATIN1,
+            DataCoding.UCS2,
+        ):
             return CommandStatus.ESME_RSUBMITFAIL
         payload = sm.tlvs.get(Tag.MESSAGE_PAYLOAD)
         # §5.3.2.32: with message_payload, sm_length is 0; a message needs one of the two.
         if bool(payload) == bool(sm.short_message):
             return CommandStatus.ESME_RINVMSGLEN
-        if sm.data_coding == DataCoding.UCS2 and len(sm.short_message or payload or b"") % 2:
+        udh = user_data_header(sm)
+        if sm.esm_class & EsmClass.UDH_INDICATOR and udh is None:
+            return CommandStatus.ESME_RINVMSGLEN
+        sar = SAR_TAGS & sm.tlvs.keys()
+        if sar and sar != SAR_TAGS:
+            return CommandStatus.ESME_RMISSINGOPTPARAM
+        if (
+            sar
+            and not 1 <= sm.tlvs[Tag.SAR_SEGMENT_SEQNUM][0] <= sm.tlvs[Tag.SAR_TOTAL_SEGMENTS][0]
+        ):
+            return CommandStatus.ESME_RINVOPTPARAMVAL
+        text = sm.short_message[len(udh or b"") :]
+        if sm.data_coding == DataCoding.UCS2 and len(text or payload or b"") % 2:
+            return CommandStatus.ESME_RINVMSGLEN
+        if sm.data_coding == DataCoding.IA5 and not (text or payload or b"").isascii():
+            return CommandStatus.ESME_RSUBMITFAIL
+        # The SMSC puts a 6-octet concatenation UDH in front of each SAR part itself.
+        header_octets = len(udh) if udh is not None else 6 if sar else 0
+        if not payload and not fits_one_sms(sm.data_coding, header_octets, len(text)):
             return CommandStatus.ESME_RINVMSGLEN
         return CommandStatus.ESME_ROK
+
+    def _cancel(self, session: SmscSession, cancel: CancelSm, frame: bytes) -> CommandStatus:
+        submit = self._cancellable.get(cancel.message_id)
+        if not session.can_transmit:
+            status = CommandStatus.ESME_RINVBNDSTS
+        elif submit is not None and submits_match(submit.pdu, cancel):
+            status = CommandStatus.ESME_ROK
+            submit.cancelled = True
+            del self._cancellable[cancel.message_id]
+        else:  # unknown, already final, or not this sender's
+            status = CommandStatus.ESME_RCANCELFAIL
+        self.cancels.append(RecordedCancel(session.id, cancel, frame, status))
+        return status
 
     def _next_message_id(self) -> str:
         number = next(self._message_numbers)
@@ -505,7 +600,7 @@ class SmscSimulator:
             destination_addr=sender,
             esm_class=0x04,
             data_coding=DataCoding.SMSC_DEFAULT,
-            short_message=receipt.text.encode("ascii"),
+            short_message=receipt.text.encode("ascii", errors="replace"),
             tlvs=receipt.tlvs,
         )
         receipt.session = session.id
@@ -555,9 +650,56 @@ class SmscSimulator:
             self._changed.notify_all()
 
 
+def submits_match(sm: ShortMessage, cancel: CancelSm) -> bool:
+    """§4.9.1: the source must be the submit's; the destination may be left NULL."""
+    return (cancel.service_type, cancel.source_addr) == (
+        sm.service_type,
+        sm.source_addr,
+    ) and cancel.destination_addr in ("", sm.destination_addr)
+
+
+def user_data_header(sm: ShortMessage) -> bytes | None:
+    """The UDH (its length octet included) of a submit with UDHI whose elements are well
+    formed; None without UDHI or when it is broken."""
+    if not sm.esm_class & EsmClass.UDH_INDICATOR or not sm.short_message:
+        return None
+    end = sm.short_message[0] + 1
+    if end > len(sm.short_message):
+        return None
+    at = 1
+    while at < end:
+        if at + 2 > end or at + 2 + sm.short_message[at + 1] > end:
+            return None
+        at += 2 + sm.short_message[at + 1]
+    return sm.short_message[:end]
+
+
+def part_number(sm: ShortMessage) -> int | None:
+    """Which part of a concatenated message this is (UDH IEI 0x00/0x08 or SAR), if any."""
+    if Tag.SAR_SEGMENT_SEQNUM in sm.tlvs:
+        return sm.tlvs[Tag.SAR_SEGMENT_SEQNUM][0]
+    udh = user_data_header(sm)
+    at = 1
+    while udh is not None and at < len(udh):
+        iei, length = udh[at], udh[at + 1]
+        if iei in (IEI_CONCATENATED_8BIT, IEI_CONCATENATED_16BIT):
+            return udh[at + 1 + length]  # the last octet of the element
+        at += 2 + length
+    return None
+
+
+def fits_one_sms(data_coding: int, header_octets: int, text_octets: int) -> bool:
+    """140 octets of user data: septets (one per octet here) for 7-bit alphabets, after a
+    header padded to a septet boundary."""
+    if data_coding in (DataCoding.SMSC_DEFAULT, DataCoding.IA5):
+        return text_octets + -(-header_octets * 8 // 7) <= 160
+    return header_octets + text_octets <= 140
+
+
 def submitted_text(sm: ShortMessage) -> str | None:
-    """The text of a submit, decoded as an SMSC would for the handset."""
-    raw = sm.short_message or sm.tlvs.get(Tag.MESSAGE_PAYLOAD, b"")
+    """The text of a submit (of this part, without its UDH), decoded as an SMSC would."""
+    udh = user_data_header(sm) or b""
+    raw = sm.short_message[len(udh) :] or sm.tlvs.get(Tag.MESSAGE_PAYLOAD, b"")
     if sm.data_coding == DataCoding.UCS2:
         return raw.decode("utf-16-be", errors="strict") if len(raw) % 2 == 0 else None
     if sm.data_coding == DataCoding.SMSC_DEFAULT:
