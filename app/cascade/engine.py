@@ -31,7 +31,7 @@ from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.cascade import service
-from app.cascade.machine import AttemptStatus, Due, due_action
+from app.cascade.machine import NOT_SENT, AttemptStatus, Due, due_action
 from app.db import Transaction
 from app.ledger import repository as ledger
 from app.ledger.repository import AttemptRow, MessageRow
@@ -204,8 +204,7 @@ class DeliveryEngine:
         )
         if action is Due.SEND:
             reached_before = any(
-                a.step < message.current_step and a.status is not AttemptStatus.SUPPRESSED
-                for a in attempts
+                a.step < message.current_step and a.status not in NOT_SENT for a in attempts
             )
             return await service.begin_send(
                 tx, self.rt.providers, settings, message, current, reached_before, at, known

@@ -31,6 +31,7 @@ class AttemptStatus(StrEnum):
     REJECTED = "rejected"
     EXPIRED = "expired"
     SUPPRESSED = "suppressed"  # skipped: the address is on the tenant's suppression list
+    SKIPPED = "skipped"  # not sent: the address is known unreachable (`skip_unreachable`)
 
 
 class SuccessOn(StrEnum):
@@ -49,6 +50,7 @@ class Signal(StrEnum):
     TIMEOUT = "timeout"  # no success before the step's deadline
     RETRIES_EXHAUSTED = "retries_exhausted"  # transient errors until the window closed
     SUPPRESSED = "suppressed"  # the step's address is suppressed: skip it, never send
+    SKIPPED = "skipped"  # the step's address is known unreachable: skip it, never send
 
 
 FINAL_MESSAGE = frozenset(
@@ -66,8 +68,11 @@ UNSUCCESSFUL_ATTEMPT = frozenset(
         AttemptStatus.REJECTED,
         AttemptStatus.EXPIRED,
         AttemptStatus.SUPPRESSED,
+        AttemptStatus.SKIPPED,
     }
 )
+# Attempts never handed to a provider.
+NOT_SENT = frozenset({AttemptStatus.SUPPRESSED, AttemptStatus.SKIPPED})
 OPEN_ATTEMPT = frozenset({AttemptStatus.PENDING, AttemptStatus.SENDING, AttemptStatus.SENT})
 
 _PROGRESS = {
@@ -90,7 +95,9 @@ _NEGATIVE = {
     Signal.TIMEOUT: AttemptStatus.EXPIRED,
     Signal.RETRIES_EXHAUSTED: AttemptStatus.FAILED,
     Signal.SUPPRESSED: AttemptStatus.SUPPRESSED,
+    Signal.SKIPPED: AttemptStatus.SKIPPED,
 }
+_NOT_SENDING = {Signal.SUPPRESSED, Signal.SKIPPED}
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,8 +108,8 @@ class StepView:
     step: int
     attempt_status: AttemptStatus
     success_on: SuccessOn
-    # Whether an earlier step reached a provider (was not suppressed): a cascade whose
-    # steps were all suppressed ends `suppressed`, not `failed`.
+    # Whether an earlier step reached a provider (was not suppressed or skipped): a
+    # cascade whose steps were all suppressed ends `suppressed`, not `failed`.
     reached_before: bool = True
     # Whether the step's provider can still report a failure after accepting (an SMTP
     # bounce, an SMS DLR). A step that succeeds on acceptance then holds the message in
@@ -137,11 +144,11 @@ def is_success(status: AttemptStatus, success_on: SuccessOn) -> bool:
 
 def next_attempt_status(current: AttemptStatus, signal: Signal) -> AttemptStatus:
     """Attempt statuses only move forward; a failure never overwrites a delivery."""
-    if current is AttemptStatus.SUPPRESSED:
+    if current in NOT_SENT:
         return current  # never sent: nothing can be reported about it
-    if signal is Signal.SUPPRESSED:
+    if signal in _NOT_SENDING:
         # Only a step not yet handed to a provider can be skipped.
-        return AttemptStatus.SUPPRESSED if current is AttemptStatus.PENDING else current
+        return _NEGATIVE[signal] if current is AttemptStatus.PENDING else current
     if signal in _POSITIVE:
         target = _POSITIVE[signal]
         if current in UNSUCCESSFUL_ATTEMPT:

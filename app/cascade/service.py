@@ -22,7 +22,9 @@ from app.cascade import machine
 from app.cascade.machine import (
     FINAL_MESSAGE,
     OPEN_ATTEMPT,
+    UNSUCCESSFUL_ATTEMPT,
     AttemptStatus,
+    Decision,
     MessageStatus,
     Signal,
     StepView,
@@ -122,6 +124,7 @@ async def record_events(
     attempt_values: dict[str, Any] | None = None,
     new_attempt: dict[str, Any] | None = None,
     rollup: Rollup | None = None,
+    reach: ledger.Reach | None = None,
     **values: Any,
 ) -> None:
     """Write the change (attempt, events, message and its `seq`, the stats rollup of a
@@ -140,6 +143,7 @@ async def record_events(
             attempt_values=attempt_values,
             new_attempt=new_attempt,
             rollup_rows=rollup.rows if rollup is not None else None,
+            reach=reach,
         ),
     )
     if rollup is not None:
@@ -245,9 +249,46 @@ async def apply_signal(
         attempt_values=values,
         new_attempt=unsaved,
         rollup=rollup,
+        reach=_reach(message, attempt, signal, decision, error, at),
         **message_values,
     )
     return True
+
+
+# Rejections that are ours, not the provider's word on the address.
+_OUR_REJECTIONS = frozenset({"circuit_open", "provider_unavailable", "no_address"})
+_ADDRESS_FAILURES = frozenset({Signal.FAILED, Signal.TIMEOUT, Signal.REJECTED})
+
+
+def _reach(
+    message: MessageRow,
+    attempt: AttemptRow,
+    signal: Signal,
+    decision: Decision,
+    error: Error | None,
+    at: datetime,
+) -> ledger.Reach | None:
+    """What this outcome says of the attempt's address, for `skip_unreachable`: a failure
+    receipt, no success before the timeout or a provider's refusal count against it (not
+    our own refusals, nor transient errors until the window closed); a delivery (or an
+    accepted step whose window closed clean) resets it."""
+    if attempt.address is None:
+        return None
+    succeeded = (
+        decision.attempt_status in (AttemptStatus.DELIVERED, AttemptStatus.READ)
+        and attempt.status not in (AttemptStatus.DELIVERED, AttemptStatus.READ)
+    ) or (signal is Signal.TIMEOUT and decision.delivered_step == attempt.step)
+    if succeeded:
+        return ledger.Reach(message.tenant_id, attempt.channel, attempt.address, None)
+    failed = (
+        signal in _ADDRESS_FAILURES
+        and attempt.status in OPEN_ATTEMPT
+        and decision.attempt_status in UNSUCCESSFUL_ATTEMPT
+        and (error is None or error.code not in _OUR_REJECTIONS)
+    )
+    if failed:
+        return ledger.Reach(message.tenant_id, attempt.channel, attempt.address, at)
+    return None
 
 
 def _cancel_at_provider(tx: Transaction, message: MessageRow, attempt: AttemptRow) -> None:
@@ -385,6 +426,22 @@ def step_target(
     return channel, provider, provider.address(Recipient.from_mapping(message.recipient)), None
 
 
+def _stored_address(
+    message: MessageRow, channel: Channel, address: str | None, known: policy.Prefetched | None
+) -> str | None:
+    """The attempt's address as `address_health` keys it: normalised where it can be."""
+    if address is None:
+        return None
+    if known is not None:
+        normalised = known.addresses.get((message.tenant_id, channel.value, address))
+        if normalised is not None:
+            return normalised
+    try:
+        return policy.normalise_address(channel, address)
+    except ValueError:
+        return address
+
+
 async def begin_send(
     tx: Transaction,
     registry: ProviderRegistry,
@@ -405,7 +462,7 @@ async def begin_send(
         return None
     spec = step_spec(message, step)
     channel, provider, address, config_error = step_target(registry, message)
-    skipped: policy.SkipStep | None = None
+    skipped: policy.SkipStep | policy.Unreachable | None = None
     if attempt is None and address is not None:
         verdict = await policy.gate_step(
             tx,
@@ -431,7 +488,7 @@ async def begin_send(
                 attempt=None,
             )
             return None
-        if isinstance(verdict, policy.SkipStep):
+        if isinstance(verdict, policy.SkipStep | policy.Unreachable):
             skipped = verdict
     deadline = at + timedelta(seconds=int(spec["timeout"]))
     if attempt is None:
@@ -442,6 +499,7 @@ async def begin_send(
             "step": step,
             "channel": channel.value,
             "provider": spec["provider"],
+            "address": _stored_address(message, channel, address, known),
             "status": AttemptStatus.PENDING.value,
             "tries": 0,
             "created_at": at,
@@ -450,7 +508,16 @@ async def begin_send(
         }
         if skipped is not None or provider is None or address is None:
             # Never sent: the attempt is inserted with its outcome.
-            if skipped is not None:
+            if isinstance(skipped, policy.Unreachable):
+                signal, error = (
+                    Signal.SKIPPED,
+                    Error(
+                        "recipient_unreachable",
+                        f"the address failed its last {skipped.failures} attempts on"
+                        f" {channel.value} since {skipped.since.isoformat()}",
+                    ),
+                )
+            elif skipped is not None:
                 signal, error = (
                     Signal.SUPPRESSED,
                     Error("suppressed", f"the address is suppressed ({skipped.reason.value})"),

@@ -69,6 +69,7 @@ class AttemptRow:
     sent_at: datetime | None
     completed_at: datetime | None
     deadline_at: datetime
+    address: str | None = None  # as normalised for suppressions and address health
 
 
 @dataclass(frozen=True, slots=True)
@@ -434,6 +435,7 @@ ATTEMPT_COLUMNS = (
     "step",
     "channel",
     "provider",
+    "address",
     "created_at",
     *ATTEMPT_STATE,
 )
@@ -496,6 +498,37 @@ class Change:
     attempt_values: dict[str, Any] | None = None
     new_attempt: dict[str, Any] | None = None
     rollup_rows: list[dict[str, Any]] | None = None
+    # What the attempt's outcome says of its address: failed at (a time), or reachable
+    # (None); `address_health` keeps it.
+    reach: Reach | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Reach:
+    tenant_id: uuid.UUID
+    channel: str
+    address: str
+    failed_at: datetime | None  # None: delivered, so reachable
+
+
+# How many failure times `address_health` keeps per address (`after_failures` at most).
+HEALTH_KEPT = 10
+_HEALTH_KEY = ("tenant_id", "channel", "address")
+_HEALTH_ROW = (*_HEALTH_KEY, "failed_at")
+
+
+def _health_upsert(name: str, n: int, *, append: bool) -> str:
+    """Failure times per address, from parameter `n` (a row per failure), added to the
+    kept ones (`append`) or in their place (the address succeeded earlier in the batch)."""
+    rows = _records(f"{name}_r", _HEALTH_ROW, n)
+    kept = "address_health.failed_at || excluded.failed_at" if append else "excluded.failed_at"
+    return (
+        f"{name} AS (INSERT INTO address_health (tenant_id, channel, address, failed_at)"
+        f" SELECT tenant_id, channel, address, array_agg(failed_at ORDER BY ord) FROM {rows}"
+        " GROUP BY tenant_id, channel, address ORDER BY tenant_id, channel, address"
+        " ON CONFLICT (tenant_id, channel, address) DO UPDATE SET failed_at ="
+        f" ({kept})[greatest(1, cardinality({kept}) - {HEALTH_KEPT - 1}):])"
+    )
 
 
 def _records(alias: str, columns: tuple[str, ...], n: int) -> str:
@@ -554,6 +587,13 @@ def _changes_statement() -> str:
         " cost = CASE WHEN excluded.cost IS NULL THEN stats_rollups.cost"
         " ELSE coalesce(stats_rollups.cost, 0) + excluded.cost END)"
     )
+    parts.append(_health_upsert("health_failed", 6, append=True))
+    parts.append(_health_upsert("health_reset", 7, append=False))
+    cleared = _records("c", _HEALTH_KEY, 8)
+    parts.append(
+        f"health_cleared AS (DELETE FROM address_health h USING {cleared}"
+        " WHERE h.tenant_id = c.tenant_id AND h.channel = c.channel AND h.address = c.address)"
+    )
     moved = ("id", "category", *MESSAGE_STATE)
     messages_from = _records("m", moved, 5)
     sets = ", ".join(f"{c} = m.{c}" for c in MESSAGE_STATE)
@@ -590,10 +630,20 @@ async def write_changes(
     new_events: list[tuple[Any, ...]] = []
     rollups: dict[tuple[Any, ...], dict[str, Any]] = {}
     moved: list[tuple[Any, ...]] = []
+    # Per address, in order: whether it succeeded in this batch, and the failures since.
+    health: dict[tuple[Any, ...], tuple[bool, list[datetime]]] = {}
     for change in changes:
         message, at = change.message, change.at
+        if change.reach is not None:
+            reach = change.reach
+            key = (reach.tenant_id, reach.channel, reach.address)
+            if reach.failed_at is None:
+                health[key] = (True, [])
+            else:
+                health.setdefault(key, (False, []))[1].append(reach.failed_at)
         if change.new_attempt is not None:
             row = {
+                "address": None,
                 "provider_message_id": None,
                 "error_code": None,
                 "error_detail": None,
@@ -661,8 +711,28 @@ async def write_changes(
         _json_records(_EVENT_COLUMNS, new_events),
         _json_records(rollup_row, [tuple(r[c] for c in ROLLUP_COLUMNS) for r in ordered]),
         _json_records(("id", "category", *MESSAGE_STATE), moved),
+        *_health_records(health),
     )
     await conn.exec_driver_sql(_WRITE_CHANGES, args)
+
+
+def _health_records(health: dict[tuple[Any, ...], tuple[bool, list[datetime]]]) -> list[str]:
+    """`address_health`'s three parameters (failures to add, failures in place of the kept
+    ones, addresses to clear), in key order: concurrent writers lock rows in one order."""
+    failed: list[tuple[Any, ...]] = []
+    reset: list[tuple[Any, ...]] = []
+    cleared: list[tuple[Any, ...]] = []
+    for key in sorted(health, key=lambda k: (str(k[0]), k[1], k[2])):
+        succeeded, failures = health[key]
+        if not failures:
+            cleared.append(key)
+        for failed_at in failures:
+            (reset if succeeded else failed).append((*key, failed_at))
+    return [
+        _json_records(_HEALTH_ROW, failed),
+        _json_records(_HEALTH_ROW, reset),
+        _json_records(_HEALTH_KEY, cleared),
+    ]
 
 
 def _json_default(value: Any) -> Any:

@@ -86,6 +86,7 @@ attempts = Table(
     Column("sent_at", DateTime(timezone=True)),
     Column("completed_at", DateTime(timezone=True)),
     Column("deadline_at", DateTime(timezone=True), nullable=False),
+    Column("address", Text),  # normalised; migration 0007
 )
 
 events = Table(

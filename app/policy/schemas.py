@@ -93,6 +93,17 @@ class FrequencyCap(Strict):
     )
 
 
+class SkipUnreachable(Strict):
+    after_failures: Annotated[int, Field(ge=1, le=10)] = Field(
+        default=3,
+        description="Skip a step whose address failed this many times in a row on its"
+        " channel (failure receipt, no receipt before the timeout, refused by the provider)",
+    )
+    window_seconds: Annotated[int, Field(ge=60, le=90 * 24 * 3600)] = Field(
+        default=7 * 24 * 3600, description="Only failures this recent count (default 7 days)"
+    )
+
+
 class PolicyIn(Strict):
     timezone: TimeZone = Field(
         default="UTC", description="For quiet hours when `to.timezone` is not given"
@@ -100,6 +111,18 @@ class PolicyIn(Strict):
     locale: Locale = Field(default="en", description="Template locale when none matches")
     quiet_hours: QuietHours | None = None
     frequency_cap: FrequencyCap | None = None
+    skip_unreachable: SkipUnreachable | None = Field(
+        default=None,
+        description="Skip steps to addresses known dead (attempt `skipped`, error"
+        " `recipient_unreachable`) instead of waiting out their timeout; a delivery to the"
+        " address resets it. Null: off.",
+    )
+    dedupe_window: Annotated[int, Field(ge=1, le=7 * 24 * 3600)] | None = Field(
+        default=None,
+        description="Seconds: a message with the same content to a recipient sharing an"
+        " address with one sent within this window is not sent again (`suppressed`,"
+        " reason `duplicate`, `duplicate_of`). Null: off.",
+    )
 
 
 class PolicyView(PolicyIn):

@@ -18,7 +18,17 @@ from datetime import datetime, time, timedelta
 from typing import Any
 
 import phonenumbers
-from sqlalchemy import bindparam, delete, exists, func, select, text, tuple_
+from sqlalchemy import (
+    ARRAY,
+    DateTime,
+    bindparam,
+    delete,
+    exists,
+    func,
+    select,
+    text,
+    tuple_,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -33,6 +43,7 @@ from app.policy.schemas import (
     PolicyView,
     QuietHours,
     Reason,
+    SkipUnreachable,
     SuppressionView,
 )
 from app.policy.tables import inbound_replies, marketing_sends, suppressions, tenant_settings
@@ -238,20 +249,28 @@ SuppressionKey = tuple[uuid.UUID, str, str]
 @dataclass(frozen=True, slots=True)
 class Prefetched:
     """What `gate_step` reads, looked up for a whole batch of sends in two queries instead
-    of one or two per message: each send's suppression reason, by its address as the step
-    gives it (None: none, or not an address that can be suppressed), and the tenants'
-    policies (marketing only needs them)."""
+    of several per message, each by the send's address as the step gives it: the address
+    normalised (None: not an address that can be), its suppression reason (None: none),
+    its failures since its last success (`address_health`), and the tenants' policies."""
 
+    addresses: Mapping[SuppressionKey, str | None] = field(default_factory=dict)
     suppressions: Mapping[SuppressionKey, str | None] = field(default_factory=dict)
+    failures: Mapping[SuppressionKey, list[datetime]] = field(default_factory=dict)
     policies: Mapping[uuid.UUID, TenantPolicy] = field(default_factory=dict)
 
 
-_SUPPRESSIONS_OF = text(
-    "SELECT s.tenant_id, s.channel, s.address, s.reason FROM suppressions s"
-    " JOIN unnest(CAST(:tenants AS uuid[]), CAST(:channels AS text[]),"
-    " CAST(:addresses AS text[])) AS k(tenant_id, channel, address)"
+# Suppressions (kind 's') and address health (kind 'h') of the batch's addresses.
+_ADDRESSES_OF = text(
+    "WITH k AS (SELECT * FROM unnest(CAST(:tenants AS uuid[]), CAST(:channels AS text[]),"
+    " CAST(:addresses AS text[])) AS k(tenant_id, channel, address))"
+    " SELECT 's' AS kind, s.tenant_id, s.channel, s.address, s.reason, NULL AS failed_at"
+    " FROM suppressions s JOIN k"
     " ON s.tenant_id = k.tenant_id AND s.channel = k.channel AND s.address = k.address"
-)
+    " UNION ALL"
+    " SELECT 'h', h.tenant_id, h.channel, h.address, NULL, h.failed_at"
+    " FROM address_health h JOIN k"
+    " ON h.tenant_id = k.tenant_id AND h.channel = k.channel AND h.address = k.address"
+).columns(failed_at=ARRAY(DateTime(timezone=True)))
 
 
 async def prefetch(
@@ -262,8 +281,8 @@ async def prefetch(
     """Look up, for these (tenant, category, channel, address) sends, what `gate_step`
     will ask about them (each address normalised once, here)."""
     normalised: dict[SuppressionKey, SuppressionKey | None] = {}
-    marketing: set[uuid.UUID] = set()
-    for tenant_id, category, channel, address in sends:
+    tenants: set[uuid.UUID] = set()
+    for tenant_id, _category, channel, address in sends:
         try:
             normalised[(tenant_id, channel.value, address)] = (
                 tenant_id,
@@ -272,25 +291,45 @@ async def prefetch(
             )
         except ValueError:
             normalised[(tenant_id, channel.value, address)] = None
-        if category is Category.MARKETING:
-            marketing.add(tenant_id)
+        tenants.add(tenant_id)
     keys = list({key for key in normalised.values() if key is not None})
-    found: dict[SuppressionKey, str] = {}
+    reasons: dict[SuppressionKey, str] = {}
+    failed: dict[SuppressionKey, list[datetime]] = {}
     if keys:
         rows = await conn.execute(
-            _SUPPRESSIONS_OF,
+            _ADDRESSES_OF,
             {
                 "tenants": [k[0] for k in keys],
                 "channels": [k[1] for k in keys],
                 "addresses": [k[2] for k in keys],
             },
         )
-        found = {(r.tenant_id, r.channel, r.address): r.reason for r in rows}
-    suppressions = {
-        given: found.get(key) if key is not None else None for given, key in normalised.items()
-    }
-    policies = {t: await tenant_policy(conn, t, settings) for t in marketing}
-    return Prefetched(suppressions, policies)
+        for r in rows:
+            if r.kind == "s":
+                reasons[(r.tenant_id, r.channel, r.address)] = r.reason
+            else:
+                failed[(r.tenant_id, r.channel, r.address)] = list(r.failed_at)
+    return Prefetched(
+        addresses={given: key[2] if key else None for given, key in normalised.items()},
+        suppressions={
+            given: reasons.get(key) if key else None for given, key in normalised.items()
+        },
+        failures={given: failed[key] for given, key in normalised.items() if key in failed},
+        policies=await tenant_policies(conn, tenants, settings) if tenants else {},
+    )
+
+
+def unreachable_since(
+    failures: list[datetime], rule: tuple[int, timedelta] | None, at: datetime
+) -> datetime | None:
+    """When the address's run of failures that makes it unreachable began (the earliest of
+    the latest `after` failures, all inside the window), or None when it is not."""
+    if rule is None:
+        return None
+    after, window = rule
+    if len(failures) < after or failures[-after] < at - window:
+        return None
+    return failures[-after]
 
 
 # --- tenant policy ---------------------------------------------------------------------
@@ -303,16 +342,32 @@ class TenantPolicy:
     quiet_hours: tuple[time, time] | None = None
     frequency_cap: tuple[int, timedelta] | None = None
     updated_at: datetime | None = None
+    skip_unreachable: tuple[int, timedelta] | None = None  # after failures, within
+    dedupe_window: timedelta | None = None
 
 
 async def tenant_policy(
     conn: AsyncConnection, tenant_id: uuid.UUID, settings: Settings
 ) -> TenantPolicy:
-    row = (
-        await conn.execute(select(tenant_settings).where(tenant_settings.c.tenant_id == tenant_id))
-    ).first()
-    if row is None:
-        return TenantPolicy(settings.default_timezone, settings.default_locale)
+    return (await tenant_policies(conn, [tenant_id], settings))[tenant_id]
+
+
+async def tenant_policies(
+    conn: AsyncConnection, tenant_ids: Iterable[uuid.UUID], settings: Settings
+) -> dict[uuid.UUID, TenantPolicy]:
+    """These tenants' policies, in one query (the default for a tenant that set none)."""
+    wanted = list(set(tenant_ids))
+    found = {
+        row.tenant_id: _policy(row)
+        for row in await conn.execute(
+            select(tenant_settings).where(tenant_settings.c.tenant_id.in_(wanted))
+        )
+    }
+    default = TenantPolicy(settings.default_timezone, settings.default_locale)
+    return {t: found.get(t, default) for t in wanted}
+
+
+def _policy(row: Any) -> TenantPolicy:
     return TenantPolicy(
         timezone=row.timezone,
         locale=row.locale,
@@ -325,6 +380,14 @@ async def tenant_policy(
             else None
         ),
         updated_at=row.updated_at,
+        skip_unreachable=(
+            (row.skip_unreachable_after, timedelta(seconds=row.skip_unreachable_window_seconds))
+            if row.skip_unreachable_after
+            else None
+        ),
+        dedupe_window=(
+            timedelta(seconds=row.dedupe_window_seconds) if row.dedupe_window_seconds else None
+        ),
     )
 
 
@@ -345,6 +408,15 @@ def policy_view(policy: TenantPolicy) -> PolicyView:
             if policy.frequency_cap
             else None
         ),
+        skip_unreachable=(
+            SkipUnreachable(
+                after_failures=policy.skip_unreachable[0],
+                window_seconds=int(policy.skip_unreachable[1].total_seconds()),
+            )
+            if policy.skip_unreachable
+            else None
+        ),
+        dedupe_window=(int(policy.dedupe_window.total_seconds()) if policy.dedupe_window else None),
         updated_at=policy.updated_at,
     )
 
@@ -352,7 +424,7 @@ def policy_view(policy: TenantPolicy) -> PolicyView:
 async def save_tenant_policy(
     tx: Transaction, tenant_id: uuid.UUID, policy: PolicyIn, settings: Settings, at: datetime
 ) -> PolicyView:
-    cap = policy.frequency_cap
+    cap, skip = policy.frequency_cap, policy.skip_unreachable
     if cap and timedelta(seconds=cap.window_seconds) > settings.marketing_log_retention:
         raise InvalidRequest(
             errors=[
@@ -371,6 +443,9 @@ async def save_tenant_policy(
         "quiet_hours_end": policy.quiet_hours.end if policy.quiet_hours else None,
         "frequency_cap": cap.limit if cap else None,
         "frequency_window_seconds": cap.window_seconds if cap else None,
+        "skip_unreachable_after": skip.after_failures if skip else None,
+        "skip_unreachable_window_seconds": skip.window_seconds if skip else None,
+        "dedupe_window_seconds": policy.dedupe_window,
         "updated_at": at,
     }
     statement = pg_insert(tenant_settings).values(tenant_id=tenant_id, **values)
@@ -404,7 +479,15 @@ class SuppressMessage:
     reason: str
 
 
-Verdict = Proceed | Defer | SkipStep | SuppressMessage
+@dataclass(frozen=True, slots=True)
+class Unreachable:
+    """The address failed its last `failures` attempts on this channel, since `since`."""
+
+    failures: int
+    since: datetime
+
+
+Verdict = Proceed | Defer | SkipStep | SuppressMessage | Unreachable
 PROCEED = Proceed()
 
 
@@ -428,11 +511,16 @@ async def gate_step(
     )
     if reason is not None:
         return SkipStep(reason)
-    if category is not Category.MARKETING:
-        return PROCEED
     policy = known.policies.get(message.tenant_id) if known is not None else None
     if policy is None:
         policy = await tenant_policy(tx.conn, message.tenant_id, settings)
+    if policy.skip_unreachable is not None and known is not None:
+        failures = known.failures.get((message.tenant_id, channel.value, address), [])
+        since = unreachable_since(failures, policy.skip_unreachable, at)
+        if since is not None:
+            return Unreachable(policy.skip_unreachable[0], since)
+    if category is not Category.MARKETING:
+        return PROCEED
     if policy.quiet_hours is not None:
         time_zone = message.recipient.get("timezone") or policy.timezone
         until = next_allowed(at, zone(time_zone), *policy.quiet_hours)

@@ -1,9 +1,9 @@
-"""Policy tables (migrations 0004, 0006): tenant settings, suppressions, the marketing send
-log, STOP/START replies."""
+"""Policy tables (migrations 0004, 0006, 0007): tenant settings, suppressions, the marketing
+send log, STOP/START replies, address health and message fingerprints."""
 
 from __future__ import annotations
 
-from sqlalchemy import Column, DateTime, Integer, Table, Text, Time, Uuid
+from sqlalchemy import ARRAY, Column, DateTime, Integer, Table, Text, Time, Uuid
 
 from app.ledger.tables import metadata
 
@@ -18,6 +18,9 @@ tenant_settings = Table(
     Column("frequency_cap", Integer),
     Column("frequency_window_seconds", Integer),
     Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("skip_unreachable_after", Integer),
+    Column("skip_unreachable_window_seconds", Integer),
+    Column("dedupe_window_seconds", Integer),
 )
 
 suppressions = Table(
@@ -50,4 +53,23 @@ inbound_replies = Table(
     Column("keyword", Text, nullable=False),  # stop | start
     Column("said_at", DateTime(timezone=True), nullable=False),
     Column("received_at", DateTime(timezone=True), nullable=False),
+)
+
+address_health = Table(
+    "address_health",
+    metadata,
+    Column("tenant_id", Uuid, primary_key=True),
+    Column("channel", Text, primary_key=True),
+    Column("address", Text, primary_key=True),
+    Column("failed_at", ARRAY(DateTime(timezone=True)), nullable=False),
+)
+
+message_fingerprints = Table(
+    "message_fingerprints",
+    metadata,
+    Column("tenant_id", Uuid, primary_key=True),
+    Column("address_key", Text, primary_key=True),
+    Column("content_hash", Text, primary_key=True),
+    Column("message_id", Uuid, primary_key=True),
+    Column("at", DateTime(timezone=True), nullable=False),
 )

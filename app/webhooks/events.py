@@ -29,6 +29,7 @@ class EventType(StrEnum):
     ATTEMPT_DELIVERED = "message.attempt.delivered"
     ATTEMPT_FAILED = "message.attempt.failed"
     ATTEMPT_SUPPRESSED = "message.attempt.suppressed"
+    ATTEMPT_SKIPPED = "message.attempt.skipped"
     MESSAGE_DELIVERED = "message.delivered"
     # A later step was delivered too (a late receipt after the fallback was sent).
     MESSAGE_DELIVERED_AGAIN = "message.delivered_again"
@@ -53,6 +54,7 @@ _ATTEMPT_TYPES = {
     "rejected": EventType.ATTEMPT_FAILED,
     "expired": EventType.ATTEMPT_FAILED,
     "suppressed": EventType.ATTEMPT_SUPPRESSED,
+    "skipped": EventType.ATTEMPT_SKIPPED,
 }
 
 

@@ -90,6 +90,8 @@ async def test_the_policy_has_defaults_and_is_validated(tenant: Tenant) -> None:
         "locale": "en",
         "quiet_hours": None,
         "frequency_cap": None,
+        "skip_unreachable": None,
+        "dedupe_window": None,
         "updated_at": None,
     }
     assert saved["quiet_hours"] == {"start": "21:00:00", "end": "08:00:00"}
