@@ -165,11 +165,9 @@ async def apply_signal(
     attempt_values: dict[str, Any] | None = None,
     reached_before: bool = True,
     unsaved: dict[str, Any] | None = None,
-    detail: dict[str, Any] | None = None,
 ) -> bool:
     """Apply one signal about one attempt; returns whether anything changed. `unsaved`:
-    the attempt is new, and this is its row (inserted with the outcome). `detail`: kept
-    on the attempt's event when there is no error to keep."""
+    the attempt is new, and this is its row (inserted with the outcome)."""
     spec = step_spec(message, attempt.step)
     view = StepView(
         message_status=message.status,
@@ -209,7 +207,7 @@ async def apply_signal(
                 source=source,
                 attempt_id=attempt.id,
                 step=attempt.step,
-                detail={"code": error.code, "detail": error.detail[:500]} if error else detail,
+                detail={"code": error.code, "detail": error.detail[:500]} if error else None,
                 dedupe_key=dedupe_key,
             )
         )
@@ -610,8 +608,11 @@ async def record_send_result(
             Signal.ACCEPTED,
             source="worker",
             at=at,
-            attempt_values={"provider_message_id": result.provider_message_id, "sent_at": at},
-            detail=None if result.segments is None else {"segments": result.segments},
+            attempt_values={
+                "provider_message_id": result.provider_message_id,
+                "sent_at": at,
+                "segments": result.segments,
+            },
         )
         if message.status in (MessageStatus.CANCELLED, MessageStatus.EXPIRED):
             # Stopped while the request was in flight: withdraw it now its id is known.

@@ -70,6 +70,7 @@ class AttemptRow:
     completed_at: datetime | None
     deadline_at: datetime
     address: str | None = None  # as normalised for suppressions and address health
+    segments: int | None = None  # SMS: how many messages the text went as
 
 
 @dataclass(frozen=True, slots=True)
@@ -427,6 +428,7 @@ ATTEMPT_STATE = (
     "completed_at",
     "updated_at",
     "deadline_at",
+    "segments",
 )
 ATTEMPT_COLUMNS = (
     "id",
@@ -462,6 +464,7 @@ _SQL_TYPES = {
     "step": "int",
     "seq": "int",
     "tries": "int",
+    "segments": "int",
     "current_step": "int",
     "delivered_step": "int",
     "shard": "int",
@@ -644,6 +647,7 @@ async def write_changes(
         if change.new_attempt is not None:
             row = {
                 "address": None,
+                "segments": None,
                 "provider_message_id": None,
                 "error_code": None,
                 "error_detail": None,

@@ -87,6 +87,7 @@ attempts = Table(
     Column("completed_at", DateTime(timezone=True)),
     Column("deadline_at", DateTime(timezone=True), nullable=False),
     Column("address", Text),  # normalised; migration 0007
+    Column("segments", Integer),
 )
 
 events = Table(

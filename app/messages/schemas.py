@@ -184,6 +184,9 @@ class AttemptView(BaseModel):
     sent_at: datetime | None
     completed_at: datetime | None
     deadline_at: datetime
+    segments: int | None = Field(
+        default=None, description="SMS: how many messages the text went as, where known"
+    )
 
 
 class EventView(BaseModel):

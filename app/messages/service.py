@@ -362,6 +362,7 @@ async def get_message_view(tx: Transaction, tenant_id: uuid.UUID, public_id: str
                 sent_at=a.sent_at,
                 completed_at=a.completed_at,
                 deadline_at=a.deadline_at,
+                segments=a.segments,
             )
             for a in attempts
         ],

@@ -256,5 +256,5 @@ async def test_twilio_cancel_speaks_twilios_api() -> None:
 def test_only_providers_with_a_recall_api_are_cancellable(service: Service) -> None:
     registry = service.worker_runtime.providers
     cancellable = sorted({r.account.type for r in registry if isinstance(r.provider, Cancellable)})
-    # WhatsApp, FCM, Web Push, SMTP: no API to recall a send; SMPP's cancel_sm is not wired.
-    assert cancellable == ["sandbox", "twilio"]
+    # WhatsApp, FCM, Web Push, SMTP: no API to recall a send.
+    assert cancellable == ["sandbox", "smpp", "twilio"]

@@ -1,7 +1,8 @@
 """Skipping known-dead addresses and suppressing duplicates across channels.
 
 - `attempts.address`: the (normalised) address the attempt was sent to, so what a
-  receipt says about it can be kept per address.
+  receipt says about it can be kept per address; `attempts.segments`: how many SMS the
+  text went as, where the adapter knows (concatenated parts).
 - `address_health`: per tenant, channel and address, the times of its latest failures
   (up to 10, newest last) since its last success; a success deletes the row. A step whose
   address has failed its tenant's `skip_unreachable.after_failures` times within
@@ -25,7 +26,7 @@ depends_on = None
 
 
 def upgrade() -> None:
-    op.execute("ALTER TABLE attempts ADD COLUMN address text")
+    op.execute("ALTER TABLE attempts ADD COLUMN address text, ADD COLUMN segments integer")
     op.execute(
         """
         ALTER TABLE tenant_settings
@@ -71,4 +72,4 @@ def downgrade() -> None:
             DROP COLUMN dedupe_window_seconds
         """
     )
-    op.execute("ALTER TABLE attempts DROP COLUMN address")
+    op.execute("ALTER TABLE attempts DROP COLUMN address, DROP COLUMN segments")
