@@ -130,6 +130,7 @@ async def test_push_through_fcm_is_confirmed_by_the_device_receipt(
         )
 
     assert forged.status_code == 401
+    assert forged.json()["type"] == "https://cascade.dev/problems/invalid-receipt-token"
     assert confirmed.json() == {"applied": True}
     message = await wait_until_final(tenant.client, message_id)
     assert message["delivered_channel"] == "push"
@@ -156,6 +157,10 @@ async def test_forged_whatsapp_webhook_is_refused(service: Service) -> None:
             headers={"X-Hub-Signature-256": f"sha256={wrong}"},
         )
     assert response.status_code == 401
+    problem = response.json()
+    assert problem["type"] == "https://cascade.dev/problems/invalid-signature"
+    assert problem["title"] == "Invalid or missing provider signature"
+    assert problem["detail"] == "x-hub-signature-256 does not match the body"
 
 
 async def test_whatsapp_webhook_handshake_echoes_the_challenge(service: Service) -> None:
@@ -178,6 +183,7 @@ async def test_whatsapp_webhook_handshake_echoes_the_challenge(service: Service)
         )
     assert (good.status_code, good.text) == (200, "1158201444")
     assert bad.status_code == 403
+    assert bad.json()["title"] == "Invalid or missing verify token"
 
 
 async def _post_bounce(service: Service, dsn: bytes) -> tuple[httpx.Response, httpx.Response]:
