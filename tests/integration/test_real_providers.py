@@ -99,6 +99,25 @@ async def test_undeliverable_whatsapp_falls_over_to_telegram_which_succeeds_on_a
     assert message["status"] == "delivered"
 
 
+async def test_a_whatsapp_failure_receipt_has_the_same_code_as_that_send_error(
+    tenant: Tenant,
+) -> None:
+    # Ending 44: accepted, then a `failed` status webhook with error 131026.
+    body = message_body(
+        to={"whatsapp": "+48600100244", "email": "ann+wa44@example.com"},
+        cascade=[
+            {"channel": "messenger", "provider": "whatsapp"},
+            {"channel": "email", "provider": "smtp"},
+        ],
+    )
+    message = await wait_until_final(tenant.client, await send(tenant.client, body))
+
+    assert attempt_statuses(message) == [("messenger", "failed"), ("email", "sent")]
+    assert message["attempts"][0]["error"]["code"] == "whatsapp:131026"
+    failed = [e for e in message["events"] if e["status"] == "failed" and e["attempt"]]
+    assert failed[0]["detail"]["code"] == "whatsapp:131026"
+
+
 async def test_push_through_fcm_is_confirmed_by_the_device_receipt(
     service: Service, tenant: Tenant, simulators: Simulators
 ) -> None:
