@@ -162,6 +162,7 @@ async def apply_signal(
     reached_before: bool = True,
     unsaved: dict[str, Any] | None = None,
     detail: dict[str, Any] | None = None,
+    occurred_at: datetime | None = None,
 ) -> bool:
     """Apply one signal about one attempt; returns whether anything changed. `unsaved`:
     the attempt is new, and this is its row (inserted with the outcome). `detail`: kept
@@ -207,6 +208,7 @@ async def apply_signal(
                 step=attempt.step,
                 detail={"code": error.code, "detail": error.detail[:500]} if error else detail,
                 dedupe_key=dedupe_key,
+                occurred_at=occurred_at,
             )
         )
     message_values: dict[str, Any] = {}
@@ -738,6 +740,7 @@ async def _apply_report(
         error=error,
         dedupe_key=dedupe_key,
         attempt_values=values,
+        occurred_at=update.occurred_at,
     )
     if applied and is_hard_bounce(current.channel, update) and message.recipient.get("email"):
         # A permanent bounce stops email to this address for every category.

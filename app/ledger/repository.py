@@ -79,6 +79,8 @@ class NewEvent:
     step: int | None = None
     detail: dict[str, Any] | None = None
     dedupe_key: str | None = None
+    # When the provider says it happened (a receipt's own timestamp), if it says.
+    occurred_at: datetime | None = None
 
 
 # Rows of `messages` / `attempts` (every column, in table order: the dataclasses' field
@@ -249,6 +251,7 @@ _EVENT_COLUMNS = (
     "detail",
     "dedupe_key",
     "at",
+    "occurred_at",
 )
 
 
@@ -627,6 +630,7 @@ async def write_changes(
                     event.detail,
                     event.dedupe_key,
                     at,
+                    event.occurred_at,
                 )
             )
         for rollup in change.rollup_rows or ():

@@ -103,6 +103,8 @@ events = Table(
     Column("detail", JSONB),
     Column("dedupe_key", Text, unique=True),
     Column("at", DateTime(timezone=True), nullable=False),
+    # When the provider says it happened (`at`: when we recorded it); NULL when it says not.
+    Column("occurred_at", DateTime(timezone=True)),
 )
 
 idempotency_keys = Table(

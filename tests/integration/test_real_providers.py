@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from datetime import UTC, datetime
 
 import httpx
+import pytest
 
 from tests.conftest import Service, Simulators, Tenant
 from tests.helpers import attempt_statuses, eventually, message_body, send, wait_until_final
@@ -116,6 +118,31 @@ async def test_a_whatsapp_failure_receipt_has_the_same_code_as_that_send_error(
     assert message["attempts"][0]["error"]["code"] == "whatsapp:131026"
     failed = [e for e in message["events"] if e["status"] == "failed" and e["attempt"]]
     assert failed[0]["detail"]["code"] == "whatsapp:131026"
+
+
+async def test_when_the_handset_got_a_whatsapp_message_is_its_delivered_events_occurred_at(
+    tenant: Tenant, simulators: Simulators, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    handset_time = 1_767_225_600  # the status webhooks' `timestamp`: 2026-01-01 00:00 UTC
+    monkeypatch.setattr(simulators.whatsapp, "clock", lambda: handset_time)
+    body = message_body(
+        to={"whatsapp": "+48600100231"}, cascade=[{"channel": "messenger", "provider": "whatsapp"}]
+    )
+    message_id = await send(tenant.client, body)
+    message = await wait_until_final(tenant.client, message_id)
+
+    events = (await tenant.client.get(f"/v1/messages/{message_id}")).json()["events"]
+    assert events == message["events"]
+    receipts = {e["status"]: e for e in events if e["attempt"] and e["source"] == "provider"}
+    assert set(receipts) == {"sent", "delivered"}
+    for event in receipts.values():
+        occurred_at = datetime.fromisoformat(event["occurred_at"])
+        assert occurred_at == datetime.fromtimestamp(handset_time, UTC)
+        assert datetime.fromisoformat(event["at"]) > occurred_at  # recorded now, not then
+    # Our own events (accepted, sending, the message's delivered) have no provider time.
+    ours = [e for e in events if e not in receipts.values()]
+    assert ours
+    assert all(e["occurred_at"] is None for e in ours)
 
 
 async def test_push_through_fcm_is_confirmed_by_the_device_receipt(
