@@ -106,15 +106,15 @@ async def test_a_whatsapp_failure_receipt_has_the_same_code_as_that_send_error(
 ) -> None:
     # Ending 44: accepted, then a `failed` status webhook with error 131026.
     body = message_body(
-        to={"whatsapp": "+48600100244", "email": "ann+wa44@example.com"},
+        to={"whatsapp": "+48600100244", "phone": "+48600100200"},
         cascade=[
             {"channel": "messenger", "provider": "whatsapp"},
-            {"channel": "email", "provider": "smtp"},
+            {"channel": "sms", "provider": "twilio"},
         ],
     )
     message = await wait_until_final(tenant.client, await send(tenant.client, body))
 
-    assert attempt_statuses(message) == [("messenger", "failed"), ("email", "sent")]
+    assert attempt_statuses(message) == [("messenger", "failed"), ("sms", "delivered")]
     assert message["attempts"][0]["error"]["code"] == "whatsapp:131026"
     failed = [e for e in message["events"] if e["status"] == "failed" and e["attempt"]]
     assert failed[0]["detail"]["code"] == "whatsapp:131026"
