@@ -84,8 +84,26 @@ class Unauthorized(ProblemError):
     status, slug, title = 401, "unauthorized", "Missing or invalid API key"
 
 
+class InvalidReceiptToken(ProblemError):
+    """A device's receipt whose `X-Receipt-Token` is not the one its push carried."""
+
+    status, slug, title = 401, "invalid-receipt-token", "Invalid receipt token"
+
+
 class Forbidden(ProblemError):
     status, slug, title = 403, "forbidden", "The API key lacks the scope for this operation"
+
+
+class InvalidProviderSignature(ProblemError):
+    """A provider callback whose own signature (not an API key) does not verify."""
+
+    status, slug, title = 401, "invalid-signature", "Invalid or missing provider signature"
+
+
+class InvalidVerifyToken(ProblemError):
+    """A provider's callback URL handshake (WhatsApp's `hub.verify_token`) refused."""
+
+    status, slug, title = 403, "invalid-verify-token", "Invalid or missing verify token"
 
 
 class NotFound(ProblemError):
@@ -113,6 +131,32 @@ class TooManyRequests(ProblemError):
 
 class Unavailable(ProblemError):
     status, slug, title = 503, "unavailable", "A backing service is unavailable; retry later"
+
+
+def problem_types_table() -> str:
+    """Every problem `type` the API answers with, as a Markdown table (for the API docs)."""
+    rows = {
+        (error.status, error.slug, error.title)
+        for error in (
+            InvalidRequest,
+            MalformedBody,
+            Unauthorized,
+            InvalidProviderSignature,
+            InvalidReceiptToken,
+            Forbidden,
+            InvalidVerifyToken,
+            NotFound,
+            Conflict,
+            PayloadTooLarge,
+            TooManyRequests,
+            Unavailable,
+        )
+    }
+    rows |= {(status, slug, title) for status, (slug, title) in _STATUS_TITLES.items()}
+    rows.add((500, "internal", "Internal error"))
+    lines = ["| status | type | title |", "|---|---|---|"]
+    lines += [f"| {status} | `{slug}` | {title} |" for status, slug, title in sorted(rows)]
+    return "\n".join(lines)
 
 
 def problem_response(problem: Problem, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -272,4 +316,18 @@ PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 PROBLEM_RESPONSES[429]["headers"] = {
     "Retry-After": {"description": "Seconds until the key may retry", "schema": {"type": "integer"}}
+}
+# Provider callbacks are refused for the provider's own credentials, never an API key's.
+CALLBACK_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **{status: r for status, r in PROBLEM_RESPONSES.items() if status != 403},
+    401: {
+        **PROBLEM_RESPONSES[401],
+        "description": f"{InvalidProviderSignature.title} (`{InvalidProviderSignature.slug}`)",
+    },
+}
+HANDSHAKE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    403: {
+        **PROBLEM_RESPONSES[403],
+        "description": f"{InvalidVerifyToken.title} (`{InvalidVerifyToken.slug}`)",
+    },
 }

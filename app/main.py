@@ -18,7 +18,12 @@ from app.asgi import replay_body
 from app.auth.endpoints import router as keys_router
 from app.cascade.endpoints import provider_status_fast
 from app.cascade.endpoints import router as provider_router
-from app.errors import PayloadTooLarge, install_error_handlers, problem_response
+from app.errors import (
+    PayloadTooLarge,
+    install_error_handlers,
+    problem_response,
+    problem_types_table,
+)
 from app.hotpath import HotPaths
 from app.input_checks import RefuseNulCharacters
 from app.logs import configure_logging
@@ -43,8 +48,10 @@ email): the worker tries each step's provider in order and falls over to the nex
 the provider refuses, reports failure, or sends no success receipt within the step's timeout.
 
 Errors are RFC 9457 `application/problem+json` with `type`, `title`, `status`, `detail`
-and `errors[]` (`path`, `message`, `type`).
-"""
+and `errors[]` (`path`, `message`, `type`). `type` is `https://cascade.dev/problems/` and
+one of:
+
+""" + problem_types_table()
 
 
 class BodySizeLimit:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -47,7 +47,6 @@ class Job:
     job_id: str
     args: tuple[Any, ...] = ()
     defer: timedelta | None = None
-    kwargs: dict[str, Any] = field(default_factory=dict)
     # A queue of its own instead of the category's (webhooks: slow receivers never delay sends).
     queue: str | None = None
     defer_until: datetime | None = None
@@ -129,7 +128,6 @@ class JobQueue:
             _queue_name=job.queue or queue_name(job.category),
             _defer_by=job.defer,
             _defer_until=job.defer_until,
-            **job.kwargs,
         )
 
     async def enqueue_all(self, jobs: list[Job], wake: Sequence[str] = ()) -> None:
@@ -184,9 +182,7 @@ class JobQueue:
                 score = now_ms + round(job.defer.total_seconds() * 1000)
             else:
                 score = now_ms
-            payload = serialize_job(
-                job.function, job.args, job.kwargs, None, now_ms, serializer=serializer
-            )
+            payload = serialize_job(job.function, job.args, {}, None, now_ms, serializer=serializer)
             job_id = job.job_id.encode()
             queue = (job.queue or queue_name(job.category)).encode()
             expires = max(score - now_ms, 0) + expires_extra_ms

@@ -10,7 +10,8 @@ by their last two digits, emails by the local part, push tokens by the token):
 Receipts come back through the same public path a real provider uses,
 `POST /v1/providers/sandbox/status`, signed `X-Sandbox-Signature: t=<unix>,v1=<hex>`
 with HMAC-SHA256(secret, "<t>." + body). The body is one report `{"event_id", "attempt_id",
-"provider_message_id", "status"[, "error_code", "error_detail"]}` or, when several are due
+"provider_message_id", "status"[, "error_code", "error_detail"]}` (`error_code` the sandbox's
+own, e.g. `undeliverable`, which reads as `sandbox:undeliverable`) or, when several are due
 at once, `{"receipts": [report, ...]}`; a post the service does not take (connection error,
 5xx, 429) is sent again with backoff, as real providers retry their callbacks.
 
@@ -29,6 +30,7 @@ import time
 from collections import Counter
 from datetime import UTC, datetime
 from enum import Enum
+from typing import Any
 
 import httpx2
 import orjson
@@ -93,6 +95,24 @@ def outcome_for(address: str) -> Outcome:
     return Outcome.DELIVER
 
 
+def _code(code: object) -> str:
+    """Our error code for a sandbox one: sends and receipts alike."""
+    return f"sandbox:{code}"
+
+
+def _status_update(report: dict[str, Any]) -> StatusUpdate:
+    status = ReceiptStatus(report["status"])
+    code = report.get("error_code") or ("failed" if status is ReceiptStatus.FAILED else None)
+    return StatusUpdate(
+        status=status,
+        event_id=str(report["event_id"]),
+        provider_message_id=report.get("provider_message_id"),
+        attempt_id=report.get("attempt_id"),
+        error_code=_code(code) if code else None,
+        error_detail=report.get("error_detail"),
+    )
+
+
 def sign(secret: str, body: bytes, timestamp: int) -> str:
     digest = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256)
     return f"t={timestamp},v1={digest.hexdigest()}"
@@ -151,11 +171,11 @@ class SandboxProvider:
         outcome = outcome_for(message.address)
         self.submissions[message.attempt_id] += 1
         if outcome is Outcome.REJECT:
-            return Rejected("sandbox:rejected", f"{message.address} is a rejecting test address")
+            return Rejected(_code("rejected"), f"{message.address} is a rejecting test address")
         if outcome is Outcome.FLAKY and message.try_number < FLAKY_FAILURES:
             # Not the provider's fault: a flaky test address must not open the sandbox circuit.
             raise TransientProviderError(
-                "sandbox:unavailable", "flaky test address", retry_after=0, provider_fault=False
+                _code("unavailable"), "flaky test address", retry_after=0, provider_fault=False
             )
         provider_message_id = f"sbx_{message.attempt_id}"
         receipt = {Outcome.FAIL: ReceiptStatus.FAILED, Outcome.SILENT: None}.get(
@@ -178,7 +198,7 @@ class SandboxProvider:
             "status": status.value,
         }
         if status is ReceiptStatus.FAILED:
-            payload["error_code"] = "sandbox:undeliverable"
+            payload["error_code"] = "undeliverable"
             payload["error_detail"] = "the sandbox address reports failure"
         self._outbox.append(payload)
         if self._posters >= RECEIPTS_IN_FLIGHT:
@@ -223,17 +243,7 @@ class SandboxProvider:
         try:
             data = orjson.loads(callback.body)
             reports = data.get("receipts", [data])
-            return [
-                StatusUpdate(
-                    status=ReceiptStatus(report["status"]),
-                    event_id=str(report["event_id"]),
-                    provider_message_id=report.get("provider_message_id"),
-                    attempt_id=report.get("attempt_id"),
-                    error_code=report.get("error_code"),
-                    error_detail=report.get("error_detail"),
-                )
-                for report in reports
-            ]
+            return [_status_update(report) for report in reports]
         except (orjson.JSONDecodeError, KeyError, ValueError, TypeError, AttributeError) as exc:
             raise MalformedCallback(f"not a sandbox status report: {exc}") from exc
 

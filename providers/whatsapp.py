@@ -168,13 +168,13 @@ class WhatsAppProvider:
                 timeout=self.config.timeout_seconds,
             )
         except httpx2.TransportError as exc:
-            raise TransientProviderError("whatsapp:transport", type(exc).__name__) from exc
+            raise TransientProviderError(_code("transport"), type(exc).__name__) from exc
         return _classify(response)
 
     def _payload(self, message: OutboundMessage) -> dict[str, Any] | Rejected:
         to = message.address.removeprefix("+")
         if not to.isdigit():
-            return Rejected("whatsapp:invalid_address", "recipient is not an E.164 number")
+            return Rejected(_code("invalid_address"), "recipient is not an E.164 number")
         payload: dict[str, Any] = {
             "messaging_product": "whatsapp",
             "recipient_type": "individual",
@@ -212,7 +212,7 @@ class WhatsAppProvider:
         elif text:
             payload |= {"type": "text", "text": {"body": text}}
         else:
-            return Rejected("whatsapp:empty_body", "a text message needs content.text")
+            return Rejected(_code("empty_body"), "a text message needs content.text")
         return payload
 
     async def parse_status(self, callback: ProviderCallback) -> list[StatusUpdate]:
@@ -267,7 +267,7 @@ def _classify(response: httpx2.Response) -> SendResult:
             sent = _SendResponse.model_validate_json(response.content)
         except ValidationError as exc:
             raise TransientProviderError(
-                "whatsapp:bad_response", f"HTTP {response.status_code} without a message id"
+                _code("bad_response"), f"HTTP {response.status_code} without a message id"
             ) from exc
         return Accepted(sent.messages[0].id)
 
@@ -277,12 +277,12 @@ def _classify(response: httpx2.Response) -> SendResult:
     except ValidationError:
         # Not Graph API JSON: a proxy, a load balancer or a wrong base_url answered.
         raise TransientProviderError(
-            f"whatsapp:http_{response.status_code}",
+            _code(f"http_{response.status_code}"),
             response.reason_phrase,
             retry_after=retry_after,
         ) from None
 
-    code = f"whatsapp:{error.code}"
+    code = _code(error.code)
     detail = _error_detail(error)
     if error.code in _RECIPIENT_THROTTLED:
         raise TransientProviderError(code, detail, retry_after=retry_after, provider_fault=False)
@@ -302,14 +302,24 @@ def _error_detail(error: _GraphError) -> str:
     return f"{error.message}: {details}" if isinstance(details, str) else error.message
 
 
+def _code(code: int | str) -> str:
+    """Our error code for a Cloud API one: sends and status webhooks alike."""
+    return f"whatsapp:{code}"
+
+
 def _status_update(status: _Status) -> StatusUpdate:
     error = status.errors[0] if status.errors else None
+    code = None
+    if error is not None:
+        code = _code(error.code)
+    elif _STATUSES[status.status] is ReceiptStatus.FAILED:
+        code = _code("failed")  # a failure that gives no reason
     return StatusUpdate(
         status=_STATUSES[status.status],
         event_id=f"{status.id}:{status.status}",
         provider_message_id=status.id,
         attempt_id=status.biz_opaque_callback_data or None,
-        error_code=str(error.code) if error else None,
+        error_code=code,
         error_detail=(error.message or error.title) if error else None,
         occurred_at=datetime.fromtimestamp(status.timestamp, tz=UTC),
     )

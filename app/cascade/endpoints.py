@@ -14,11 +14,12 @@ from starlette.types import Scope
 
 from app.auth.dependencies import get_runtime
 from app.errors import (
-    PROBLEM_RESPONSES,
-    Forbidden,
+    CALLBACK_RESPONSES,
+    HANDSHAKE_RESPONSES,
+    InvalidProviderSignature,
+    InvalidVerifyToken,
     MalformedBody,
     NotFound,
-    Unauthorized,
     error_response,
 )
 from app.hotpath import JSONBytes
@@ -34,13 +35,14 @@ from providers.registry import UnknownProvider
 
 log = structlog.get_logger()
 
-router = APIRouter(prefix="/v1/providers", tags=["providers"], responses=PROBLEM_RESPONSES)
+router = APIRouter(prefix="/v1/providers", tags=["providers"], responses=CALLBACK_RESPONSES)
 
 
 @router.get(
     "/{provider}/status",
     summary="Callback URL verification handshake (e.g. WhatsApp `hub.challenge`)",
     response_class=PlainTextResponse,
+    responses=HANDSHAKE_RESPONSES,
 )
 async def provider_handshake(
     provider: str, request: Request, runtime: Runtime = Depends(get_runtime)
@@ -52,7 +54,7 @@ async def provider_handshake(
         else None
     )
     if challenge is None:
-        raise Forbidden("verification token rejected")
+        raise InvalidVerifyToken("verification token rejected")
     return PlainTextResponse(challenge)
 
 
@@ -94,7 +96,7 @@ async def provider_status(
         updates = await adapter.parse_status(await provider_callback(runtime, request))
     except InvalidSignature as exc:
         log.warning("provider_callback_refused", provider=provider, error=repr(exc))
-        raise Unauthorized(f"provider signature rejected: {exc}") from None
+        raise InvalidProviderSignature(str(exc)) from None
     except MalformedCallback as exc:
         log.warning("provider_callback_refused", provider=provider, error=repr(exc))
         raise MalformedBody(str(exc)) from None

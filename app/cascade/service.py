@@ -165,6 +165,7 @@ async def apply_signal(
     attempt_values: dict[str, Any] | None = None,
     reached_before: bool = True,
     unsaved: dict[str, Any] | None = None,
+    occurred_at: datetime | None = None,
 ) -> bool:
     """Apply one signal about one attempt; returns whether anything changed. `unsaved`:
     the attempt is new, and this is its row (inserted with the outcome)."""
@@ -209,6 +210,7 @@ async def apply_signal(
                 step=attempt.step,
                 detail={"code": error.code, "detail": error.detail[:500]} if error else None,
                 dedupe_key=dedupe_key,
+                occurred_at=occurred_at,
             )
         )
     message_values: dict[str, Any] = {}
@@ -806,6 +808,7 @@ async def _apply_report(
         error=error,
         dedupe_key=dedupe_key,
         attempt_values=values,
+        occurred_at=update.occurred_at,
     )
     if applied and is_hard_bounce(current.channel, update) and message.recipient.get("email"):
         # A permanent bounce stops email to this address for every category.

@@ -81,6 +81,8 @@ class NewEvent:
     step: int | None = None
     detail: dict[str, Any] | None = None
     dedupe_key: str | None = None
+    # When the provider says it happened (a receipt's own timestamp), if it says.
+    occurred_at: datetime | None = None
 
 
 # Rows of `messages` / `attempts` (every column, in table order: the dataclasses' field
@@ -251,6 +253,7 @@ _EVENT_COLUMNS = (
     "detail",
     "dedupe_key",
     "at",
+    "occurred_at",
 )
 
 
@@ -681,6 +684,7 @@ async def write_changes(
                     event.detail,
                     event.dedupe_key,
                     at,
+                    event.occurred_at,
                 )
             )
         for rollup in change.rollup_rows or ():

@@ -86,7 +86,7 @@ attempts = Table(
     Column("sent_at", DateTime(timezone=True)),
     Column("completed_at", DateTime(timezone=True)),
     Column("deadline_at", DateTime(timezone=True), nullable=False),
-    Column("address", Text),  # normalised; migration 0007
+    Column("address", Text),  # normalised; migration 0008
     Column("segments", Integer),
 )
 
@@ -105,6 +105,8 @@ events = Table(
     Column("detail", JSONB),
     Column("dedupe_key", Text, unique=True),
     Column("at", DateTime(timezone=True), nullable=False),
+    # When the provider says it happened (`at`: when we recorded it); NULL when it says not.
+    Column("occurred_at", DateTime(timezone=True)),
 )
 
 idempotency_keys = Table(

@@ -17,7 +17,7 @@ from app.auth.dependencies import bearer, get_runtime
 from app.auth.receipts import ReceiptTokenRefused, check_receipt_token
 from app.auth.service import Scope, authenticate
 from app.cascade.service import record_status
-from app.errors import PROBLEM_RESPONSES, NotFound, Unauthorized
+from app.errors import PROBLEM_RESPONSES, InvalidReceiptToken, NotFound, Unauthorized
 from app.ids import from_public, to_public
 from app.ledger import repository as ledger
 from app.runtime import Runtime, utcnow
@@ -68,7 +68,7 @@ async def post_receipt(
                 runtime.settings.receipt_signing_keys, message_id, receipt_token_header
             )
         except ReceiptTokenRefused as refused:
-            raise Unauthorized(str(refused)) from None
+            raise InvalidReceiptToken(str(refused)) from None
     elif credentials is not None:
         pepper = runtime.settings.api_key_pepper.get_secret_value()
         async with runtime.engine.connect() as conn:

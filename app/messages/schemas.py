@@ -191,7 +191,12 @@ class AttemptView(BaseModel):
 
 class EventView(BaseModel):
     seq: int
-    at: datetime
+    at: datetime = Field(description="When Cascade recorded it.")
+    occurred_at: datetime | None = Field(
+        default=None,
+        description="When the provider says it happened (e.g. the handset got the message);"
+        " null when the provider gives no time.",
+    )
     status: str
     source: str
     attempt: str | None

@@ -370,6 +370,7 @@ async def get_message_view(tx: Transaction, tenant_id: uuid.UUID, public_id: str
             EventView(
                 seq=e["seq"],
                 at=e["at"],
+                occurred_at=e["occurred_at"],
                 status=e["status"],
                 source=e["source"],
                 attempt=to_public("att", e["attempt_id"]) if e["attempt_id"] else None,

@@ -13,12 +13,13 @@ from app.auth.dependencies import get_runtime, require
 from app.auth.service import Principal, Scope
 from app.cascade.endpoints import callback_adapter, provider_callback
 from app.errors import (
+    CALLBACK_RESPONSES,
     PROBLEM_RESPONSES,
     FieldError,
+    InvalidProviderSignature,
     InvalidRequest,
     MalformedBody,
     NotFound,
-    Unauthorized,
 )
 from app.input_checks import NUL
 from app.policy import service
@@ -172,6 +173,7 @@ async def unsubscribe(token: str, runtime: Runtime = Depends(get_runtime)) -> Un
     "/v1/providers/{provider}/inbound",
     tags=["providers"],
     summary="Messages recipients sent (STOP/START replies), signed with the provider's scheme",
+    responses=CALLBACK_RESPONSES,
 )
 async def provider_inbound(
     provider: str, request: Request, runtime: Runtime = Depends(get_runtime)
@@ -182,7 +184,7 @@ async def provider_inbound(
     try:
         inbound = await adapter.parse_inbound(await provider_callback(runtime, request))
     except InvalidSignature as exc:
-        raise Unauthorized(f"provider signature rejected: {exc}") from None
+        raise InvalidProviderSignature(str(exc)) from None
     except MalformedCallback as exc:
         raise MalformedBody(str(exc)) from None
     applied = 0

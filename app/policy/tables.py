@@ -1,4 +1,4 @@
-"""Policy tables (migrations 0004, 0006, 0007): tenant settings, suppressions, the marketing
+"""Policy tables (migrations 0004, 0006, 0008): tenant settings, suppressions, the marketing
 send log, STOP/START replies, address health and message fingerprints."""
 
 from __future__ import annotations

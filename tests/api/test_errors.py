@@ -116,3 +116,57 @@ async def test_health_and_readiness(service: Service) -> None:
         ready = await client.get("/readyz")
     assert ready.status_code == 200
     assert ready.json()["checks"] == {"postgres": "ok", "redis": "ok"}
+
+
+PROVIDER_CALLBACKS = [
+    ("twilio", "status"),
+    ("twilio", "inbound"),
+    ("whatsapp", "status"),
+    ("sandbox", "status"),
+    ("sandbox", "inbound"),
+    ("smtp", "status"),
+]
+
+
+@pytest.mark.parametrize(
+    ("provider", "route"), PROVIDER_CALLBACKS, ids=[f"{p}-{r}" for p, r in PROVIDER_CALLBACKS]
+)
+async def test_an_unsigned_provider_callback_is_an_invalid_signature_problem_not_an_api_key_one(
+    service: Service, provider: str, route: str
+) -> None:
+    async with httpx.AsyncClient(base_url=service.base_url) as caller:
+        response = await caller.post(
+            f"/v1/providers/{provider}/{route}",
+            content=b"{}",
+            headers={"content-type": "application/json"},
+        )
+
+    assert response.status_code == 401
+    assert response.headers["content-type"] == "application/problem+json"
+    problem = response.json()
+    assert problem["type"] == "https://cascade.dev/problems/invalid-signature"
+    assert problem["title"] == "Invalid or missing provider signature"
+    assert "API key" not in problem["title"] + problem["detail"]
+
+
+async def test_a_refused_verify_token_handshake_says_so_not_that_a_scope_is_missing(
+    service: Service,
+) -> None:
+    async with httpx.AsyncClient(base_url=service.base_url) as meta:
+        response = await meta.get(
+            "/v1/providers/whatsapp/status",
+            params={"hub.mode": "subscribe", "hub.verify_token": "wrong", "hub.challenge": "7"},
+        )
+
+    assert response.status_code == 403
+    problem = response.json()
+    assert problem["type"] == "https://cascade.dev/problems/invalid-verify-token"
+    assert problem["title"] == "Invalid or missing verify token"
+
+
+async def test_every_problem_type_is_listed_in_the_api_description(service: Service) -> None:
+    async with httpx.AsyncClient(base_url=service.base_url) as client:
+        description = (await client.get("/openapi.json")).json()["info"]["description"]
+
+    for slug in ("invalid-signature", "invalid-verify-token", "invalid-receipt-token"):
+        assert f"| `{slug}` |" in description

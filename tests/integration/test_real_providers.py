@@ -3,10 +3,13 @@ signed callback → ledger. Each simulator speaks its provider's wire format on 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
+from datetime import UTC, datetime
 
 import httpx
+import pytest
 
 from tests.conftest import Service, Simulators, Tenant
 from tests.helpers import attempt_statuses, eventually, message_body, send, wait_until_final
@@ -99,6 +102,49 @@ async def test_undeliverable_whatsapp_falls_over_to_telegram_which_succeeds_on_a
     assert message["status"] == "delivered"
 
 
+async def test_a_whatsapp_failure_receipt_has_the_same_code_as_that_send_error(
+    tenant: Tenant,
+) -> None:
+    # Ending 44: accepted, then a `failed` status webhook with error 131026.
+    body = message_body(
+        to={"whatsapp": "+48600100244", "phone": "+48600100200"},
+        cascade=[
+            {"channel": "messenger", "provider": "whatsapp"},
+            {"channel": "sms", "provider": "twilio"},
+        ],
+    )
+    message = await wait_until_final(tenant.client, await send(tenant.client, body))
+
+    assert attempt_statuses(message) == [("messenger", "failed"), ("sms", "delivered")]
+    assert message["attempts"][0]["error"]["code"] == "whatsapp:131026"
+    failed = [e for e in message["events"] if e["status"] == "failed" and e["attempt"]]
+    assert failed[0]["detail"]["code"] == "whatsapp:131026"
+
+
+async def test_when_the_handset_got_a_whatsapp_message_is_its_delivered_events_occurred_at(
+    tenant: Tenant, simulators: Simulators, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    handset_time = 1_767_225_600  # the status webhooks' `timestamp`: 2026-01-01 00:00 UTC
+    monkeypatch.setattr(simulators.whatsapp, "clock", lambda: handset_time)
+    body = message_body(
+        to={"whatsapp": "+48600100231"}, cascade=[{"channel": "messenger", "provider": "whatsapp"}]
+    )
+    message = await wait_until_final(tenant.client, await send(tenant.client, body))
+
+    # The `sent` receipt may come before the send's answer is stored, or after the final
+    # `delivered`: only `delivered` is sure to be in the timeline by now.
+    receipts = [e for e in message["events"] if e["attempt"] and e["source"] == "provider"]
+    assert "delivered" in [e["status"] for e in receipts]
+    for event in receipts:
+        occurred_at = datetime.fromisoformat(event["occurred_at"])
+        assert occurred_at == datetime.fromtimestamp(handset_time, UTC)
+        assert datetime.fromisoformat(event["at"]) > occurred_at  # recorded now, not then
+    # Our own events (accepted, sending, the message's delivered) have no provider time.
+    ours = [e for e in message["events"] if e not in receipts]
+    assert ours
+    assert all(e["occurred_at"] is None for e in ours)
+
+
 async def test_push_through_fcm_is_confirmed_by_the_device_receipt(
     service: Service, tenant: Tenant, simulators: Simulators
 ) -> None:
@@ -130,6 +176,7 @@ async def test_push_through_fcm_is_confirmed_by_the_device_receipt(
         )
 
     assert forged.status_code == 401
+    assert forged.json()["type"] == "https://cascade.dev/problems/invalid-receipt-token"
     assert confirmed.json() == {"applied": True}
     message = await wait_until_final(tenant.client, message_id)
     assert message["delivered_channel"] == "push"
@@ -156,6 +203,10 @@ async def test_forged_whatsapp_webhook_is_refused(service: Service) -> None:
             headers={"X-Hub-Signature-256": f"sha256={wrong}"},
         )
     assert response.status_code == 401
+    problem = response.json()
+    assert problem["type"] == "https://cascade.dev/problems/invalid-signature"
+    assert problem["title"] == "Invalid or missing provider signature"
+    assert problem["detail"] == "x-hub-signature-256 does not match the body"
 
 
 async def test_whatsapp_webhook_handshake_echoes_the_challenge(service: Service) -> None:
@@ -178,6 +229,7 @@ async def test_whatsapp_webhook_handshake_echoes_the_challenge(service: Service)
         )
     assert (good.status_code, good.text) == (200, "1158201444")
     assert bad.status_code == 403
+    assert bad.json()["title"] == "Invalid or missing verify token"
 
 
 async def _post_bounce(service: Service, dsn: bytes) -> tuple[httpx.Response, httpx.Response]:
@@ -212,7 +264,11 @@ async def test_a_hard_bounce_inside_the_email_window_falls_over_to_sms(
             (m for m in simulators.smtp.messages if "gone@example.com" in m.rcpt_tos), None
         )
     )
-    sent = (await tenant.client.get(f"/v1/messages/{message_id}")).json()
+    for _ in range(200):  # the relay has the mail; the worker records its 250 next
+        sent = (await tenant.client.get(f"/v1/messages/{message_id}")).json()
+        if attempt_statuses(sent) == [("email", "sent")]:
+            break
+        await asyncio.sleep(0.05)
     assert (sent["status"], attempt_statuses(sent)) == ("sending", [("email", "sent")])
 
     forged, bounced = await _post_bounce(service, build_dsn(mail))

@@ -205,7 +205,7 @@ async def test_enqueue_many_adds_each_new_job_once_as_arq_would(service: Service
 
     jobs = [
         job("now", "a", 1, queue=name),
-        job("defer", defer=timedelta(seconds=30), kwargs={"k": "v"}, queue=name),
+        job("defer", "b", defer=timedelta(seconds=30), queue=name),
         job("until", defer_until=until, queue=name),
         job("now", "again", queue=name),  # the same id twice in one call
         job("done", queue=name),  # has a result already
@@ -234,7 +234,7 @@ async def test_enqueue_many_adds_each_new_job_once_as_arq_would(service: Service
     assert before + 30_000 <= scores[f"{prefix}:defer".encode()] <= after + 30_000
     assert scores[f"{prefix}:until".encode()] == to_unix_ms(until)
     assert (payload.function, payload.args, payload.kwargs) == ("f_now", ("a", 1), {})
-    assert (deferred.function, deferred.kwargs) == ("f_defer", {"k": "v"})
+    assert (deferred.function, deferred.args, deferred.kwargs) == ("f_defer", ("b",), {})
     assert 3_600_000 < ttl <= 3_600_000 + expires_extra_ms
     assert arq_status is JobStatus.deferred
     assert arq_again is None  # arq's own enqueue sees the job as taken

@@ -5,8 +5,21 @@ when the window closes. With `success_on: delivered`, `silent@` falls over too."
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
+import orjson
+from pydantic import SecretStr
+
+from providers.base import (
+    Category,
+    Channel,
+    Content,
+    OutboundMessage,
+    ProviderCallback,
+    Rejected,
+)
+from providers.sandbox import SandboxConfig, SandboxProvider, sign
 from tests.conftest import Tenant
 from tests.helpers import attempt_statuses, message_body, send, wait_until_final
 
@@ -55,3 +68,35 @@ async def test_with_success_on_delivered_fail_and_silent_emails_fall_over(
 
     assert attempt_statuses(failing) == [("email", "failed"), ("sms", "delivered")]
     assert attempt_statuses(silent) == [("email", "expired"), ("sms", "delivered")]
+
+
+async def test_sandbox_receipt_codes_carry_the_prefix_its_send_errors_do() -> None:
+    provider = SandboxProvider(
+        Channel.SMS, SandboxConfig(callback_url="http://127.0.0.1:9/", secret=SecretStr("s"))
+    )
+    reports = [
+        {"event_id": "e1", "attempt_id": "att_1", "status": "failed", "error_code": "bounced"},
+        {"event_id": "e2", "attempt_id": "att_2", "status": "failed"},
+        {"event_id": "e3", "attempt_id": "att_3", "status": "delivered"},
+    ]
+    body = orjson.dumps({"receipts": reports})
+    headers = {"X-Sandbox-Signature": sign("s", body, int(time.time()))}
+    try:
+        updates = await provider.parse_status(ProviderCallback("POST", "http://x", headers, body))
+    finally:
+        await provider.aclose()
+
+    assert [u.error_code for u in updates] == ["sandbox:bounced", "sandbox:failed", None]
+    rejected = await provider.send(
+        OutboundMessage(
+            message_id="msg_1",
+            attempt_id="att_4",
+            category=Category.TRANSACTIONAL,
+            channel=Channel.SMS,
+            address="+48600100201",
+            content=Content(text="hi"),
+            timeout_seconds=10,
+        )
+    )
+    assert isinstance(rejected, Rejected)
+    assert rejected.code == "sandbox:rejected"

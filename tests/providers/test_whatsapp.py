@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import httpx2
+import orjson
 import pytest
 
 from providers.base import (
@@ -314,8 +315,22 @@ async def test_a_failed_webhook_carries_the_error_code(
     assert update.status is ReceiptStatus.FAILED
     assert update.attempt_id == message.attempt_id
     assert update.provider_message_id == wamid
-    assert update.error_code == "131026"
+    # The same code, in the same form, as a send refused for that reason.
+    assert update.error_code == "whatsapp:131026"
     assert update.error_detail == "Message undeliverable"
+
+
+async def test_a_failed_webhook_without_errors_still_has_a_whatsapp_code(
+    provider: WhatsAppProvider, sim: WhatsAppSimulator
+) -> None:
+    payload = sim.status_payload("wamid.NOREASON", "4915112345678", "failed")
+    del payload["entry"][0]["changes"][0]["value"]["statuses"][0]["errors"]
+    body = orjson.dumps(payload)
+    headers = {"x-hub-signature-256": sign(sim.app_secret, body)}
+
+    [update] = await provider.parse_status(ProviderCallback("POST", sim.base_url, headers, body))
+
+    assert (update.status, update.error_code) == (ReceiptStatus.FAILED, "whatsapp:failed")
 
 
 async def test_read_may_arrive_without_delivered(

@@ -187,6 +187,10 @@ async def test_a_bad_callback_is_refused_logged_and_changes_nothing(
     logged = logs.read()
     assert response.status_code == status, response.text
     assert response.headers["content-type"] == "application/problem+json"
+    if status == 401:
+        problem = response.json()
+        assert problem["type"] == "https://cascade.dev/problems/invalid-signature"
+        assert problem["title"] == "Invalid or missing provider signature"
     assert await _ledger(tenant, waiting.message_id) == before
     if logged is not None:
         expected_log = "body_too_large" if status == 413 else "provider_callback_refused"

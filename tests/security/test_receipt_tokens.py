@@ -133,7 +133,7 @@ def _problem(response: httpx.Response) -> dict[str, Any]:
     assert response.status_code == 401, response.text
     assert response.headers["content-type"].startswith("application/problem+json")
     problem: dict[str, Any] = response.json()
-    assert problem["type"].endswith("/unauthorized")
+    assert problem["type"].endswith("/invalid-receipt-token")
     return problem
 
 
