@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -36,7 +36,7 @@ from app.cascade.machine import (
 )
 from app.cascade.outbound import outbound_message
 from app.db import Transaction
-from app.ids import from_public, new_id
+from app.ids import from_public, new_id, to_public
 from app.ledger import repository as ledger
 from app.ledger.repository import AttemptRow, Change, MessageRow, NewEvent
 from app.observability import bind_message
@@ -317,6 +317,7 @@ async def stop_now(
     code: str,
     detail: str = "",
     attempt: AttemptRow | _Load | None = LOAD,
+    more: Mapping[str, Any] | None = None,
 ) -> bool:
     """Cancel, expire or suppress a locked message whatever step it is on; False when it
     had already ended. `attempt`: its current attempt, when the caller has it."""
@@ -325,7 +326,8 @@ async def stop_now(
     decision = stop_message(message.status, attempt.status if attempt else None, stop)
     if decision is None:
         return False
-    reason = {"code": code, "detail": detail} if detail else {"code": code}
+    reason: dict[str, Any] = {"code": code, "detail": detail} if detail else {"code": code}
+    reason.update(more or {})
     new_events: list[NewEvent] = []
     attempt_values: dict[str, Any] = {}
     if attempt is not None and decision.attempt_status not in (None, attempt.status):
@@ -478,6 +480,7 @@ async def begin_send(
             await _defer(tx, message, step, verdict.until, verdict.reason, at)
             return None
         if isinstance(verdict, policy.SuppressMessage):
+            original = verdict.duplicate_of
             await stop_now(
                 tx,
                 message,
@@ -486,6 +489,7 @@ async def begin_send(
                 at=at,
                 code=verdict.reason,
                 attempt=None,
+                more={"duplicate_of": to_public("msg", original)} if original else None,
             )
             return None
         if isinstance(verdict, policy.SkipStep | policy.Unreachable):

@@ -228,6 +228,16 @@ class MessageView(BaseModel):
     events: list[EventView]
     send_at: datetime | None = None
     expires_at: datetime | None = None
+    suppressed_reason: str | None = Field(
+        default=None,
+        description="Why a `suppressed` message was not sent: `duplicate` (its tenant's"
+        " `dedupe_window`), `frequency_cap`, `address_suppressed` (every step's address is"
+        " on the suppression list)",
+    )
+    duplicate_of: str | None = Field(
+        default=None,
+        description="The message this one duplicated (`suppressed_reason` `duplicate`)",
+    )
 
 
 class BatchMessageIn(Strict):

@@ -333,6 +333,14 @@ async def get_message_view(tx: Transaction, tenant_id: uuid.UUID, public_id: str
         raise NotFound(f"no message {public_id}")
     attempts = await ledger.list_attempts(tx.conn, message.id)
     events = await ledger.list_events(tx.conn, message.id)
+    stopped = next(
+        (
+            e["detail"] or {}
+            for e in reversed(events)
+            if e["attempt_id"] is None and e["status"] == MessageStatus.SUPPRESSED
+        ),
+        {},
+    )
     return MessageView(
         id=public_id,
         category=message.category,
@@ -348,6 +356,9 @@ async def get_message_view(tx: Transaction, tenant_id: uuid.UUID, public_id: str
         completed_at=message.completed_at,
         send_at=message.send_at,
         expires_at=message.expires_at,
+        suppressed_reason=stopped.get("code")
+        or ("address_suppressed" if message.status is MessageStatus.SUPPRESSED else None),
+        duplicate_of=stopped.get("duplicate_of"),
         attempts=[
             AttemptView(
                 id=to_public("att", a.id),

@@ -18,5 +18,6 @@ async def prune_marketing_sends(ctx: dict[str, Any]) -> None:
         pruned = await service.prune_marketing_sends(
             tx, utcnow() - runtime.settings.marketing_log_retention
         )
+        pruned += await service.prune_fingerprints(tx, utcnow() - service.MAX_DEDUPE_WINDOW)
     if pruned:
         log.info("marketing_sends_pruned", rows=pruned)

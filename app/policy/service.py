@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, time, timedelta
 from typing import Any
 
+import orjson
 import phonenumbers
 from sqlalchemy import (
     ARRAY,
@@ -32,9 +33,11 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from app.cascade.machine import MessageStatus
 from app.db import Transaction
 from app.errors import FieldError, InvalidRequest
 from app.ledger.repository import MessageRow
+from app.ledger.tables import messages as ledger_messages
 from app.policy.quiet_hours import next_allowed, zone
 from app.policy.schemas import (
     ALL_CATEGORY_REASONS,
@@ -46,7 +49,13 @@ from app.policy.schemas import (
     SkipUnreachable,
     SuppressionView,
 )
-from app.policy.tables import inbound_replies, marketing_sends, suppressions, tenant_settings
+from app.policy.tables import (
+    inbound_replies,
+    marketing_sends,
+    message_fingerprints,
+    suppressions,
+    tenant_settings,
+)
 from app.settings import Settings
 from providers.base import Category, Channel, InboundMessage
 
@@ -477,6 +486,7 @@ class SkipStep:
 @dataclass(frozen=True, slots=True)
 class SuppressMessage:
     reason: str
+    duplicate_of: uuid.UUID | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -519,6 +529,10 @@ async def gate_step(
         since = unreachable_since(failures, policy.skip_unreachable, at)
         if since is not None:
             return Unreachable(policy.skip_unreachable[0], since)
+    if first_send and policy.dedupe_window is not None:
+        original = await find_duplicate(tx, message, policy.dedupe_window, at)
+        if original is not None:
+            return SuppressMessage("duplicate", duplicate_of=original)
     if category is not Category.MARKETING:
         return PROCEED
     if policy.quiet_hours is not None:
@@ -591,6 +605,88 @@ async def record_marketing_send(
 
 async def prune_marketing_sends(tx: Transaction, before: datetime) -> int:
     result = await tx.conn.execute(delete(marketing_sends).where(marketing_sends.c.at < before))
+    return int(result.rowcount)
+
+
+# --- duplicates across channels --------------------------------------------------------
+
+# The longest `dedupe_window` a policy may set: fingerprints older than this are pruned.
+MAX_DEDUPE_WINDOW = timedelta(days=7)
+_GIVEN_UP = [
+    s.value
+    for s in (
+        MessageStatus.FAILED,
+        MessageStatus.EXPIRED,
+        MessageStatus.CANCELLED,
+        MessageStatus.SUPPRESSED,
+    )
+]
+
+
+def content_hash(content: Mapping[str, Any]) -> str:
+    """The message's rendered content, as one value: equal content, equal hash."""
+    return hashlib.sha256(orjson.dumps(content, option=orjson.OPT_SORT_KEYS)).hexdigest()[:32]
+
+
+async def find_duplicate(
+    tx: Transaction, message: MessageRow, window: timedelta, at: datetime
+) -> uuid.UUID | None:
+    """An earlier message with the same content to any address this one shares, sent
+    within `window` and not given up on (failed, expired, cancelled, suppressed: the
+    recipient did not get it), or None; then this one is recorded as sent for the next.
+
+    Like the frequency cap, concurrent sends to a shared address serialise on advisory
+    locks per address, so two identical messages never both go out."""
+    keys = address_keys(message.recipient, [Channel(step["channel"]) for step in message.cascade])
+    if not keys:
+        return None
+    digest = content_hash(message.content)
+    for key in keys:  # sorted
+        await tx.conn.execute(
+            text("SELECT pg_advisory_xact_lock(:id)"), {"id": _lock_id(message.tenant_id, key)}
+        )
+    f = message_fingerprints.c
+    original = (
+        await tx.conn.execute(
+            select(f.message_id)
+            .join(ledger_messages, ledger_messages.c.id == f.message_id)
+            .where(
+                f.tenant_id == message.tenant_id,
+                f.address_key.in_(keys),
+                f.content_hash == digest,
+                f.at > at - window,
+                f.message_id != message.id,
+                ledger_messages.c.status.not_in(_GIVEN_UP),
+            )
+            .order_by(f.at)
+            .limit(1)
+        )
+    ).scalar_one_or_none()
+    if original is not None:
+        return uuid.UUID(str(original))
+    await tx.conn.execute(
+        pg_insert(message_fingerprints)
+        .values(
+            [
+                {
+                    "tenant_id": message.tenant_id,
+                    "address_key": k,
+                    "content_hash": digest,
+                    "message_id": message.id,
+                    "at": at,
+                }
+                for k in keys
+            ]
+        )
+        .on_conflict_do_nothing()
+    )
+    return None
+
+
+async def prune_fingerprints(tx: Transaction, before: datetime) -> int:
+    result = await tx.conn.execute(
+        delete(message_fingerprints).where(message_fingerprints.c.at < before)
+    )
     return int(result.rowcount)
 
 
