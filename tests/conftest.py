@@ -255,7 +255,17 @@ async def service(settings: Settings) -> AsyncIterator[Service]:
     app = create_app(settings)
     port = int(settings.public_url.rsplit(":", 1)[1])
     server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+        uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+            access_log=False,
+            # Longer than the test clients' 5 s keep-alive: the client drops an idle
+            # connection before the server closes it, never as it reuses one (a
+            # "Server disconnected without sending a response" on a loaded machine).
+            timeout_keep_alive=30,
+        )
     )
     api_task = asyncio.create_task(server.serve())
     while not server.started:
