@@ -130,6 +130,9 @@ def dev_example_curl(base_url: str, key: str) -> str:
 def _refuse_taken_port(host: str, port: int) -> None:
     """Before anything starts: a taken port would fail the API after the workers ran."""
     with socket.socket() as probe:
+        # As uvicorn binds: connections left in TIME_WAIT by a stack just stopped are no
+        # listener, and must not keep a restart off its port.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError as exc:
