@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Annotated, Any
 
+import structlog
 import typer
 import typer.core
 import uvloop
@@ -58,6 +59,7 @@ providers_cli = typer.Typer(help="Provider accounts.", no_args_is_help=True)
 cli.add_typer(providers_cli, name="providers")
 register_api_commands(cli, keys_cli)
 console = Console()
+log = structlog.get_logger()
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC_PATH = ROOT / "openapi" / "openapi.json"
@@ -161,6 +163,10 @@ def dev_locations(
     )
 
 
+# How long the API gives requests still open at SIGTERM (under the supervisor's bound).
+API_GRACEFUL_SECONDS = 5
+
+
 def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -209,37 +215,36 @@ def dev(
             "CASCADE_WEBHOOKS_ALLOW_LOOPBACK_HTTP", "true"
         ),
     }
-    supervisor = Supervisor(
-        [
-            (
-                "api",
-                [
-                    sys.executable,
-                    "-m",
-                    "uvicorn",
-                    "app.main:create_app",
-                    "--factory",
-                    "--host",
-                    host,
-                    "--port",
-                    str(port),
-                    "--log-level",
-                    "warning",
-                    "--no-access-log",
-                ],
-            ),
-            # Split as recommended for production: marketing in a process of its own, at a
-            # lower CPU priority, so a campaign does not slow transactional sends down.
-            *(
-                (
-                    f"worker {q}",
-                    [sys.executable, "-m", "app.cli", "worker", "--queues", q, "--nice", str(n)],
-                )
-                for q, n in PROCESS_SPLIT
-            ),
-        ],
-        env,
-    )
+    api_argv = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "app.main:create_app",
+        "--factory",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        "--no-access-log",
+        # Requests still open this long after SIGTERM are cut; then the lifespan flushes
+        # the group-commit writers and closes the pools (within the supervisor's bound).
+        "--timeout-graceful-shutdown",
+        str(API_GRACEFUL_SECONDS),
+    ]
+    # Split as recommended for production: marketing in a process of its own, at a lower
+    # CPU priority, so a campaign does not slow transactional sends down.
+    workers = [
+        (
+            f"worker {q}",
+            [sys.executable, "-m", "app.cli", "worker", "--queues", q, "--nice", str(n)],
+        )
+        for q, n in PROCESS_SPLIT
+    ]
+    # Tiers, started in this order and stopped in the reverse: the workers post their
+    # sandbox receipts to the API, so they stop (and post what they owe) before it does.
+    supervisor = Supervisor([[("api", api_argv)], workers], env)
     supervisor.start()
     console.print(
         Panel.fit(
@@ -265,9 +270,16 @@ def dev(
     except KeyboardInterrupt:
         pass
     finally:
-        supervisor.stop()
-        servers.stop()
-        console.print("stopped")
+        # A second Ctrl-C or SIGTERM while stopping cuts the wait short (SIGKILL), and
+        # never the stop itself: the servers are stopped whatever the children did.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda signum, frame: supervisor.hurry())
+        try:
+            supervisor.stop()
+        finally:
+            servers.stop()
+            log.info("embedded_servers_stopped")
+            console.print("stopped")
 
 
 @cli.command()
