@@ -12,7 +12,9 @@ Receipts come back through the same public path a real provider uses,
 with HMAC-SHA256(secret, "<t>." + body). The body is one report `{"event_id", "attempt_id",
 "provider_message_id", "status"[, "error_code", "error_detail"]}` or, when several are due
 at once, `{"receipts": [report, ...]}`; a post the service does not take (connection error,
-5xx, 429) is sent again with backoff, as real providers retry their callbacks.
+5xx, 429) is sent again with backoff, as real providers retry their callbacks. Closing
+posts the receipts still owed first (the sandbox lives in the worker: a stop must not drop
+them): those not yet due are waited for a while, then sent at once.
 
 Replies from recipients (`STOP`) are posted, signed the same way, to
 `POST /v1/providers/sandbox/inbound` as `{"event_id", "channel", "from", "text"}` (and
@@ -27,8 +29,10 @@ import hashlib
 import hmac
 import time
 from collections import Counter
+from collections.abc import Coroutine
 from datetime import UTC, datetime
 from enum import Enum
+from typing import Any
 
 import httpx2
 import orjson
@@ -93,6 +97,19 @@ def outcome_for(address: str) -> Outcome:
     return Outcome.DELIVER
 
 
+def _receipt(attempt_id: str, provider_message_id: str, status: ReceiptStatus) -> dict[str, str]:
+    payload = {
+        "event_id": f"{provider_message_id}:{status.value}",
+        "attempt_id": attempt_id,
+        "provider_message_id": provider_message_id,
+        "status": status.value,
+    }
+    if status is ReceiptStatus.FAILED:
+        payload["error_code"] = "sandbox:undeliverable"
+        payload["error_detail"] = "the sandbox address reports failure"
+    return payload
+
+
 def sign(secret: str, body: bytes, timestamp: int) -> str:
     digest = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256)
     return f"t={timestamp},v1={digest.hexdigest()}"
@@ -103,6 +120,10 @@ def sign(secret: str, body: bytes, timestamp: int) -> str:
 RECEIPTS_IN_FLIGHT = 16
 RECEIPTS_PER_POST = 50
 RECEIPT_RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0)
+# On close: how long receipts owed are given to come due and be posted; then those still
+# waiting out their delay are posted at once, given as long again before any left are
+# dropped (logged). Both well inside `cascade dev`'s bound on a worker's stop.
+CLOSE_PATIENCE_SECONDS = 5.0
 
 
 class SandboxConfig(BaseModel):
@@ -130,6 +151,9 @@ class SandboxProvider:
         )
         self._owns_http = http is None
         self._receipts: set[asyncio.Task[None]] = set()
+        # Receipts waiting out their delay, by the task that will post them.
+        self._delayed: dict[asyncio.Task[None], dict[str, str]] = {}
+        self._owed = 0  # receipts neither posted nor given up
         self._outbox: list[dict[str, str]] = []
         self._posters = 0
         # Sends per attempt id, as a real provider would count submissions (tests read it).
@@ -162,25 +186,33 @@ class SandboxProvider:
             outcome, ReceiptStatus.DELIVERED
         )
         if receipt is not None:
-            task = asyncio.create_task(self._send_receipt(message, provider_message_id, receipt))
-            self._receipts.add(task)
-            task.add_done_callback(self._receipts.discard)
+            payload = _receipt(message.attempt_id, provider_message_id, receipt)
+            self._owed += 1
+            task = self._spawn(self._send_receipt(payload))
+            self._delayed[task] = payload
         return Accepted(provider_message_id)
 
-    async def _send_receipt(
-        self, message: OutboundMessage, provider_message_id: str, status: ReceiptStatus
-    ) -> None:
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.create_task(work)
+        self._receipts.add(task)
+        task.add_done_callback(self._receipt_done)
+        return task
+
+    def _receipt_done(self, task: asyncio.Task[None]) -> None:
+        self._receipts.discard(task)
+        self._delayed.pop(task, None)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            log.error("sandbox_receipt_crashed", exc_info=error)
+
+    async def _send_receipt(self, payload: dict[str, str]) -> None:
         await asyncio.sleep(self._config.delay_seconds)
-        payload: dict[str, str] = {
-            "event_id": f"{provider_message_id}:{status.value}",
-            "attempt_id": message.attempt_id,
-            "provider_message_id": provider_message_id,
-            "status": status.value,
-        }
-        if status is ReceiptStatus.FAILED:
-            payload["error_code"] = "sandbox:undeliverable"
-            payload["error_detail"] = "the sandbox address reports failure"
+        task = asyncio.current_task()
+        if task is not None:
+            self._delayed.pop(task, None)  # due: no longer a close's to hurry
         self._outbox.append(payload)
+        await self._post_outbox()
+
+    async def _post_outbox(self) -> None:
         if self._posters >= RECEIPTS_IN_FLIGHT:
             return  # a poster already running takes it with its next batch
         self._posters += 1
@@ -198,6 +230,10 @@ class SandboxProvider:
         and a post the service did not take (connection error, 5xx, 429) is sent again with
         backoff. One post per receipt, unbounded, queued thousands of requests on the HTTP
         pool in a burst, whose wait counts against the timeout: receipts were dropped."""
+        await self._post_until_taken(batch)
+        self._owed -= len(batch)  # taken, or given up (logged); a cancelled post is dropped
+
+    async def _post_until_taken(self, batch: list[dict[str, str]]) -> None:
         body = orjson.dumps(batch[0] if len(batch) == 1 else {"receipts": batch})
         for retry_in in (*RECEIPT_RETRY_DELAYS, None):
             try:
@@ -271,7 +307,26 @@ class SandboxProvider:
             raise InvalidSignature("signature does not match")
 
     async def aclose(self) -> None:
+        """Post the receipts owed, then close the client (never under a post in flight):
+        due ones are given `CLOSE_PATIENCE_SECONDS`, then any still delayed are posted at
+        once, early rather than lost, as long again; whatever is left then is dropped."""
         if self._receipts:
-            await asyncio.wait(set(self._receipts), timeout=5)
+            await asyncio.wait(set(self._receipts), timeout=CLOSE_PATIENCE_SECONDS)
+        if self._delayed:
+            hurried = list(self._delayed.values())
+            for task in list(self._delayed):
+                task.cancel()
+            self._delayed.clear()
+            self._outbox += hurried
+            self._spawn(self._post_outbox())
+            log.info("sandbox_receipts_hurried", receipts=len(hurried))
+        if self._receipts:
+            await asyncio.wait(set(self._receipts), timeout=CLOSE_PATIENCE_SECONDS)
+        left = set(self._receipts)
+        for task in left:
+            task.cancel()
+        await asyncio.gather(*left, return_exceptions=True)
+        if self._owed:
+            log.warning("sandbox_receipts_dropped", receipts=self._owed)
         if self._owns_http:
             await self._http.aclose()
