@@ -88,10 +88,13 @@ class DeliveryEngine:
         self.in_flight = 0
         self._room = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._stop: asyncio.Event | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Claim and send until `stop`, then let the batches in flight finish."""
+        """Claim and send until `stop`, then let the batches in flight finish: requests
+        already with a provider are answered and recorded, the rest are handed back."""
         log.info("engine_started", category=self.category, batch=self.batch_size)
+        self._stop = stop
         while not stop.is_set():
             free = self.capacity - self.in_flight
             if free <= 0:
@@ -318,6 +321,8 @@ class DeliveryEngine:
         self, account: ProviderAccount, limit: asyncio.Semaphore, plan: service.SendPlan
     ) -> Result:
         async with limit:
+            if self._stop is not None and self._stop.is_set():
+                return handed_back()  # due again at once, for a worker that stays
             try:
                 return await plan.provider.send(plan.outbound)
             except TransientProviderError as exc:
@@ -379,6 +384,14 @@ class DeliveryEngine:
                 result=type(result).__name__,
                 error=None if isinstance(result, Accepted) else result.code,
             )
+
+
+# A claimed send not yet started when the worker stops: recorded as a retry due now, so
+# the step is `pending` again, never left `sending` for its deadline to fail it.
+def handed_back() -> TransientProviderError:
+    return TransientProviderError(
+        "worker_stopping", "not sent: the worker stopped first", retry_after=0, provider_fault=False
+    )
 
 
 # A message whose processing raised is looked at again this much later (logged each time).
