@@ -67,6 +67,9 @@ DATABASE_ERRORS = (SQLAlchemyError, OSError, TimeoutError)
 # their deadlines: the answers exist only in this process until they are written.
 RECORD_PATIENCE_SECONDS = 60.0
 RECORD_MAX_PAUSE_SECONDS = 2.0
+# Once stopping, claimed sends still start for this long (their step's window is running,
+# and no other worker may be up); those still waiting for a send slot then are handed back.
+STOP_SEND_GRACE_SECONDS = 2.0
 
 
 @dataclass
@@ -88,13 +91,13 @@ class DeliveryEngine:
         self.in_flight = 0
         self._room = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._stop: asyncio.Event | None = None
+        self._hand_back_after: float | None = None  # loop time, once stopping
 
     async def run(self, stop: asyncio.Event) -> None:
         """Claim and send until `stop`, then let the batches in flight finish: requests
-        already with a provider are answered and recorded, the rest are handed back."""
+        with a provider are answered and recorded; sends not started within
+        `STOP_SEND_GRACE_SECONDS` are handed back."""
         log.info("engine_started", category=self.category, batch=self.batch_size)
-        self._stop = stop
         while not stop.is_set():
             free = self.capacity - self.in_flight
             if free <= 0:
@@ -114,6 +117,7 @@ class DeliveryEngine:
                 continue
             if taken < limit:
                 await self._idle(stop)
+        self._hand_back_after = asyncio.get_running_loop().time() + STOP_SEND_GRACE_SECONDS
         await self.drain()
 
     async def drain(self) -> None:
@@ -321,7 +325,8 @@ class DeliveryEngine:
         self, account: ProviderAccount, limit: asyncio.Semaphore, plan: service.SendPlan
     ) -> Result:
         async with limit:
-            if self._stop is not None and self._stop.is_set():
+            stopping = self._hand_back_after
+            if stopping is not None and asyncio.get_running_loop().time() >= stopping:
                 return handed_back()  # due again at once, for a worker that stays
             try:
                 return await plan.provider.send(plan.outbound)
@@ -386,8 +391,8 @@ class DeliveryEngine:
             )
 
 
-# A claimed send not yet started when the worker stops: recorded as a retry due now, so
-# the step is `pending` again, never left `sending` for its deadline to fail it.
+# A claimed send not started before the worker stops: recorded as a retry due now, so the
+# step is `pending` again, never left `sending` for its deadline to fail it.
 def handed_back() -> TransientProviderError:
     return TransientProviderError(
         "worker_stopping", "not sent: the worker stopped first", retry_after=0, provider_fault=False

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
+from app.cascade import engine as engine_module
 from app.cascade.engine import DeliveryEngine
 from providers.base import Category, Channel
 from providers.sandbox import SandboxProvider
@@ -13,8 +16,9 @@ from tests.helpers import accept_without_wake, message_body, wait_until_final
 
 
 async def test_a_send_claimed_by_a_stopping_worker_is_handed_back_and_sent_once_later(
-    service: Service, tenant: Tenant
+    service: Service, tenant: Tenant, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(engine_module, "STOP_SEND_GRACE_SECONDS", 0.0)
     body = message_body(
         to={"phone": "+48600100200", "email": "ann@example.com"},
         cascade=[{"channel": "sms", "timeout": 120}, {"channel": "email"}],
@@ -23,7 +27,7 @@ async def test_a_send_claimed_by_a_stopping_worker_is_handed_back_and_sent_once_
     stopping = DeliveryEngine(service.worker_runtime, "transactional")
     stop = asyncio.Event()
     stop.set()
-    await stopping.run(stop)  # stopped: its claim below was already under way
+    await stopping.run(stop)  # stopped, its grace over: the claim below was under way
     await stopping.claim(100)
     await stopping.drain()
 
