@@ -97,19 +97,6 @@ def outcome_for(address: str) -> Outcome:
     return Outcome.DELIVER
 
 
-def _receipt(attempt_id: str, provider_message_id: str, status: ReceiptStatus) -> dict[str, str]:
-    payload = {
-        "event_id": f"{provider_message_id}:{status.value}",
-        "attempt_id": attempt_id,
-        "provider_message_id": provider_message_id,
-        "status": status.value,
-    }
-    if status is ReceiptStatus.FAILED:
-        payload["error_code"] = "sandbox:undeliverable"
-        payload["error_detail"] = "the sandbox address reports failure"
-    return payload
-
-
 def sign(secret: str, body: bytes, timestamp: int) -> str:
     digest = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256)
     return f"t={timestamp},v1={digest.hexdigest()}"
@@ -151,8 +138,7 @@ class SandboxProvider:
         )
         self._owns_http = http is None
         self._receipts: set[asyncio.Task[None]] = set()
-        # Receipts waiting out their delay, by the task that will post them.
-        self._delayed: dict[asyncio.Task[None], dict[str, str]] = {}
+        self._delays: set[asyncio.Future[None]] = set()  # receipts waiting out their delay
         self._owed = 0  # receipts neither posted nor given up
         self._outbox: list[dict[str, str]] = []
         self._posters = 0
@@ -186,33 +172,46 @@ class SandboxProvider:
             outcome, ReceiptStatus.DELIVERED
         )
         if receipt is not None:
-            payload = _receipt(message.attempt_id, provider_message_id, receipt)
             self._owed += 1
-            task = self._spawn(self._send_receipt(payload))
-            self._delayed[task] = payload
+            self._spawn(self._send_receipt(message, provider_message_id, receipt))
         return Accepted(provider_message_id)
 
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)
         self._receipts.add(task)
         task.add_done_callback(self._receipt_done)
-        return task
 
     def _receipt_done(self, task: asyncio.Task[None]) -> None:
         self._receipts.discard(task)
-        self._delayed.pop(task, None)
         if not task.cancelled() and (error := task.exception()) is not None:
             log.error("sandbox_receipt_crashed", exc_info=error)
 
-    async def _send_receipt(self, payload: dict[str, str]) -> None:
-        await asyncio.sleep(self._config.delay_seconds)
-        task = asyncio.current_task()
-        if task is not None:
-            self._delayed.pop(task, None)  # due: no longer a close's to hurry
-        self._outbox.append(payload)
-        await self._post_outbox()
+    async def _delay(self) -> None:
+        """A receipt's delay, which a close that cannot wait for it cuts short."""
+        loop = asyncio.get_running_loop()
+        due: asyncio.Future[None] = loop.create_future()
+        timer = loop.call_later(self._config.delay_seconds, _come_due, due)
+        self._delays.add(due)
+        try:
+            await due
+        finally:
+            timer.cancel()
+            self._delays.discard(due)
 
-    async def _post_outbox(self) -> None:
+    async def _send_receipt(
+        self, message: OutboundMessage, provider_message_id: str, status: ReceiptStatus
+    ) -> None:
+        await self._delay()
+        payload: dict[str, str] = {
+            "event_id": f"{provider_message_id}:{status.value}",
+            "attempt_id": message.attempt_id,
+            "provider_message_id": provider_message_id,
+            "status": status.value,
+        }
+        if status is ReceiptStatus.FAILED:
+            payload["error_code"] = "sandbox:undeliverable"
+            payload["error_detail"] = "the sandbox address reports failure"
+        self._outbox.append(payload)
         if self._posters >= RECEIPTS_IN_FLIGHT:
             return  # a poster already running takes it with its next batch
         self._posters += 1
@@ -221,6 +220,7 @@ class SandboxProvider:
                 batch = self._outbox[:RECEIPTS_PER_POST]
                 del self._outbox[:RECEIPTS_PER_POST]
                 await self._post_receipts(batch)
+                self._owed -= len(batch)  # taken, or given up (logged)
         finally:
             self._posters -= 1
 
@@ -230,10 +230,6 @@ class SandboxProvider:
         and a post the service did not take (connection error, 5xx, 429) is sent again with
         backoff. One post per receipt, unbounded, queued thousands of requests on the HTTP
         pool in a burst, whose wait counts against the timeout: receipts were dropped."""
-        await self._post_until_taken(batch)
-        self._owed -= len(batch)  # taken, or given up (logged); a cancelled post is dropped
-
-    async def _post_until_taken(self, batch: list[dict[str, str]]) -> None:
         body = orjson.dumps(batch[0] if len(batch) == 1 else {"receipts": batch})
         for retry_in in (*RECEIPT_RETRY_DELAYS, None):
             try:
@@ -308,18 +304,14 @@ class SandboxProvider:
 
     async def aclose(self) -> None:
         """Post the receipts owed, then close the client (never under a post in flight):
-        due ones are given `CLOSE_PATIENCE_SECONDS`, then any still delayed are posted at
-        once, early rather than lost, as long again; whatever is left then is dropped."""
+        they are given `CLOSE_PATIENCE_SECONDS` to come due, then those still waiting are
+        posted at once, early rather than lost, as long again; any left then are dropped."""
         if self._receipts:
             await asyncio.wait(set(self._receipts), timeout=CLOSE_PATIENCE_SECONDS)
-        if self._delayed:
-            hurried = list(self._delayed.values())
-            for task in list(self._delayed):
-                task.cancel()
-            self._delayed.clear()
-            self._outbox += hurried
-            self._spawn(self._post_outbox())
-            log.info("sandbox_receipts_hurried", receipts=len(hurried))
+        if self._delays:
+            log.info("sandbox_receipts_hurried", receipts=len(self._delays))
+            for due in self._delays:
+                _come_due(due)
         if self._receipts:
             await asyncio.wait(set(self._receipts), timeout=CLOSE_PATIENCE_SECONDS)
         left = set(self._receipts)
@@ -330,3 +322,8 @@ class SandboxProvider:
             log.warning("sandbox_receipts_dropped", receipts=self._owed)
         if self._owns_http:
             await self._http.aclose()
+
+
+def _come_due(due: asyncio.Future[None]) -> None:
+    if not due.done():
+        due.set_result(None)
