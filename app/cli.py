@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Annotated, Any
 
+import structlog
 import typer
 import typer.core
 import uvloop
@@ -60,6 +61,7 @@ telegram_cli = typer.Typer(help="Telegram bot accounts.", no_args_is_help=True)
 providers_cli.add_typer(telegram_cli, name="telegram")
 register_api_commands(cli, keys_cli)
 console = Console()
+log = structlog.get_logger()
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC_PATH = ROOT / "openapi" / "openapi.json"
@@ -132,6 +134,9 @@ def dev_example_curl(base_url: str, key: str) -> str:
 def _refuse_taken_port(host: str, port: int) -> None:
     """Before anything starts: a taken port would fail the API after the workers ran."""
     with socket.socket() as probe:
+        # As uvicorn binds: connections left in TIME_WAIT by a stack just stopped are no
+        # listener, and must not keep a restart off its port.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError as exc:
@@ -158,6 +163,10 @@ def dev_locations(
         data_dir or environment.data_dir,
         public_url or (environment.public_url if "public_url" in given else local_url),
     )
+
+
+# How long the API gives requests still open at SIGTERM (under the supervisor's bound).
+API_GRACEFUL_SECONDS = 5
 
 
 def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
@@ -208,37 +217,36 @@ def dev(
             "CASCADE_WEBHOOKS_ALLOW_LOOPBACK_HTTP", "true"
         ),
     }
-    supervisor = Supervisor(
-        [
-            (
-                "api",
-                [
-                    sys.executable,
-                    "-m",
-                    "uvicorn",
-                    "app.main:create_app",
-                    "--factory",
-                    "--host",
-                    host,
-                    "--port",
-                    str(port),
-                    "--log-level",
-                    "warning",
-                    "--no-access-log",
-                ],
-            ),
-            # Split as recommended for production: marketing in a process of its own, at a
-            # lower CPU priority, so a campaign does not slow transactional sends down.
-            *(
-                (
-                    f"worker {q}",
-                    [sys.executable, "-m", "app.cli", "worker", "--queues", q, "--nice", str(n)],
-                )
-                for q, n in PROCESS_SPLIT
-            ),
-        ],
-        env,
-    )
+    api_argv = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "app.main:create_app",
+        "--factory",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        "--no-access-log",
+        # Requests still open this long after SIGTERM are cut; then the lifespan flushes
+        # the group-commit writers and closes the pools (within the supervisor's bound).
+        "--timeout-graceful-shutdown",
+        str(API_GRACEFUL_SECONDS),
+    ]
+    # Split as recommended for production: marketing in a process of its own, at a lower
+    # CPU priority, so a campaign does not slow transactional sends down.
+    workers = [
+        (
+            f"worker {q}",
+            [sys.executable, "-m", "app.cli", "worker", "--queues", q, "--nice", str(n)],
+        )
+        for q, n in PROCESS_SPLIT
+    ]
+    # Tiers, started in this order and stopped in the reverse: the workers post their
+    # sandbox receipts to the API, so they stop (and post what they owe) before it does.
+    supervisor = Supervisor([[("api", api_argv)], workers], env)
     supervisor.start()
     console.print(
         Panel.fit(
@@ -264,9 +272,16 @@ def dev(
     except KeyboardInterrupt:
         pass
     finally:
-        supervisor.stop()
-        servers.stop()
-        console.print("stopped")
+        # A second Ctrl-C or SIGTERM while stopping cuts the wait short (SIGKILL), and
+        # never the stop itself: the servers are stopped whatever the children did.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda signum, frame: supervisor.hurry())
+        try:
+            supervisor.stop()
+        finally:
+            servers.stop()
+            log.info("embedded_servers_stopped")
+            console.print("stopped")
 
 
 @cli.command()

@@ -13,7 +13,9 @@ with HMAC-SHA256(secret, "<t>." + body). The body is one report `{"event_id", "a
 "provider_message_id", "status"[, "error_code", "error_detail"]}` (`error_code` the sandbox's
 own, e.g. `undeliverable`, which reads as `sandbox:undeliverable`) or, when several are due
 at once, `{"receipts": [report, ...]}`; a post the service does not take (connection error,
-5xx, 429) is sent again with backoff, as real providers retry their callbacks.
+5xx, 429) is sent again with backoff, as real providers retry their callbacks. Closing
+posts the receipts still owed first (the sandbox lives in the worker: a stop must not drop
+them): those not yet due are waited for a while, then sent at once.
 
 Replies from recipients (`STOP`) are posted, signed the same way, to
 `POST /v1/providers/sandbox/inbound` as `{"event_id", "channel", "from", "text"}` (and
@@ -28,6 +30,7 @@ import hashlib
 import hmac
 import time
 from collections import Counter
+from collections.abc import Coroutine
 from datetime import UTC, datetime
 from enum import Enum
 from typing import Any
@@ -123,6 +126,10 @@ def sign(secret: str, body: bytes, timestamp: int) -> str:
 RECEIPTS_IN_FLIGHT = 16
 RECEIPTS_PER_POST = 50
 RECEIPT_RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0)
+# On close: how long receipts owed are given to come due and be posted; then those still
+# waiting out their delay are posted at once, given as long again before any left are
+# dropped (logged). Both well inside `cascade dev`'s bound on a worker's stop.
+CLOSE_PATIENCE_SECONDS = 5.0
 
 
 class SandboxConfig(BaseModel):
@@ -150,6 +157,8 @@ class SandboxProvider:
         )
         self._owns_http = http is None
         self._receipts: set[asyncio.Task[None]] = set()
+        self._delays: set[asyncio.Future[None]] = set()  # receipts waiting out their delay
+        self._owed = 0  # receipts neither posted nor given up
         self._outbox: list[dict[str, str]] = []
         self._posters = 0
         # Sends per attempt id, as a real provider would count submissions (tests read it).
@@ -182,15 +191,36 @@ class SandboxProvider:
             outcome, ReceiptStatus.DELIVERED
         )
         if receipt is not None:
-            task = asyncio.create_task(self._send_receipt(message, provider_message_id, receipt))
-            self._receipts.add(task)
-            task.add_done_callback(self._receipts.discard)
+            self._owed += 1
+            self._spawn(self._send_receipt(message, provider_message_id, receipt))
         return Accepted(provider_message_id)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._receipts.add(task)
+        task.add_done_callback(self._receipt_done)
+
+    def _receipt_done(self, task: asyncio.Task[None]) -> None:
+        self._receipts.discard(task)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            log.error("sandbox_receipt_crashed", exc_info=error)
+
+    async def _delay(self) -> None:
+        """A receipt's delay, which a close that cannot wait for it cuts short."""
+        loop = asyncio.get_running_loop()
+        due: asyncio.Future[None] = loop.create_future()
+        timer = loop.call_later(self._config.delay_seconds, _come_due, due)
+        self._delays.add(due)
+        try:
+            await due
+        finally:
+            timer.cancel()
+            self._delays.discard(due)
 
     async def _send_receipt(
         self, message: OutboundMessage, provider_message_id: str, status: ReceiptStatus
     ) -> None:
-        await asyncio.sleep(self._config.delay_seconds)
+        await self._delay()
         payload: dict[str, str] = {
             "event_id": f"{provider_message_id}:{status.value}",
             "attempt_id": message.attempt_id,
@@ -209,6 +239,7 @@ class SandboxProvider:
                 batch = self._outbox[:RECEIPTS_PER_POST]
                 del self._outbox[:RECEIPTS_PER_POST]
                 await self._post_receipts(batch)
+                self._owed -= len(batch)  # taken, or given up (logged)
         finally:
             self._posters -= 1
 
@@ -281,7 +312,27 @@ class SandboxProvider:
             raise InvalidSignature("signature does not match")
 
     async def aclose(self) -> None:
+        """Post the receipts owed, then close the client (never under a post in flight):
+        they are given `CLOSE_PATIENCE_SECONDS` to come due, then those still waiting are
+        posted at once, early rather than lost, as long again; any left then are dropped."""
         if self._receipts:
-            await asyncio.wait(set(self._receipts), timeout=5)
+            await asyncio.wait(set(self._receipts), timeout=CLOSE_PATIENCE_SECONDS)
+        if self._delays:
+            log.info("sandbox_receipts_hurried", receipts=len(self._delays))
+            for due in self._delays:
+                _come_due(due)
+        if self._receipts:
+            await asyncio.wait(set(self._receipts), timeout=CLOSE_PATIENCE_SECONDS)
+        left = set(self._receipts)
+        for task in left:
+            task.cancel()
+        await asyncio.gather(*left, return_exceptions=True)
+        if self._owed:
+            log.warning("sandbox_receipts_dropped", receipts=self._owed)
         if self._owns_http:
             await self._http.aclose()
+
+
+def _come_due(due: asyncio.Future[None]) -> None:
+    if not due.done():
+        due.set_result(None)

@@ -342,17 +342,25 @@ def dev_stack() -> Iterator[DevStack]:
 
 
 @contextlib.contextmanager
-def started_dev_stack() -> Iterator[DevStack]:
-    """A `cascade dev` of its own (data dir, port), stopped with SIGTERM on exit."""
-    data_dir = Path(tempfile.mkdtemp(prefix="cascade-dev-"))
-    data_dir.chmod(0o755)
-    port = _free_port()
-    log_path = data_dir / "dev.log"
+def started_dev_stack(
+    data_dir: Path | None = None,
+    port: int | None = None,
+    log_name: str = "dev.log",
+    **extra_env: str,
+) -> Iterator[DevStack]:
+    """A `cascade dev` of its own (data dir, port), stopped with SIGTERM on exit. Given a
+    data dir (a restart's), it is left in place; `extra_env`: CASCADE_* settings."""
+    owns_data = data_dir is None
+    if data_dir is None:
+        data_dir = Path(tempfile.mkdtemp(prefix="cascade-dev-"))
+        data_dir.chmod(0o755)
+    port = port or _free_port()
+    log_path = data_dir / log_name
     env = {k: v for k, v in os.environ.items() if not k.startswith("CASCADE_")}
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(
             [CASCADE_BIN, "dev", "--port", str(port), "--data-dir", str(data_dir)],
-            env={**env, "COLUMNS": "300"},
+            env={**env, "COLUMNS": "300", **extra_env},
             stdout=log_file,
             stderr=subprocess.STDOUT,
         )
@@ -378,4 +386,5 @@ def started_dev_stack() -> Iterator[DevStack]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-        shutil.rmtree(data_dir, ignore_errors=True)
+        if owns_data:
+            shutil.rmtree(data_dir, ignore_errors=True)

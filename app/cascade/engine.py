@@ -67,6 +67,9 @@ DATABASE_ERRORS = (SQLAlchemyError, OSError, TimeoutError)
 # their deadlines: the answers exist only in this process until they are written.
 RECORD_PATIENCE_SECONDS = 60.0
 RECORD_MAX_PAUSE_SECONDS = 2.0
+# Once stopping, claimed sends still start for this long (their step's window is running,
+# and no other worker may be up); those still waiting for a send slot then are handed back.
+STOP_SEND_GRACE_SECONDS = 2.0
 
 
 @dataclass
@@ -88,9 +91,12 @@ class DeliveryEngine:
         self.in_flight = 0
         self._room = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._hand_back_after: float | None = None  # loop time, once stopping
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Claim and send until `stop`, then let the batches in flight finish."""
+        """Claim and send until `stop`, then let the batches in flight finish: requests
+        with a provider are answered and recorded; sends not started within
+        `STOP_SEND_GRACE_SECONDS` are handed back."""
         log.info("engine_started", category=self.category, batch=self.batch_size)
         while not stop.is_set():
             free = self.capacity - self.in_flight
@@ -111,6 +117,7 @@ class DeliveryEngine:
                 continue
             if taken < limit:
                 await self._idle(stop)
+        self._hand_back_after = asyncio.get_running_loop().time() + STOP_SEND_GRACE_SECONDS
         await self.drain()
 
     async def drain(self) -> None:
@@ -318,6 +325,9 @@ class DeliveryEngine:
         self, account: ProviderAccount, limit: asyncio.Semaphore, plan: service.SendPlan
     ) -> Result:
         async with limit:
+            stopping = self._hand_back_after
+            if stopping is not None and asyncio.get_running_loop().time() >= stopping:
+                return handed_back()  # due again at once, for a worker that stays
             try:
                 return await plan.provider.send(plan.outbound)
             except TransientProviderError as exc:
@@ -379,6 +389,14 @@ class DeliveryEngine:
                 result=type(result).__name__,
                 error=None if isinstance(result, Accepted) else result.code,
             )
+
+
+# A claimed send not started before the worker stops: recorded as a retry due now, so the
+# step is `pending` again, never left `sending` for its deadline to fail it.
+def handed_back() -> TransientProviderError:
+    return TransientProviderError(
+        "worker_stopping", "not sent: the worker stopped first", retry_after=0, provider_fault=False
+    )
 
 
 # A message whose processing raised is looked at again this much later (logged each time).

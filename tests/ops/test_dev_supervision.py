@@ -1,18 +1,20 @@
 """`cascade dev` supervises its children: one killed is logged and started again after a
-backoff, and the others keep serving meanwhile."""
+backoff, and the others keep serving meanwhile; a stop takes the last tier first."""
 
 from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from structlog.testing import capture_logs
 
-from app.supervisor import MAX_BACKOFF_SECONDS, restart_delay
+from app.supervisor import MAX_BACKOFF_SECONDS, TIER_RESERVE_SECONDS, Supervisor, restart_delay
 from tests.conftest import DevStack, started_dev_stack
 from tests.ops.test_dev_stack import deliver_one
 
@@ -101,3 +103,45 @@ def test_restarts_back_off_doubling_to_a_bound() -> None:
     assert delays[:3] == [0.5, 1.0, 2.0]
     assert delays == sorted(delays)
     assert delays[-1] == MAX_BACKOFF_SECONDS
+
+
+def test_a_stop_takes_the_last_tier_first_and_kills_only_a_child_past_its_share(
+    tmp_path: Path,
+) -> None:
+    ready = tmp_path / "ready"
+    stubborn = (
+        "import pathlib, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN);"
+        f" pathlib.Path({str(ready)!r}).touch(); time.sleep(600)"
+    )
+    polite = "import time; time.sleep(600)"
+    supervisor = Supervisor(
+        [
+            [("api", [sys.executable, "-c", polite])],
+            [
+                ("worker a", [sys.executable, "-c", stubborn]),
+                ("worker b", [sys.executable, "-c", polite]),
+            ],
+        ],
+        os.environ,
+    )
+    supervisor.start()
+    deadline = time.monotonic() + 30
+    while not ready.exists():
+        assert time.monotonic() < deadline, "the stubborn child never started"
+        time.sleep(0.05)
+
+    # The workers' tier has a second; the API's share of the bound is kept for it.
+    with capture_logs() as logs:
+        supervisor.stop(timeout=TIER_RESERVE_SECONDS + 1)
+
+    steps = [(e["event"], e["child"], e.get("signal")) for e in logs]
+    assert set(steps[:2]) == {
+        ("child_stopping", "worker a", None),
+        ("child_stopping", "worker b", None),
+    }, steps
+    assert set(steps[2:5]) == {
+        ("child_stopped", "worker b", "SIGTERM"),
+        ("child_killed", "worker a", None),
+        ("child_stopped", "worker a", "SIGKILL"),
+    }, steps
+    assert steps[5:] == [("child_stopping", "api", None), ("child_stopped", "api", "SIGTERM")]
