@@ -136,7 +136,10 @@ class TransientProviderError(ProviderError):
     """429, 5xx, timeouts: the same send may succeed later, inside the step window.
 
     `provider_fault` is False when the error is about the recipient rather than the
-    provider (it must not trip a circuit breaker).
+    provider (it must not trip a circuit breaker). `maybe_sent`: the request went out and
+    no answer came back (a read timeout, a dropped connection), so the provider may have
+    taken it: it is not sent again (that could deliver it twice); its receipt, matched by
+    the attempt id, or the step's deadline decides.
     """
 
     def __init__(
@@ -146,12 +149,14 @@ class TransientProviderError(ProviderError):
         *,
         retry_after: float | None = None,
         provider_fault: bool = True,
+        maybe_sent: bool = False,
     ) -> None:
         super().__init__(f"{code}: {detail}" if detail else code)
         self.code = code
         self.detail = detail
         self.retry_after = retry_after
         self.provider_fault = provider_fault
+        self.maybe_sent = maybe_sent
 
 
 class InvalidSignature(ProviderError):

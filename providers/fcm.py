@@ -37,7 +37,7 @@ from providers.base import (
     StatusUpdate,
     TransientProviderError,
 )
-from providers.http import json_object, retry_after_seconds
+from providers.http import json_object, retry_after_seconds, transport_error
 
 FCM_SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
 JWT_BEARER_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
@@ -150,10 +150,8 @@ class FcmProvider:
                 headers={"Authorization": f"Bearer {token}"},
                 timeout=self._config.timeout_seconds,
             )
-        except httpx2.TimeoutException as exc:
-            raise TransientProviderError("fcm:timeout", str(exc)) from exc
         except httpx2.TransportError as exc:
-            raise TransientProviderError("fcm:transport", str(exc)) from exc
+            raise transport_error("fcm", exc) from exc
 
     async def _access_token(self, *, stale: str | None = None) -> str:
         """The cached token, or a new grant when it is near expiry or was refused (`stale`)."""

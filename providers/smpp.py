@@ -407,9 +407,13 @@ class SmppProvider:
         try:
             response = await session.request(command_id, body, windowed=True)
         except ResponseTimeout as exc:
-            raise TransientProviderError("smpp:timeout", str(exc)) from exc
+            raise TransientProviderError(
+                "smpp:timeout", str(exc), maybe_sent=isinstance(exc, Unanswered)
+            ) from exc
         except SessionClosed as exc:
-            raise TransientProviderError("smpp:connection_lost", str(exc)) from exc
+            raise TransientProviderError(
+                "smpp:connection_lost", str(exc), maybe_sent=isinstance(exc, Unanswered)
+            ) from exc
         except PduError as exc:
             raise TransientProviderError("smpp:bad_response", str(exc)) from exc
         if response.command_status == CommandStatus.ESME_RINVBNDSTS:
@@ -862,6 +866,18 @@ class ResponseTimeout(Exception):
     pass
 
 
+class Unanswered(Exception):
+    """The request was written to the SMSC and no response came: it may have taken it."""
+
+
+class AnswerTimeout(ResponseTimeout, Unanswered):
+    pass
+
+
+class ClosedWhileWaiting(SessionClosed, Unanswered):
+    pass
+
+
 DeliverSmHandler = Callable[["SmppSession", Pdu], None]
 
 
@@ -955,10 +971,13 @@ class SmppSession:
             self._pending[sequence_number] = response
             try:
                 await self._write(Pdu(command_id, sequence_number, 0, body))
-                async with asyncio.timeout(timeout):
-                    return await response
+                try:
+                    async with asyncio.timeout(timeout):
+                        return await response
+                except SessionClosed as exc:
+                    raise ClosedWhileWaiting(str(exc)) from exc
             except TimeoutError:
-                raise ResponseTimeout(
+                raise AnswerTimeout(
                     f"no response to {command_id.name} within {timeout:g}s"
                 ) from None
             finally:

@@ -41,7 +41,7 @@ from providers.base import (
     StatusUpdate,
     TransientProviderError,
 )
-from providers.http import retry_after_seconds
+from providers.http import retry_after_seconds, transport_error
 
 SECRET_HEADER = "x-telegram-bot-api-secret-token"
 # The update types `parse_inbound` reads; `set_webhook` asks Telegram for these only.
@@ -161,7 +161,7 @@ class TelegramProvider:
                 self._method_url("sendMessage"), json=payload, timeout=self.config.timeout_seconds
             )
         except httpx2.TransportError as exc:
-            raise TransientProviderError("telegram:transport", type(exc).__name__) from None
+            raise transport_error("telegram", exc) from None
         return _classify(response, chat_id)
 
     def _method_url(self, method: str) -> str:

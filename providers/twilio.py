@@ -47,7 +47,7 @@ from providers.base import (
     StatusUpdate,
     TransientProviderError,
 )
-from providers.http import json_object, retry_after_seconds
+from providers.http import json_object, retry_after_seconds, transport_error
 
 API_VERSION = "2010-04-01"
 SIGNATURE_HEADER = "x-twilio-signature"
@@ -136,10 +136,8 @@ class TwilioProvider:
                 auth=self._auth,
                 timeout=self._config.timeout_seconds,
             )
-        except httpx2.TimeoutException as exc:
-            raise TransientProviderError("twilio:timeout", type(exc).__name__) from exc
         except httpx2.TransportError as exc:
-            raise TransientProviderError("twilio:transport", str(exc)) from exc
+            raise transport_error("twilio", exc) from exc
         return classify_send_response(response)
 
     def _message_form(self, message: OutboundMessage) -> dict[str, str]:
@@ -193,10 +191,9 @@ class TwilioProvider:
                 auth=self._auth,
                 timeout=self._config.timeout_seconds,
             )
-        except httpx2.TimeoutException as exc:
-            raise TransientProviderError("twilio:timeout", type(exc).__name__) from exc
         except httpx2.TransportError as exc:
-            raise TransientProviderError("twilio:transport", str(exc)) from exc
+            # Withdrawing twice is harmless: always worth another try.
+            raise transport_error("twilio", exc, idempotent=True) from exc
         if response.status_code == 429 or response.status_code >= 500:
             raise TransientProviderError(
                 f"twilio:{response.status_code}", str(json_object(response).get("message", ""))

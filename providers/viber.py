@@ -39,7 +39,7 @@ from providers.base import (
     StatusUpdate,
     TransientProviderError,
 )
-from providers.http import json_object, retry_after_seconds
+from providers.http import json_object, retry_after_seconds, transport_error
 
 AUTH_HEADER: Final = "X-Viber-Auth-Token"
 SIGNATURE_HEADER: Final = "x-viber-content-signature"
@@ -122,10 +122,8 @@ class ViberProvider:
                 headers={AUTH_HEADER: self._config.auth_token.get_secret_value()},
                 timeout=self._config.timeout_seconds,
             )
-        except httpx2.TimeoutException as exc:
-            raise TransientProviderError("viber:timeout", type(exc).__name__) from exc
         except httpx2.TransportError as exc:
-            raise TransientProviderError("viber:transport", str(exc)) from exc
+            raise transport_error("viber", exc) from exc
         return classify_response(response, fallback_id=message.attempt_id)
 
     def _request_body(self, message: OutboundMessage, text: str) -> dict[str, Any]:

@@ -55,7 +55,7 @@ from providers.base import (
     TransientProviderError,
     WebPushSubscription,
 )
-from providers.http import json_object, retry_after_seconds
+from providers.http import json_object, retry_after_seconds, transport_error
 
 Urgency = Literal["very-low", "low", "normal", "high"]
 URGENCIES: Final = frozenset({"very-low", "low", "normal", "high"})
@@ -178,10 +178,8 @@ class WebPushProvider:
                 headers=headers,
                 timeout=self._config.timeout_seconds,
             )
-        except httpx2.TimeoutException as exc:
-            raise TransientProviderError("webpush:timeout", type(exc).__name__) from exc
         except httpx2.TransportError as exc:
-            raise TransientProviderError("webpush:transport", str(exc)) from exc
+            raise transport_error("webpush", exc) from exc
         return classify_response(response, fallback_id=accepted_digest(message))
 
     async def parse_status(self, callback: ProviderCallback) -> list[StatusUpdate]:

@@ -35,7 +35,7 @@ from providers.base import (
     StatusUpdate,
     TransientProviderError,
 )
-from providers.http import retry_after_seconds
+from providers.http import retry_after_seconds, transport_error
 
 SIGNATURE_HEADER: Final = "x-hub-signature-256"
 
@@ -168,7 +168,7 @@ class WhatsAppProvider:
                 timeout=self.config.timeout_seconds,
             )
         except httpx2.TransportError as exc:
-            raise TransientProviderError(_code("transport"), type(exc).__name__) from exc
+            raise transport_error("whatsapp", exc) from exc
         return _classify(response)
 
     def _payload(self, message: OutboundMessage) -> dict[str, Any] | Rejected:

@@ -187,6 +187,18 @@ def provider_accounts(sims: Simulators, api_port: int) -> list[dict[str, object]
             },
         },
         {
+            # Gives up on Twilio's answer before the simulator's slow numbers give one.
+            "type": "twilio",
+            "name": "twilio-impatient",
+            "config": {
+                "base_url": sims.twilio.base_url,
+                "account_sid": sims.twilio.account_sid,
+                "auth_token": sims.twilio.auth_token,
+                "from_number": "+15005550006",
+                "timeout_seconds": 0.5,
+            },
+        },
+        {
             "type": "sandbox",
             "name": "sandbox-slow",
             "rate_per_second": 0.5,

@@ -648,6 +648,23 @@ async def record_send_result(
     retry_at = at + timedelta(seconds=delay)
     if attempt.status is not AttemptStatus.SENDING or message.status in FINAL_MESSAGE:
         return
+    if result.maybe_sent:
+        # The request went out and no answer came: the provider may have the message, and
+        # sending it again could deliver it twice. It stays `sending` with the error on
+        # record; its receipt (matched by the attempt id) or its deadline decides.
+        log.warning("send_outcome_unknown", provider=attempt.provider, error=error.code)
+        await write(
+            tx,
+            Change(
+                message,
+                at,
+                [],
+                {"due_at": due(message, attempt.deadline_at)},
+                attempt=attempt,
+                attempt_values={"error_code": error.code, "error_detail": error.detail[:500]},
+            ),
+        )
+        return
     if retry_at >= attempt.deadline_at:
         await apply_signal(
             tx, message, attempt, Signal.RETRIES_EXHAUSTED, source="worker", at=at, error=error

@@ -382,3 +382,25 @@ async def test_invalid_destination_at_the_smsc_falls_over(tenant: Tenant) -> Non
 
     assert attempt_statuses(message) == [("sms", "rejected"), ("email", "sent")]
     assert message["attempts"][0]["error"]["code"] == "smpp:0x0000000B"
+
+
+async def test_a_send_whose_answer_never_came_is_not_sent_again(
+    tenant: Tenant, simulators: Simulators
+) -> None:
+    # Twilio takes the message but answers after the account's 0.5 s timeout: the worker
+    # cannot know whether it was created, so it does not send it again (a second SMS); the
+    # status callback, which names our attempt, settles it.
+    phone = "+48600100408"
+    before = sum(r.form.get("To") == phone for r in simulators.twilio.message_submits)
+    body = message_body(
+        to={"phone": phone},
+        cascade=[{"channel": "sms", "provider": "twilio-impatient", "timeout": 30}],
+    )
+    message = await wait_until_final(tenant.client, await send(tenant.client, body))
+
+    submits = sum(r.form.get("To") == phone for r in simulators.twilio.message_submits)
+    assert submits - before == 1
+    assert attempt_statuses(message) == [("sms", "delivered")]
+    attempt = message["attempts"][0]
+    assert (attempt["tries"], attempt["error"]["code"]) == (1, "twilio:timeout")
+    assert attempt["provider_message_id"].startswith("SM")

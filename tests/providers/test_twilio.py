@@ -670,3 +670,26 @@ async def test_adapter_is_an_sms_provider_addressed_by_phone(provider: TwilioPro
     assert provider.channel is Channel.SMS
     assert provider.address(Recipient(phone="+15551230000")) == "+15551230000"
     assert provider.address(Recipient(email="a@example.com")) is None
+
+
+async def test_a_send_unanswered_after_it_went_out_may_have_been_sent(
+    twilio: TwilioSimulator,
+) -> None:
+    adapter = TwilioProvider(make_config(twilio, timeout_seconds=0.2))
+    try:
+        with pytest.raises(TransientProviderError) as slow:
+            await adapter.send(sms(SimulatedNumber.SLOW))
+    finally:
+        await adapter.aclose()
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        closed_port = unused.getsockname()[1]
+    unreachable = TwilioProvider(make_config(twilio, base_url=f"http://127.0.0.1:{closed_port}"))
+    try:
+        with pytest.raises(TransientProviderError) as refused:
+            await unreachable.send(sms(SimulatedNumber.DELIVERED))
+    finally:
+        await unreachable.aclose()
+
+    assert slow.value.maybe_sent  # read timeout: Twilio may have created it
+    assert not refused.value.maybe_sent  # never connected: safe to send again
