@@ -76,7 +76,7 @@ from tests.helpers import FINAL
 
 START_TIMEOUT_SECONDS = 90.0
 CLIENT_TIMEOUT_SECONDS = 15.0
-IN_FLIGHT = 16  # requests the client has open at once
+IN_FLIGHT = 32  # requests the client has open at once
 BATCH_SIZES = (20, 500)  # a batch holds between these many messages
 BATCH_SHARE = 0.5  # of the messages, about this share goes through the batch endpoint
 REPLAY_SHARE = 0.05  # of the answered requests, posted again with the same key on purpose
@@ -455,6 +455,10 @@ class Client:
         await asyncio.gather(*tasks)
         await asyncio.gather(*self._replays)
         self.log.finished = time.monotonic()
+        self.soak.note(
+            "sending done",
+            f"{len(self.log.accepted)} accepted in {self.log.finished - self.log.started:.1f} s",
+        )
         await self.http.aclose()
 
     async def _send(self, request: Request, slots: asyncio.Semaphore) -> None:
@@ -541,7 +545,6 @@ async def chaos(soak: Soak, seed: int, send_seconds: float, sending: asyncio.Tas
         await _sleep_unless_done(rng.uniform(0.5, 1.5) * gap, sending)
         await fault()
     await asyncio.wait([sending])
-    soak.note("sending done")
     for fault in [faults[3], faults[0], faults[2], faults[1], faults[4]]:
         await asyncio.sleep(rng.uniform(1.0, 3.0))
         await fault()
