@@ -618,6 +618,19 @@ def account(
     not_delivered = Counter(
         plan[int(row["idx"])].kind for row in messages if row["status"] != "delivered"
     )
+    last_step: dict[uuid.UUID, asyncpg.Record] = {}
+    for row in attempts:
+        if row["message_id"] not in last_step or row["step"] > last_step[row["message_id"]]["step"]:
+            last_step[row["message_id"]] = row
+    # Why a final message was not delivered: how its last step ended, and whether that
+    # step's send ever got its answer recorded (a claim whose worker died, or whose retry
+    # waited out its window behind a backlog, ends `expired` with no `sent_at`).
+    why_not = Counter(
+        f"{row['status']}: last step {last['channel']} {last['status']}"
+        + ("" if last["sent_at"] else ", never recorded as sent")
+        for row in messages
+        if row["status"] != "delivered" and (last := last_step.get(row["id"])) is not None
+    )
     first = min((row["created_at"] for row in messages), default=None)
     last = max((row["completed_at"] for row in messages if row["completed_at"]), default=None)
     drain = (last - first).total_seconds() if first and last else float("nan")
@@ -647,6 +660,7 @@ def account(
         f"final statuses            {dict(sorted(statuses.items()))}",
         f"mix                       {dict(kinds)}",
         f"not delivered, by kind    {dict(not_delivered)}",
+        f"not delivered, why        {dict(why_not)}",
         "time to final (s)         "
         + "  ".join(f"p{q} {percentile(ttf, q):.2f}" for q in (50, 95, 99))
         + f"  max {max(ttf, default=float('nan')):.2f}",
@@ -697,7 +711,9 @@ async def run(args: argparse.Namespace) -> int:
             " FROM messages WHERE tenant_id = $1",
             soak.tenant_id,
         )
-        attempts = await soak.query("SELECT id, message_id, step, status FROM attempts")
+        attempts = await soak.query(
+            "SELECT id, message_id, step, channel, status, sent_at FROM attempts"
+        )
         await soak.stop()
         submits = [orjson.loads(line) for line in soak.submit_log.read_bytes().splitlines()]
         result = account(soak, plan, client.log, messages, attempts, submits)
