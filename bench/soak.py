@@ -604,6 +604,14 @@ def account(
         else:
             orphans += n
     sent_twice = sum(n - 1 for n in per_step.values() if n > 1)
+    # Each double send with what its attempt row says: the tries and the last transient
+    # error (a timeout there means the first request reached the provider unanswered).
+    twice = [
+        f"  {to_public('att', row['id'])} step {row['step']}: {per_step[key]} sends, tries"
+        f" {row['tries']}, last error {row['error_code']}, now {row['status']}"
+        for row in attempts
+        if per_step[key := (row["message_id"], row["step"])] > 1
+    ]
     delivered_steps = Counter(row["message_id"] for row in attempts if row["status"] == "delivered")
     twice_delivered = sum(1 for n in delivered_steps.values() if n > 1)
 
@@ -633,7 +641,7 @@ def account(
     )
     first = min((row["created_at"] for row in messages), default=None)
     last = max((row["completed_at"] for row in messages if row["completed_at"]), default=None)
-    drain = (last - first).total_seconds() if first and last else float("nan")
+    drain = (last - first).total_seconds() if first and last and last > first else float("nan")
     sending = log.finished - log.started
 
     lines = [
@@ -648,6 +656,7 @@ def account(
         f"STUCK (not final at end)  {len(stuck)}",
         f"SENT TWICE                {sent_twice}  (accepted provider sends beyond the first"
         " for one message step)",
+        *twice[:20],
         f"  provider sends with an attempt id not in the ledger: {orphans}",
         f"  also delivered on a later step (receipt after the deadline): {twice_delivered}",
         f"DUPLICATES PER KEY        {duplicates}  (ledger messages beyond one per key)",
@@ -712,7 +721,7 @@ async def run(args: argparse.Namespace) -> int:
             soak.tenant_id,
         )
         attempts = await soak.query(
-            "SELECT id, message_id, step, channel, status, sent_at FROM attempts"
+            "SELECT id, message_id, step, channel, status, sent_at, tries, error_code FROM attempts"
         )
         await soak.stop()
         submits = [orjson.loads(line) for line in soak.submit_log.read_bytes().splitlines()]
