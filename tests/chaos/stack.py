@@ -23,7 +23,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -42,8 +42,9 @@ from app.db import async_url
 from app.ids import from_public, to_public
 from app.ledger.tables import attempts, events, messages
 from app.runtime import utcnow
+from providers.twilio import ATTEMPT_QUERY_PARAMETER
 from tests.helpers import FINAL
-from tests.simulators.twilio import TwilioSimulator
+from tests.simulators.twilio import DEFAULT_ACCOUNT_SID, DEFAULT_AUTH_TOKEN, TwilioSimulator
 
 ROOT = Path(__file__).resolve().parents[2]
 PEPPER = "chaos-pepper"
@@ -312,7 +313,7 @@ class ChaosStack:
     async def start_api(self) -> None:
         self.api.start()
         async with httpx.AsyncClient(base_url=self.api_url, timeout=2) as client:
-            await _until(lambda: _healthy(client), START_TIMEOUT_SECONDS, f"API {self.api_url}")
+            await until(lambda: healthy(client), START_TIMEOUT_SECONDS, f"API {self.api_url}")
 
     async def start_worker(self, *, ready: bool = True) -> None:
         mark = len(self.worker.log_text())
@@ -322,7 +323,7 @@ class ChaosStack:
             async def started() -> bool:
                 return "worker_started" in self.worker.log_text()[mark:]
 
-            await _until(started, START_TIMEOUT_SECONDS, "worker")
+            await until(started, START_TIMEOUT_SECONDS, "worker")
 
     async def replace_worker(self) -> AppProcess:
         """Start the next worker and wait until it runs; returns the one it replaces.
@@ -417,11 +418,7 @@ class ChaosStack:
 
     def submits_per_attempt(self) -> Counter[str]:
         """How many times the Twilio simulator was asked to send each attempt id."""
-        counts: Counter[str] = Counter()
-        for request in self.twilio.message_submits:
-            query = parse_qs(urlsplit(request.form.get("StatusCallback", "")).query)
-            counts[query.get("attempt", [""])[0]] += 1
-        return counts
+        return Counter(attempt_of(request.form) for request in self.twilio.message_submits)
 
     async def twilio_attempts(self, message_ids: Iterable[str]) -> set[str]:
         ids = [uid for m in message_ids if (uid := from_public("msg", m)) is not None]
@@ -489,6 +486,13 @@ class Tenant:
         return result
 
 
+def attempt_of(form: Mapping[str, str]) -> str:
+    """The attempt id a Twilio submit carries (the `attempt` query parameter of its
+    StatusCallback, `providers/twilio.py`); "" when it has none."""
+    query = parse_qs(urlsplit(form.get("StatusCallback", "")).query)
+    return query.get(ATTEMPT_QUERY_PARAMETER, [""])[0]
+
+
 def sms_body(phone: str, timeout: int = STEP_TIMEOUT_SECONDS) -> dict[str, Any]:
     """SMS through Twilio first, falling over to the sandbox's email."""
     return {
@@ -502,14 +506,14 @@ def sms_body(phone: str, timeout: int = STEP_TIMEOUT_SECONDS) -> dict[str, Any]:
     }
 
 
-async def _healthy(client: httpx.AsyncClient) -> bool:
+async def healthy(client: httpx.AsyncClient) -> bool:
     try:
         return (await client.get("/healthz")).status_code == 200
     except httpx.HTTPError:
         return False
 
 
-async def _until(probe: Callable[[], Any], within: float, what: str) -> None:
+async def until(probe: Callable[[], Any], within: float, what: str) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within
     while not await probe():
@@ -518,9 +522,11 @@ async def _until(probe: Callable[[], Any], within: float, what: str) -> None:
         await asyncio.sleep(0.1)
 
 
-def _process_env(
-    stack_dir: Path, database_url: str, redis_url: str, api_url: str, twilio: TwilioSimulator
+def process_env(
+    stack_dir: Path, database_url: str, redis_url: str, api_url: str, twilio_url: str
 ) -> dict[str, str]:
+    """A service process's environment: this stack's servers, one `twilio` account at
+    `twilio_url` (the simulator's default credentials), short sweeps, timeouts and pauses."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("CASCADE_")}
     env.update(
         {
@@ -536,9 +542,9 @@ def _process_env(
                         "type": "twilio",
                         "name": "twilio",
                         "config": {
-                            "base_url": twilio.base_url,
-                            "account_sid": twilio.account_sid,
-                            "auth_token": twilio.auth_token,
+                            "base_url": twilio_url,
+                            "account_sid": DEFAULT_ACCOUNT_SID,
+                            "auth_token": DEFAULT_AUTH_TOKEN,
                             "from_number": "+15005550006",
                         },
                     }
@@ -557,7 +563,7 @@ def _process_env(
     return env
 
 
-def _stack_directory() -> Path:
+def stack_directory() -> Path:
     # Not pytest's tmp_path: that is private to root, and embedded Postgres runs as its own user.
     directory = Path(tempfile.mkdtemp(prefix="cascade-chaos-"))
     directory.chmod(0o755)
@@ -567,7 +573,7 @@ def _stack_directory() -> Path:
 
 @contextlib.asynccontextmanager
 async def chaos_stack() -> AsyncIterator[ChaosStack]:
-    directory = _stack_directory()
+    directory = stack_directory()
     postgres = await asyncio.to_thread(EmbeddedPostgres, directory / "postgres")
     redis = RedisServer(directory)
     redis.start()
@@ -601,13 +607,13 @@ async def chaos_stack() -> AsyncIterator[ChaosStack]:
                     "warning",
                     "--no-access-log",
                 ],
-                _process_env(directory, database_url, trap.url, api_url, twilio),
+                process_env(directory, database_url, trap.url, api_url, twilio.base_url),
                 directory / "api.log",
             )
             worker = AppProcess(
                 "worker",
                 [python, "-m", "app.cli", "worker"],
-                _process_env(directory, database_url, redis.url, api_url, twilio),
+                process_env(directory, database_url, redis.url, api_url, twilio.base_url),
                 directory / "worker.log",
             )
             # The harness observes the ledger across Postgres restarts: it pings every
