@@ -23,9 +23,11 @@ from providers.accounts import (
     AdapterContext,
     ProviderAccount,
     StatusSink,
+    check_currencies,
     load_accounts,
 )
 from providers.base import StatusUpdate
+from providers.pricing import Price
 from providers.registry import ProviderRegistry
 
 if TYPE_CHECKING:
@@ -61,8 +63,37 @@ def provider_accounts(settings: Settings) -> list[ProviderAccount]:
             "secret": settings.sandbox_secret.get_secret_value(),
             "delay_seconds": settings.sandbox_delay.total_seconds(),
         }
-        accounts.append(ProviderAccount(type="sandbox", name="sandbox", config=sandbox))
+        # Example prices (so `cascade dev` shows costs and savings), unless the configured
+        # accounts price in another currency.
+        price = SANDBOX_PRICE if check_currencies(accounts) in (None, "EUR") else None
+        accounts.append(
+            ProviderAccount(type="sandbox", name="sandbox", config=sandbox, price=price)
+        )
     return accounts
+
+
+SANDBOX_PRICE = Price.model_validate(
+    {
+        "currency": "EUR",
+        "channels": {
+            "push": {"per_message": "0.0001"},
+            "email": {"per_message": "0.0008"},
+            "messenger": {
+                "per_message": "0.0085",
+                "pricing_categories": {
+                    "marketing": "0.0412",
+                    "utility": "0.0085",
+                    "authentication": "0.0085",
+                    "service": "0",
+                },
+            },
+            "sms": {
+                "per_segment": "0.0600",
+                "prefixes": {"+1": "0.0079", "+44": "0.0390", "+48": "0.0310", "+49": "0.0750"},
+            },
+        },
+    }
+)
 
 
 def build_providers(settings: Settings, on_status: StatusSink | None = None) -> ProviderRegistry:
@@ -132,7 +163,9 @@ class Runtime:
         """The API's group-commit writer of provider status reports (made on first use)."""
         from app.cascade.status_writer import StatusWriter
 
-        return StatusWriter(self.engine, self.queue, **self._group_commit())
+        return StatusWriter(
+            self.engine, self.queue, prices=self.providers.price, **self._group_commit()
+        )
 
     def _group_commit(self) -> dict[str, Any]:
         settings = self.settings

@@ -16,6 +16,9 @@ need to be inline: a string value `"env:NAME"` reads the environment variable an
     account_sid = "AC…"
     auth_token = "env:TWILIO_MARKETING_TOKEN"
     messaging_service_sid = "MG…"
+    [providers.price]             # optional: what its sends cost (providers/pricing.py)
+    currency = "USD"
+    prefixes = { "+1" = "0.0079" }
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import httpx2
 from pydantic import BaseModel, ConfigDict, Field
 
 from providers.base import Category, Channel, Provider, StatusUpdate
+from providers.pricing import Price
 
 ProviderType = Literal[
     "sandbox", "twilio", "smpp", "whatsapp", "telegram", "viber", "fcm", "webpush", "smtp"
@@ -59,6 +63,7 @@ class ProviderAccount(BaseModel):
     breaker_window_seconds: float = Field(default=30, gt=0)
     breaker_cooldown_seconds: float = Field(default=30, gt=0)
     config: dict[str, Any] = {}
+    price: Price | None = None
 
     @property
     def route(self) -> str:
@@ -101,7 +106,19 @@ def load_accounts(inline: list[dict[str, Any]], file: Path | None) -> list[Provi
     duplicates = {name for name in names if names.count(name) > 1}
     if duplicates:
         raise ConfigurationError(f"provider names must be unique: {sorted(duplicates)}")
+    check_currencies(accounts)
     return accounts
+
+
+def check_currencies(accounts: list[ProviderAccount]) -> str | None:
+    """The one currency every priced account uses (None: none is priced). Costs are summed
+    across accounts (a message's attempts, the stats), so mixing currencies is refused."""
+    currencies = {a.price.currency for a in accounts if a.price is not None}
+    if len(currencies) > 1:
+        raise ConfigurationError(
+            f"priced accounts must share one currency, not {sorted(currencies)}"
+        )
+    return next(iter(currencies), None)
 
 
 @dataclass

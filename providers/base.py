@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from decimal import Decimal
 from enum import StrEnum
 from typing import Any, Protocol, runtime_checkable
 
@@ -179,6 +180,17 @@ class ProviderCallback:
 
 
 @dataclass(frozen=True, slots=True)
+class ReportedPrice:
+    """What a receipt says the send cost: an amount, or whether it is billable and under
+    which pricing category (WhatsApp's `pricing`), priced from the account's table."""
+
+    amount: Decimal | None = None
+    currency: str | None = None
+    billable: bool | None = None
+    category: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class StatusUpdate:
     """One status a provider reported for one of our sends.
 
@@ -194,6 +206,7 @@ class StatusUpdate:
     error_code: str | None = None
     error_detail: str | None = None
     occurred_at: datetime | None = None
+    price: ReportedPrice | None = None
 
 
 @runtime_checkable

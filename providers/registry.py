@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from providers.accounts import AdapterContext, ProviderAccount, build_adapters
 from providers.base import Category, Channel, Provider, SessionProvider
+from providers.pricing import Price
 
 
 class UnknownProvider(LookupError):
@@ -87,6 +88,16 @@ class ProviderRegistry:
 
     def account(self, name: str) -> ProviderAccount:
         return self._by_name[name].account
+
+    @property
+    def currency(self) -> str | None:
+        """The one currency of every priced account (None: none is priced)."""
+        return next((r.account.price.currency for r in self._routes if r.account.price), None)
+
+    def price(self, name: str) -> Price | None:
+        """The price table of the account named `name` (None: unpriced or unknown)."""
+        route = self._by_name.get(name)
+        return route.account.price if route is not None else None
 
     def for_callbacks(self, name: str) -> Provider:
         """The provider whose status callbacks arrive at `/v1/providers/{name}/status`."""

@@ -31,6 +31,7 @@ from providers.base import (
     ReceiptStatus,
     Recipient,
     Rejected,
+    ReportedPrice,
     SendResult,
     StatusUpdate,
     TransientProviderError,
@@ -111,6 +112,17 @@ class _StatusError(BaseModel):
     error_data: dict[str, Any] | None = None
 
 
+class _Pricing(BaseModel):
+    # `billable` is deprecated under per-message pricing, where `type` says "free_…".
+    billable: bool | None = None
+    category: str | None = None
+    type: str | None = None
+
+    def reported(self) -> ReportedPrice:
+        free = self.billable is False or (self.type or "").startswith("free")
+        return ReportedPrice(billable=False if free else None, category=self.category)
+
+
 class _Status(BaseModel):
     id: str = Field(min_length=1)
     status: str
@@ -118,6 +130,7 @@ class _Status(BaseModel):
     recipient_id: str | None = None
     biz_opaque_callback_data: str | None = None
     errors: list[_StatusError] = []
+    pricing: _Pricing | None = None
 
 
 class _ChangeValue(BaseModel):
@@ -322,6 +335,7 @@ def _status_update(status: _Status) -> StatusUpdate:
         error_code=code,
         error_detail=(error.message or error.title) if error else None,
         occurred_at=datetime.fromtimestamp(status.timestamp, tz=UTC),
+        price=status.pricing.reported() if status.pricing is not None else None,
     )
 
 

@@ -155,6 +155,12 @@ def provider_accounts(sims: Simulators, api_port: int) -> list[dict[str, object]
                 "app_secret": sims.whatsapp.app_secret,
                 "verify_token": "verify-me",
             },
+            # The receipts' `pricing.category` replaces the per-message estimate.
+            "price": {
+                "currency": "EUR",
+                "per_message": "0.0500",
+                "pricing_categories": {"utility": "0.0085", "marketing": "0.0412"},
+            },
         },
         {
             "type": "telegram",

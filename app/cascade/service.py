@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import random
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import structlog
@@ -40,10 +41,19 @@ from app.ids import from_public, new_id, to_public
 from app.ledger import repository as ledger
 from app.ledger.repository import AttemptRow, Change, MessageRow, NewEvent
 from app.observability import bind_message
-from app.ops.stats.service import Rollup, final_status_rollup, observe_outcome
+from app.ops.stats.service import (
+    LEDGER,
+    Rollup,
+    TotalCost,
+    cost_correction,
+    final_status_rollup,
+    observe_outcome,
+)
 from app.policy import service as policy
 from app.queue import cancel_provider_send_job
 from app.settings import Settings
+from app.templates.rendering import channel_content
+from app.templates.segments import sms_segments
 from app.webhooks.service import notify_after_commit
 from providers.base import (
     Accepted,
@@ -57,6 +67,7 @@ from providers.base import (
     StatusUpdate,
     TransientProviderError,
 )
+from providers.pricing import Price
 from providers.registry import ProviderRegistry, UnknownProvider
 
 log = structlog.get_logger()
@@ -87,6 +98,7 @@ class SendPlan:
     attempt_id: uuid.UUID
     provider: Provider
     outbound: OutboundMessage
+    price: Price | None = None  # the account's, to cost the send when it is accepted
 
 
 def step_spec(message: MessageRow, step: int) -> dict[str, Any]:
@@ -147,7 +159,7 @@ async def record_events(
         ),
     )
     if rollup is not None:
-        tx.after_commit(rollup.counted)
+        tx.after_commit(rollup.committed)
     if new:
         await notify_after_commit(tx, message.tenant_id, message.id, message.category)
 
@@ -190,9 +202,22 @@ async def apply_signal(
         # Given up on: withdraw it at the provider if it can, so it never arrives late.
         _cancel_at_provider(tx, message, attempt)
     values = dict(attempt_values or {})
+    repriced, total = _repriced(message, attempt, values)
     if not decision.changes(view):
         if values:
-            await write(tx, Change(message, at, [], {}, attempt=attempt, attempt_values=values))
+            correction = cost_correction(message, total)
+            await write(
+                tx,
+                Change(
+                    message,
+                    at,
+                    [],
+                    repriced,
+                    attempt=attempt,
+                    attempt_values=values,
+                    rollup_rows=correction.rows if correction is not None else None,
+                ),
+            )
         return False
 
     new_events: list[NewEvent] = []
@@ -213,7 +238,7 @@ async def apply_signal(
                 occurred_at=occurred_at,
             )
         )
-    message_values: dict[str, Any] = {}
+    message_values: dict[str, Any] = dict(repriced)
     if decision.delivered_step is not None:
         message_values["delivered_step"] = decision.delivered_step
         message_values["delivered_channel"] = step_spec(message, decision.delivered_step)["channel"]
@@ -239,7 +264,9 @@ async def apply_signal(
         if decision.message_status in FINAL_MESSAGE:
             message_values["completed_at"] = at
             new_events.append(NewEvent(status=decision.message_status.value, source=source))
-    rollup = observe_outcome(message, attempt, decision, source=source, at=at)
+    rollup = observe_outcome(message, attempt, decision, source=source, at=at, cost=total)
+    if rollup is None:
+        rollup = cost_correction(message, total)
     await record_events(
         tx,
         message,
@@ -253,6 +280,25 @@ async def apply_signal(
         **message_values,
     )
     return True
+
+
+def _repriced(
+    message: MessageRow, attempt: AttemptRow, values: Mapping[str, Any]
+) -> tuple[dict[str, Any], TotalCost]:
+    """When `values` price the attempt (or accept it unpriced): the message values that
+    keep its total, and the total its rollup takes (None: unknown; else the ledger's)."""
+    if "cost" not in values:
+        return {}, LEDGER
+    new, old = values["cost"], attempt.cost
+    if new is None:
+        if old is not None or message.unpriced:
+            return {}, LEDGER
+        return {"unpriced": True}, None  # sent on an account with no price for it
+    if new == old:
+        return {}, LEDGER
+    zero = Decimal(0)
+    total: Decimal = (message.cost or zero) - (old or zero) + new
+    return {"cost": total}, None if message.unpriced else total
 
 
 # Rejections that are ours, not the provider's word on the address.
@@ -560,6 +606,7 @@ async def begin_send(
             new_attempt=claimed,
             status=MessageStatus.SENDING.value,
             due_at=due(message, deadline),
+            **_fallback_cost(registry, message),
         )
     else:
         if provider is None or address is None:
@@ -591,7 +638,43 @@ async def begin_send(
         outbound_message(
             message, attempt_row.id, step, address, attempt_row.tries - 1, settings, provider
         ),
+        registry.price(provider.name),
     )
+
+
+def _sms_segments(channel: Channel, text: str | None) -> int | None:
+    return sms_segments(text).segments if channel is Channel.SMS and text else None
+
+
+def _fallback_cost(registry: ProviderRegistry, message: MessageRow) -> dict[str, Any]:
+    """What sending the message on its cascade's last step would cost, priced once (at its
+    first send) for the savings in its stats; nothing when unpriced."""
+    if message.fallback_cost is not None:
+        return {}
+    spec = message.cascade[-1]
+    channel = Channel(spec["channel"])
+    try:
+        route = registry.route(channel, spec["provider"], Category(message.category))
+    except UnknownProvider:
+        return {}
+    price = route.account.price
+    if price is None:
+        return {}
+    address = route.provider.address(Recipient.from_mapping(message.recipient))
+    text = channel_content(message.content, channel).get("text")
+    cost = price.estimate(channel, address, _sms_segments(channel, text))
+    return {} if cost is None else {"fallback_cost": cost}
+
+
+def send_cost(plan: SendPlan, accepted: Accepted) -> dict[str, Any]:
+    """The accepted send's cost from its account's price (SMS: per segment, as the adapter
+    counted them or the text needs), as attempt values; None when unpriced."""
+    if plan.price is None:
+        return {"cost": None}
+    outbound = plan.outbound
+    segments = accepted.segments or _sms_segments(outbound.channel, outbound.content.text)
+    cost = plan.price.estimate(outbound.channel, outbound.address, segments)
+    return {"cost": None} if cost is None else {"cost": cost, "currency": plan.price.currency}
 
 
 async def record_send_result(
@@ -618,6 +701,8 @@ async def record_send_result(
                 "provider_message_id": result.provider_message_id,
                 "sent_at": at,
                 "segments": result.segments,
+                # A receipt that came first may have priced it already.
+                **(send_cost(plan, result) if attempt.cost is None else {}),
             },
         )
         if message.status in (MessageStatus.CANCELLED, MessageStatus.EXPIRED):
@@ -711,6 +796,8 @@ async def record_status(
 
 
 AttemptKey = tuple[str, uuid.UUID] | tuple[str, str]
+# An account's price table by account name (`ProviderRegistry.price`).
+PriceBook = Callable[[str], Price | None]
 
 
 def _attempt_key(provider_name: str, update: StatusUpdate) -> tuple[bool, AttemptKey] | None:
@@ -729,13 +816,15 @@ async def record_statuses(
     reports: Sequence[tuple[str, StatusUpdate]],
     at: datetime,
     rollup_shard: int | None = None,
+    prices: PriceBook | None = None,
 ) -> list[bool]:
     """Apply many provider status reports (provider, report) in one transaction: whether
     each changed anything, in order. The attempts' messages are locked in one query and
     the changes written in one statement per round; a message with several reports gets
     one per round, in the order they came (a `sent` before its `delivered`). The same
     report twice changes nothing (deduplicated on `(provider, event id)`).
-    `rollup_shard`: see `ledger.write_changes`."""
+    `rollup_shard`: see `ledger.write_changes`. `prices`: the accounts' price tables, for
+    the prices receipts report."""
     named = [_attempt_key(provider, update) for provider, update in reports]
     by_id = list({key for n in named if n is not None and n[0] for key in [n[1]]})
     by_provider_id = list({key for n in named if n is not None and not n[0] for key in [n[1]]})
@@ -784,7 +873,7 @@ async def record_statuses(
                 attempt = current[attempt_id]
                 provider, update = reports[index]
                 applied[index] = await _apply_report(
-                    tx, messages[attempt.message_id], attempt, provider, update, seen, at
+                    tx, messages[attempt.message_id], attempt, provider, update, seen, at, prices
                 )
             await ledger.write_changes(tx.conn, tx.changes, rollup_shard)
         finally:
@@ -806,6 +895,7 @@ async def _apply_report(
     update: StatusUpdate,
     seen: set[str],
     at: datetime,
+    prices: PriceBook | None = None,
 ) -> bool:
     dedupe_key = f"{provider_name}:{update.event_id}"
     if dedupe_key in seen:
@@ -819,6 +909,11 @@ async def _apply_report(
     values: dict[str, Any] = {}
     if update.provider_message_id and current.provider_message_id is None:
         values["provider_message_id"] = update.provider_message_id
+    price = prices(provider_name) if prices is not None and update.price is not None else None
+    if price is not None and update.price is not None:
+        # The provider's word on the price replaces our estimate (or comes before it).
+        values["cost"] = price.reported(Channel(current.channel), update.price, current.cost)
+        values["currency"] = price.currency
     applied = await apply_signal(
         tx,
         message,

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.cascade.service import record_statuses
+from app.cascade.service import PriceBook, record_statuses
 from app.db import Transaction, finish_committed
 from app.errors import is_lock_conflict, is_unavailable
 from app.groupcommit import GroupCommit, Outcome, alone_if_it_fails, submit_or_unavailable
@@ -43,8 +43,10 @@ class StatusWriter:
         max_items: int = 256,
         max_wait: float = 0.002,
         max_flushes: int = 4,
+        prices: PriceBook | None = None,
     ) -> None:
         self._engine = engine
+        self._prices = prices
         self._queue = queue
         # Each flush writes its stats rows on a shard no other flush of this process holds.
         self._free_shards = list(range(SHARDS))
@@ -87,7 +89,7 @@ class StatusWriter:
         try:
             async with self._engine.begin() as conn:
                 tx = Transaction(conn)
-                applied = await record_statuses(tx, reports, utcnow(), shard)
+                applied = await record_statuses(tx, reports, utcnow(), shard, self._prices)
         finally:
             if shard is not None:
                 self._free_shards.append(shard)

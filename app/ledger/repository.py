@@ -49,6 +49,9 @@ class MessageRow:
     expires_at: datetime | None = None
     not_before: datetime | None = None
     due_at: datetime | None = None
+    cost: Decimal | None = None  # the sum of its attempts' known costs
+    fallback_cost: Decimal | None = None  # what its cascade's last step would cost
+    unpriced: bool = False  # an attempt was accepted on an account with no price for it
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +74,8 @@ class AttemptRow:
     deadline_at: datetime
     address: str | None = None  # as normalised for suppressions and address health
     segments: int | None = None  # SMS: how many messages the text went as
+    cost: Decimal | None = None  # None: the account has no price that applies
+    currency: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -420,6 +425,9 @@ MESSAGE_STATE = (
     "completed_at",
     "not_before",
     "due_at",
+    "cost",
+    "fallback_cost",
+    "unpriced",
 )
 ATTEMPT_STATE = (
     "status",
@@ -432,6 +440,8 @@ ATTEMPT_STATE = (
     "updated_at",
     "deadline_at",
     "segments",
+    "cost",
+    "currency",
 )
 ATTEMPT_COLUMNS = (
     "id",
@@ -455,6 +465,8 @@ ROLLUP_COLUMNS = (
     "latency_ms_sum",
     "latency_hist",
     "cost",
+    "priced",
+    "fallback_cost",
     "resolution",
     "bucket",
 )
@@ -474,6 +486,9 @@ _SQL_TYPES = {
     "messages": "bigint",
     "latency_ms_sum": "bigint",
     "cost": "numeric",
+    "fallback_cost": "numeric",
+    "priced": "bigint",
+    "unpriced": "boolean",
     "detail": "jsonb",
     "latency_hist_json": "jsonb",
     "not_before": "timestamptz",
@@ -554,6 +569,14 @@ _HIST_SUM = (
 )
 
 
+def _nullable_sum(column: str) -> str:
+    """A rollup amount plus the new one: NULL (unpriced) stays NULL until one is known."""
+    return (
+        f"CASE WHEN excluded.{column} IS NULL THEN stats_rollups.{column}"
+        f" ELSE coalesce(stats_rollups.{column}, 0) + excluded.{column} END"
+    )
+
+
 def _changes_statement() -> str:
     parts = []
     new_attempts = _records("n", ATTEMPT_COLUMNS, 1)
@@ -590,8 +613,8 @@ def _changes_statement() -> str:
         " DO UPDATE SET messages = stats_rollups.messages + excluded.messages,"
         " latency_ms_sum = stats_rollups.latency_ms_sum + excluded.latency_ms_sum,"
         f" latency_hist = {_HIST_SUM},"
-        " cost = CASE WHEN excluded.cost IS NULL THEN stats_rollups.cost"
-        " ELSE coalesce(stats_rollups.cost, 0) + excluded.cost END)"
+        f" cost = {_nullable_sum('cost')}, priced = stats_rollups.priced + excluded.priced,"
+        f" fallback_cost = {_nullable_sum('fallback_cost')})"
     )
     parts.append(_health_upsert("health_failed", 6, append=True))
     parts.append(_health_upsert("health_reset", 7, append=False))
@@ -651,6 +674,8 @@ async def write_changes(
             row = {
                 "address": None,
                 "segments": None,
+                "cost": None,
+                "currency": None,
                 "provider_message_id": None,
                 "error_code": None,
                 "error_detail": None,
@@ -759,7 +784,9 @@ def _rollup_order(key: tuple[Any, ...]) -> tuple[str, ...]:
     return tuple(str(part) for part in key)
 
 
-_ROLLUP_SUMS = frozenset({"messages", "latency_ms_sum", "latency_hist", "cost"})
+_ROLLUP_SUMS = frozenset(
+    {"messages", "latency_ms_sum", "latency_hist", "cost", "priced", "fallback_cost"}
+)
 
 
 def _add_rollup(into: dict[str, Any], more: dict[str, Any]) -> None:
@@ -768,8 +795,10 @@ def _add_rollup(into: dict[str, Any], more: dict[str, Any]) -> None:
     into["latency_hist"] = [
         a + b for a, b in zip(into["latency_hist"], more["latency_hist"], strict=True)
     ]
-    if more["cost"] is not None:
-        into["cost"] = (into["cost"] or 0) + more["cost"]
+    into["priced"] += more["priced"]
+    for amount in ("cost", "fallback_cost"):
+        if more[amount] is not None:
+            into[amount] = (into[amount] or 0) + more[amount]
 
 
 def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:

@@ -5,12 +5,14 @@ from __future__ import annotations
 from sqlalchemy import (
     ARRAY,
     BigInteger,
+    Boolean,
     Column,
     DateTime,
     ForeignKey,
     Integer,
     LargeBinary,
     MetaData,
+    Numeric,
     Table,
     Text,
     Uuid,
@@ -65,6 +67,10 @@ messages = Table(
     Column("not_before", DateTime(timezone=True)),
     # The next moment the delivery engine must look at it (migration 0005); NULL once final.
     Column("due_at", DateTime(timezone=True)),
+    # Migration 0009: the sum of its attempts' costs; what its last step would have cost.
+    Column("cost", Numeric),
+    Column("fallback_cost", Numeric),
+    Column("unpriced", Boolean, nullable=False),
 )
 
 attempts = Table(
@@ -88,6 +94,8 @@ attempts = Table(
     Column("deadline_at", DateTime(timezone=True), nullable=False),
     Column("address", Text),  # normalised; migration 0008
     Column("segments", Integer),
+    Column("cost", Numeric),  # migration 0009
+    Column("currency", Text),
 )
 
 events = Table(

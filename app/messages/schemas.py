@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from datetime import datetime
+from decimal import Decimal
 from typing import Annotated, Any, Self
 
 import phonenumbers
@@ -187,6 +188,13 @@ class AttemptView(BaseModel):
     segments: int | None = Field(
         default=None, description="SMS: how many messages the text went as, where known"
     )
+    cost: Decimal | None = Field(
+        default=None,
+        description="What the send cost: priced from the account's price table when the"
+        " provider accepted it, or as a receipt reported it; null when the account has no"
+        " price for it (a rejected send costs nothing).",
+    )
+    currency: str | None = Field(default=None, description="ISO 4217, with `cost`.")
 
 
 class EventView(BaseModel):
@@ -226,6 +234,12 @@ class MessageView(BaseModel):
     completed_at: datetime | None
     attempts: list[AttemptView]
     events: list[EventView]
+    cost: Decimal | None = Field(
+        default=None,
+        description="The sum of the attempts' costs; null when one was sent on an account"
+        " with no price for it, or none was sent.",
+    )
+    currency: str | None = None
     send_at: datetime | None = None
     expires_at: datetime | None = None
     suppressed_reason: str | None = Field(

@@ -374,9 +374,13 @@ async def get_message_view(tx: Transaction, tenant_id: uuid.UUID, public_id: str
                 completed_at=a.completed_at,
                 deadline_at=a.deadline_at,
                 segments=a.segments,
+                cost=a.cost,
+                currency=a.currency,
             )
             for a in attempts
         ],
+        cost=None if message.unpriced else message.cost,
+        currency=next((a.currency for a in attempts if a.currency), None),
         events=[
             EventView(
                 seq=e["seq"],

@@ -503,6 +503,12 @@ def _ms(value: float | None) -> str:
     return f"{value:.0f} ms" if value < 1000 else f"{value / 1000:.1f} s"
 
 
+def _money(value: str | None, currency: str | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value} {currency}" if currency else value
+
+
 def stats(
     since: Annotated[str, typer.Option(help="How far back: 90s, 15m, 6h, 7d.")] = "24h",
     bucket: Annotated[
@@ -562,9 +568,11 @@ def stats(
         "failover",
         "median",
         "p95",
-        "cost",
+        "spend",
+        "saved",
         title="Per category",
     )
+    currency = body.get("currency")
     for c in body["by_category"]:
         t = c["time_to_deliver"]
         per_category.add_row(
@@ -574,9 +582,42 @@ def stats(
             _rate(c["failover_rate"]),
             _ms(t["median_ms"]),
             _ms(t["p95_ms"]),
-            "-" if c["cost"] is None else str(c["cost"]),
+            _money(c["cost"], currency),
+            _money(c["saved"], currency),
         )
     console.print(per_category)
+    channels = Table(
+        "category",
+        "channel",
+        "messages",
+        "delivery rate",
+        "median",
+        "fell over",
+        "spend",
+        "per delivered",
+        "saved",
+        title="Per category and channel (the step messages ended on)",
+    )
+    for c in body["by_channel"]:
+        channels.add_row(
+            c["category"],
+            c["channel"],
+            str(c["messages"]),
+            _rate(c["delivery_rate"]),
+            _ms(c["median_ms"]),
+            _rate(c["fell_over"]),
+            _money(c["cost"], currency),
+            _money(c["cost_per_delivered"], currency),
+            _money(c["saved"], currency),
+        )
+    console.print(channels)
+    unpriced = f" · {body['unpriced']} unpriced (no account price)" if body["unpriced"] else ""
+    console.print(
+        f"spend {_money(body['cost'], currency)} · the cascade saved"
+        f" {_money(body['saved'], currency)} against sending every delivered message on its"
+        f" last step{unpriced}",
+        highlight=False,
+    )
 
 
 # --- keys ----------------------------------------------------------------------------

@@ -82,3 +82,31 @@ def test_0008_adds_address_health_and_its_downgrade_drops_it(empty_database: str
     assert asyncio.run(_column_type(empty_database, "address_health", "failed_at")) is None
     assert asyncio.run(_column_type(empty_database, "message_fingerprints", "at")) is None
     assert asyncio.run(_column_type(empty_database, "events", "occurred_at")) is not None
+
+
+def test_0009_adds_costs_and_its_downgrade_drops_them(empty_database: str) -> None:
+    config = migrate.alembic_config(empty_database)
+
+    migrate.upgrade(empty_database, "0009")  # brings 0003 (the rollups) along
+    assert asyncio.run(_column_type(empty_database, "attempts", "cost")) == "numeric"
+    assert asyncio.run(_column_type(empty_database, "attempts", "currency")) == "text"
+    assert asyncio.run(_column_type(empty_database, "messages", "cost")) == "numeric"
+    assert asyncio.run(_column_type(empty_database, "messages", "unpriced")) == "boolean"
+    assert asyncio.run(_column_type(empty_database, "stats_rollups", "priced")) == "bigint"
+    assert asyncio.run(_column_type(empty_database, "stats_rollups", "fallback_cost")) == (
+        "numeric"
+    )
+
+    command.downgrade(config, "0008")
+    for table, column in (
+        ("attempts", "cost"),
+        ("attempts", "currency"),
+        ("messages", "fallback_cost"),
+        ("stats_rollups", "priced"),
+    ):
+        assert asyncio.run(_column_type(empty_database, table, column)) is None
+    assert asyncio.run(_column_type(empty_database, "stats_rollups", "cost")) == "numeric"
+    assert asyncio.run(_column_type(empty_database, "attempts", "segments")) == "integer"
+
+    migrate.upgrade(empty_database)
+    assert asyncio.run(_column_type(empty_database, "attempts", "cost")) == "numeric"

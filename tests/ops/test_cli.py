@@ -152,16 +152,25 @@ async def test_stats_as_tables_and_json(service: Service, tenant: Tenant) -> Non
             to={"push_token": "device-reject", "phone": "+48600100200"},
             cascade=[{"channel": "push"}, {"channel": "sms"}],
         ),
+        message_body(
+            to={"push_token": "ok", "phone": "+48600100200"},
+            cascade=[{"channel": "push"}, {"channel": "sms"}],
+        ),
     ):
         await wait_until_final(tenant.client, await send(tenant.client, body))
 
     raw = json.loads(ok(await cascade(service, tenant, "stats", "--since", "1h", "--json")))
     assert raw["bucket"] == "minute"
-    assert raw["messages"] == 2 and raw["failover_rate"] == 0.5
+    assert raw["messages"] == 3 and raw["failover_rate"] == 1 / 3
     tables = ok(await cascade(service, tenant, "stats", "--since", "7d"))
-    assert "2 messages finished in the last 7d: delivered 2" in tables
-    assert "failover rate 50.0%" in tables
+    assert "3 messages finished in the last 7d: delivered 3" in tables
+    assert "failover rate 33.3%" in tables
     assert "Failover funnel" in tables and "By category" in tables
+    # The sandbox's prices: push 0.0001 EUR, SMS to +48 0.031 EUR; the third message cost a
+    # push where its last step (SMS) would have cost 0.031.
+    assert raw["currency"] == "EUR" and raw["cost"] == "0.0312" and raw["saved"] == "0.0309"
+    assert "spend 0.0312 EUR · the cascade saved 0.0309 EUR" in tables
+    assert "Per category and channel" in tables
 
 
 async def test_keys_create_list_and_revoke_through_the_api(

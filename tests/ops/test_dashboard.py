@@ -122,6 +122,17 @@ async def test_dashboard_shows_counters_funnel_failures_and_a_timeline(
     await expect(funnel).to_have_count(2)
     await expect(funnel.nth(0)).to_contain_text("Step 0: reached 4, delivered 1")
     await expect(funnel.nth(1)).to_contain_text("Step 1: reached 1, delivered 1")
+    # The sandbox's example prices: push 0.0001 EUR, SMS to +48 0.031; rejected sends: 0.
+    await expect(page.locator("#spend")).to_have_text("0.0311 EUR")
+    await expect(page.locator("#saved")).to_have_text("0.0000 EUR")
+    effectiveness = page.locator("#effectiveness .effect-row")
+    await expect(effectiveness).to_have_count(3)
+    sms = page.locator('.effect-row[data-category="transactional"][data-channel="sms"]')
+    await expect(sms).to_contain_text("delivery rate: 50.0 %")  # and the cancelled one
+    await expect(sms).to_contain_text("fell over: 100.0 %")
+    await expect(sms).to_contain_text("cost per delivered: 0.0310 EUR")
+    drawn_width = await sms.locator(".effect-bar span.ok").evaluate("e => e.style.width")
+    assert drawn_width == "50%"
     failure = page.locator("#failures tbody tr").first
     await expect(failure).to_contain_text(failed)
     await expect(failure).to_contain_text("sandbox:rejected")

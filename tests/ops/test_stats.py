@@ -63,7 +63,9 @@ async def test_stats_count_outcomes_steps_and_failover(tenant: Tenant) -> None:
     assert by_category["transactional"]["failover_rate"] == 0.5
     assert by_category["service"]["delivered"] == 0
     assert by_category["service"]["failover_rate"] is None
-    assert by_category["transactional"]["cost"] is None
+    # The sandbox's example prices: push 0.0001 (a rejected push costs nothing), SMS to +48
+    # 0.031 a segment.
+    assert by_category["transactional"]["cost"] == "0.0311"
     assert sum(point["messages"] for point in body["series"]) == 3
 
 

@@ -24,10 +24,11 @@ from providers.base import (
     ReceiptStatus,
     Recipient,
     Rejected,
+    ReportedPrice,
     StatusUpdate,
     TransientProviderError,
 )
-from providers.whatsapp import WhatsAppConfig, WhatsAppProvider
+from providers.whatsapp import WhatsAppConfig, WhatsAppProvider, _Pricing
 from tests.simulators.whatsapp import (
     RecordedRequest,
     SentWebhook,
@@ -295,6 +296,7 @@ async def test_sent_then_delivered_webhooks_match_the_attempt(
             provider_message_id=wamid,
             attempt_id=message.attempt_id,
             occurred_at=at,
+            price=ReportedPrice(category="utility"),  # the webhook's `pricing`
         ),
         StatusUpdate(
             status=ReceiptStatus.DELIVERED,
@@ -302,8 +304,17 @@ async def test_sent_then_delivered_webhooks_match_the_attempt(
             provider_message_id=wamid,
             attempt_id=message.attempt_id,
             occurred_at=at,
+            price=ReportedPrice(category="utility"),
         ),
     ]
+
+
+def test_free_pricing_reads_as_not_billable() -> None:
+    assert _Pricing(billable=False, category="service").reported() == ReportedPrice(
+        billable=False, category="service"
+    )
+    free_entry = _Pricing(category="marketing", type="free_entry_point").reported()
+    assert free_entry.billable is False
 
 
 async def test_a_failed_webhook_carries_the_error_code(

@@ -43,4 +43,6 @@ async def get_stats(
     end = end or utcnow()
     start = start or end - (timedelta(days=30) if bucket is Bucket.DAY else timedelta(days=1))
     async with runtime.engine.connect() as conn:
-        return await read_stats(conn, principal.tenant_id, start, end, bucket, category)
+        return await read_stats(
+            conn, principal.tenant_id, start, end, bucket, category, runtime.providers.currency
+        )

@@ -27,6 +27,7 @@ from app.ops.stats.latency import SLOTS, add_histograms, one_hot, percentile
 from app.ops.stats.schemas import (
     Bucket,
     CategoryView,
+    ChannelView,
     CountView,
     LatencyView,
     SeriesPoint,
@@ -67,9 +68,49 @@ class Rollup:
     category: str
     channel: str
     status: str
+    counted: bool = True  # False: a correction of amounts, no message finished
 
-    def counted(self) -> None:
-        observability.count_message_finished(self.category, self.channel, self.status)
+    def committed(self) -> None:
+        if self.counted:
+            observability.count_message_finished(self.category, self.channel, self.status)
+
+
+class _Ledger:
+    """Marks an amount taken from the message row as it is."""
+
+
+LEDGER = _Ledger()
+# A message's total cost as a change gives it: known, unknown, or the ledger's as it is.
+TotalCost = Decimal | None | _Ledger
+
+
+@dataclass(frozen=True, slots=True)
+class _CostFields:
+    cost: Decimal | None
+    priced: int
+    fallback_cost: Decimal | None
+
+    def minus(self, other: _CostFields) -> _CostFields:
+        def sub(a: Decimal | None, b: Decimal | None) -> Decimal | None:
+            return None if a is None and b is None else (a or Decimal(0)) - (b or Decimal(0))
+
+        return _CostFields(
+            sub(self.cost, other.cost),
+            self.priced - other.priced,
+            sub(self.fallback_cost, other.fallback_cost),
+        )
+
+
+def _cost_fields(
+    total: Decimal | None, fallback: Decimal | None, delivered: bool, count: int
+) -> _CostFields:
+    """A message's part in its rollup row's amounts: its cost when known (`priced`), and,
+    delivered, what its last step would have cost (its own cost when that is unpriced:
+    no saving claimed)."""
+    if total is None:
+        return _CostFields(None, 0, None)
+    compared = (fallback if fallback is not None else total) if delivered else None
+    return _CostFields(count * total, count, None if compared is None else count * compared)
 
 
 def final_status_rollup(
@@ -77,22 +118,31 @@ def final_status_rollup(
     status: MessageStatus,
     step: int,
     at: datetime,
-    cost: Decimal | None = None,
     *,
     count: int = 1,
     delivered_at: datetime | None = None,
+    cost: TotalCost = LEDGER,
+    amounts: _CostFields | None = None,
 ) -> Rollup:
     """Count a message that just reached final `status` on cascade step `step`: write it
     exactly once per message, in the transaction that sets the final status. `count=-1`
-    takes back how it was counted before (a failed message revived by a late delivery).
+    takes back how it was counted before (a failed message revived by a late delivery);
+    `count=0` with `amounts` corrects the amounts of a counted message.
     `delivered_at`: when it was delivered, if not `at` (an email accepted at `sent_at` and
-    delivered when its bounce window closed)."""
+    delivered when its bounce window closed). `cost`: the message's total, if not
+    `message.cost` (this very change prices an attempt)."""
     latency_ms = (
         max(0, int(((delivered_at or at) - message.created_at).total_seconds() * 1000))
-        if status is MessageStatus.DELIVERED
+        if status is MessageStatus.DELIVERED and count
         else None
     )
     hist = one_hot(latency_ms)
+    if amounts is None:
+        # From the ledger: unknown once sent unpriced, else its known cost (none sent: 0).
+        known = None if message.unpriced else (message.cost or Decimal(0))
+        total = known if isinstance(cost, _Ledger) else cost
+        delivered = status is MessageStatus.DELIVERED
+        amounts = _cost_fields(total, message.fallback_cost, delivered, count)
     channel = str(message.cascade[step]["channel"]) if 0 <= step < len(message.cascade) else ""
     row = {
         "tenant_id": message.tenant_id,
@@ -104,10 +154,34 @@ def final_status_rollup(
         "messages": count,
         "latency_ms_sum": count * (latency_ms or 0),
         "latency_hist": hist if count == 1 else [count * n for n in hist],
-        "cost": cost,
+        "cost": amounts.cost,
+        "priced": amounts.priced,
+        "fallback_cost": amounts.fallback_cost,
     }
     rows = [{**row, "resolution": b.value, "bucket": truncate(at, b)} for b in Bucket]
     return Rollup(rows, message.category, channel, status.value)
+
+
+def cost_correction(message: MessageRow, total: TotalCost) -> Rollup | None:
+    """A final message's cost changed to `total` (a late receipt's price): its rollup rows
+    take the difference, counting no message again. None when nothing changed."""
+    if isinstance(total, _Ledger) or message.status not in FINAL_MESSAGE:
+        return None
+    if message.completed_at is None:
+        return None
+    delivered = message.status is MessageStatus.DELIVERED
+    step = message.current_step
+    if delivered and message.delivered_step is not None:
+        step = message.delivered_step
+    fallback = message.fallback_cost
+    before = None if message.unpriced else (message.cost or Decimal(0))
+    change = _cost_fields(total, fallback, delivered, 1).minus(
+        _cost_fields(before, fallback, delivered, 1)
+    )
+    rollup = final_status_rollup(
+        message, message.status, step, message.completed_at, count=0, amounts=change
+    )
+    return replace(rollup, counted=False)
 
 
 def observe_outcome(
@@ -117,9 +191,11 @@ def observe_outcome(
     *,
     source: str,
     at: datetime,
+    cost: TotalCost = LEDGER,
 ) -> Rollup | None:
     """Metrics and log context for one signal the cascade just applied, and the rollup to
-    write with it when it finalises the message."""
+    write with it when it finalises the message (`cost`: its total after this change, if
+    the change prices an attempt)."""
     observability.bind_message(message.id, message.tenant_id, message.category, attempt.id)
     if decision.attempt_status != attempt.status:
         observability.observe_attempt(
@@ -143,6 +219,7 @@ def observe_outcome(
             step,
             at,
             delivered_at=attempt.sent_at if window_closed else None,
+            cost=cost,
         )
         if message.status in FINAL_MESSAGE and message.completed_at is not None:
             # Revived (a late delivery of a failed message): it moves to its new status,
@@ -158,6 +235,10 @@ def observe_outcome(
     return None
 
 
+def _plus(a: Decimal | None, b: Decimal | None) -> Decimal | None:
+    return a if b is None else (a or Decimal(0)) + b
+
+
 @dataclass
 class _Totals:
     messages: int = 0
@@ -165,6 +246,20 @@ class _Totals:
     later: int = 0
     latency_ms_sum: int = 0
     cost: Decimal | None = None
+    saved: Decimal | None = None
+    priced: int = 0
+
+    def add(self, row: Any, delivered: bool) -> None:
+        n = int(row.messages)
+        self.messages += n
+        if delivered:
+            self.delivered += n
+            self.later += n if row.step > 0 else 0
+            self.latency_ms_sum += int(row.latency_ms_sum)
+        self.priced += int(row.priced)
+        self.cost = _plus(self.cost, row.cost)
+        if delivered and row.cost is not None and row.fallback_cost is not None:
+            self.saved = _plus(self.saved, row.fallback_cost - row.cost)
 
     def __post_init__(self) -> None:
         self.hist = [0] * SLOTS
@@ -180,6 +275,10 @@ class _Totals:
     def failover_rate(self) -> float | None:
         return self.later / self.delivered if self.delivered else None
 
+    @property
+    def unpriced(self) -> int:
+        return self.messages - self.priced
+
 
 def _ratio(part: int, whole: int) -> float | None:
     return part / whole if whole else None
@@ -192,6 +291,7 @@ async def read_stats(
     end: datetime,
     bucket: Bucket,
     category: Category | None = None,
+    currency: str | None = None,
 ) -> StatsView:
     if end <= start:
         raise InvalidRequest(
@@ -222,6 +322,8 @@ async def read_stats(
             func.sum(r.messages).label("messages"),
             func.sum(r.latency_ms_sum).label("latency_ms_sum"),
             func.sum(r.cost).label("cost"),
+            func.sum(r.priced).label("priced"),
+            func.sum(r.fallback_cost).label("fallback_cost"),
         )
         .where(*conditions)
         .group_by(r.bucket, r.category, r.channel, r.status, r.step)
@@ -229,18 +331,24 @@ async def read_stats(
     )
     # Histograms are added up here: unnesting them in SQL costs more than the transfer.
     hist_rows = await conn.execute(
-        select(r.category, r.latency_hist).where(
+        select(r.category, r.channel, r.latency_hist).where(
             *conditions, r.status == MessageStatus.DELIVERED.value
         )
     )
-    return _summarise(start, end, bucket, list(rows), list(hist_rows))
+    return _summarise(start, end, bucket, list(rows), list(hist_rows), currency)
 
 
 def _summarise(
-    start: datetime, end: datetime, bucket: Bucket, rows: list[Any], hist_rows: list[Any]
+    start: datetime,
+    end: datetime,
+    bucket: Bucket,
+    rows: list[Any],
+    hist_rows: list[Any],
+    currency: str | None = None,
 ) -> StatsView:
     overall = _Totals()
     per_category: dict[str, _Totals] = defaultdict(_Totals)
+    per_channel: dict[tuple[str, str], _Totals] = defaultdict(_Totals)
     by_status: dict[str, int] = defaultdict(int)
     counts: dict[tuple[str, str, str], int] = defaultdict(int)
     ended: dict[int, int] = defaultdict(int)
@@ -254,18 +362,19 @@ def _summarise(
         by_status[row.status] += n
         ended[row.step] += n
         delivered = row.status == MessageStatus.DELIVERED.value
-        for totals in (overall, per_category[row.category]):
-            totals.messages += n
-            if delivered:
-                totals.delivered += n
-                totals.later += n if row.step > 0 else 0
-                totals.latency_ms_sum += int(row.latency_ms_sum)
-            if row.cost is not None:
-                totals.cost = (totals.cost or Decimal(0)) + row.cost
+        for totals in (
+            overall,
+            per_category[row.category],
+            per_channel[(row.category, row.channel)],
+        ):
+            totals.add(row, delivered)
         if delivered:
             delivered_at[row.step] += n
     for hist_row in hist_rows:
         add_histograms(per_category[hist_row.category].hist, hist_row.latency_hist)
+        add_histograms(
+            per_channel[(hist_row.category, hist_row.channel)].hist, hist_row.latency_hist
+        )
     for totals in per_category.values():
         add_histograms(overall.hist, totals.hist)
 
@@ -311,7 +420,32 @@ def _summarise(
                 failover_rate=t.failover_rate(),
                 time_to_deliver=t.latency(),
                 cost=t.cost,
+                saved=t.saved,
+                unpriced=t.unpriced,
             )
             for name, t in sorted(per_category.items())
         ],
+        by_channel=[
+            ChannelView(
+                category=Category(name),
+                channel=channel,
+                messages=t.messages,
+                delivered=t.delivered,
+                delivery_rate=_ratio(t.delivered, t.messages),
+                median_ms=percentile(t.hist, 0.5),
+                fell_over=t.failover_rate(),
+                cost=t.cost,
+                cost_per_delivered=t.cost / t.delivered
+                if t.cost is not None and t.delivered
+                else None,
+                saved=t.saved,
+                unpriced=t.unpriced,
+            )
+            for (name, channel), t in sorted(per_channel.items())
+            if t.messages
+        ],
+        currency=currency,
+        cost=overall.cost,
+        saved=overall.saved,
+        unpriced=overall.unpriced,
     )

@@ -32,4 +32,6 @@ stats_rollups = Table(
     Column("latency_ms_sum", BigInteger, nullable=False),
     Column("latency_hist", ARRAY(Integer), nullable=False),
     Column("cost", Numeric),
+    Column("priced", BigInteger, nullable=False),  # migration 0009
+    Column("fallback_cost", Numeric),
 )

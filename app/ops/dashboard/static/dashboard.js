@@ -151,6 +151,63 @@ function showStats(stats) {
     wrap.append(label, bar);
     funnel.appendChild(wrap);
   }
+  showEffectiveness(stats);
+}
+
+function formatMoney(amount, currency) {
+  return amount === null || amount === undefined ? "–" : `${amount} ${currency || ""}`.trim();
+}
+
+const EFFECTIVENESS = [
+  ["delivery rate", "ok", (c) => c.delivery_rate, (c) => formatRate(c.delivery_rate), () => 1],
+  ["median to deliver", "accent", (c) => c.median_ms, (c) => formatMs(c.median_ms), null],
+  ["cost per delivered", "cost", (c) => c.cost_per_delivered === null ? null : Number(c.cost_per_delivered),
+    (c, currency) => formatMoney(c.cost_per_delivered, currency), null],
+  ["fell over", "bad", (c) => c.fell_over, (c) => formatRate(c.fell_over), () => 1],
+];
+
+function showEffectiveness(stats) {
+  $("spend").textContent = formatMoney(stats.cost, stats.currency);
+  $("saved").textContent = formatMoney(stats.saved, stats.currency);
+  $("unpriced").textContent = stats.unpriced
+    ? `${stats.unpriced} message(s) have no known cost (accounts without a price).`
+    : "";
+  const chart = $("effectiveness");
+  chart.replaceChildren();
+  if (stats.by_channel.length === 0) {
+    chart.textContent = "No finished messages in this range.";
+    return;
+  }
+  const largest = EFFECTIVENESS.map(([, , value]) =>
+    Math.max(0, ...stats.by_channel.map((c) => value(c) || 0)));
+  for (const c of stats.by_channel) {
+    const row = document.createElement("div");
+    row.className = "effect-row";
+    row.dataset.category = c.category;
+    row.dataset.channel = c.channel;
+    const name = document.createElement("div");
+    name.className = "effect-name";
+    name.textContent = `${c.category} · ${c.channel} (${c.messages})`;
+    row.appendChild(name);
+    EFFECTIVENESS.forEach(([label, tone, value, text, scale], i) => {
+      const metric = document.createElement("div");
+      metric.className = "effect-metric";
+      const caption = document.createElement("div");
+      caption.className = "effect-caption";
+      caption.textContent = `${label}: ${text(c, stats.currency)}`;
+      const bar = document.createElement("div");
+      bar.className = "effect-bar";
+      const fill = document.createElement("span");
+      fill.className = tone;
+      const top = scale ? scale() : largest[i];
+      const v = value(c);
+      fill.style.width = `${v && top ? Math.min(100, (100 * v) / top) : 0}%`;
+      bar.appendChild(fill);
+      metric.append(caption, bar);
+      row.appendChild(metric);
+    });
+    chart.appendChild(row);
+  }
 }
 
 function showFailures(page) {
