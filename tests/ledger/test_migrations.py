@@ -82,3 +82,21 @@ def test_0008_adds_address_health_and_its_downgrade_drops_it(empty_database: str
     assert asyncio.run(_column_type(empty_database, "address_health", "failed_at")) is None
     assert asyncio.run(_column_type(empty_database, "message_fingerprints", "at")) is None
     assert asyncio.run(_column_type(empty_database, "events", "occurred_at")) is not None
+
+
+def test_0010_adds_inbound_messages_and_its_downgrade_drops_them(empty_database: str) -> None:
+    config = migrate.alembic_config(empty_database)
+
+    migrate.upgrade(empty_database)
+    assert asyncio.run(_column_type(empty_database, "inbound_messages", "address")) == "text"
+    assert asyncio.run(_column_type(empty_database, "webhook_events", "inbound_id")) == "uuid"
+
+    command.downgrade(config, "0010-1")
+    assert asyncio.run(_column_type(empty_database, "inbound_messages", "address")) is None
+    assert asyncio.run(_column_type(empty_database, "webhook_events", "inbound_id")) is None
+    assert asyncio.run(_column_type(empty_database, "webhook_events", "ledger_event_id")) == (
+        "bigint"
+    )
+
+    migrate.upgrade(empty_database)  # and up again, to head
+    assert asyncio.run(_column_type(empty_database, "inbound_messages", "text")) == "text"
