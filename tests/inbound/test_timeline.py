@@ -6,15 +6,21 @@ from __future__ import annotations
 
 import time
 import uuid
+from datetime import timedelta
 from typing import Any
 
 import httpx
 import orjson
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
+from sqlalchemy.dialects import postgresql
 from standardwebhooks import Webhook
 from twilio.request_validator import RequestValidator
 
+from app.inbound.service import conversations_query
 from app.inbound.tables import inbound_messages
+from app.messages.listing import bitmap_scans_only
+from app.runtime import utcnow
+from providers.base import Channel
 from providers.sandbox import sign
 from tests.conftest import Service, Simulators, Tenant
 from tests.helpers import message_body, send, wait_until_final
@@ -293,3 +299,17 @@ async def test_a_channel_filter_keeps_to_that_channels_fields_and_replies(
     )
     assert refused.status_code == 422
     assert refused.json()["errors"][0]["path"] == "path.address"
+
+
+async def test_a_reply_finds_its_tenants_through_the_search_index(service: Service) -> None:
+    query = conversations_query(Channel.SMS, new_phone(), utcnow() - timedelta(days=30))
+    compiled = query.compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True})
+
+    async with service.api_runtime.engine.connect() as conn:
+        await bitmap_scans_only(conn, True)
+        plan = "\n".join(row[0] for row in await conn.execute(text(f"EXPLAIN {compiled}")))
+
+    # A bitmap over each partition's GIN search index (migration 0003's messages_search).
+    assert plan.count("Bitmap Index Scan on messages_") == 3
+    assert "search_doc_idx" in plan
+    assert "Seq Scan" not in plan
