@@ -20,7 +20,7 @@ Create Date: 2026-12-04
 from alembic import op
 
 revision = "0010"
-down_revision = "0008"  # TEMP: 0009 on merge
+down_revision = "0009"
 branch_labels = None
 # It alters webhook_events: the webhooks branch (0002) must be in first.
 depends_on = "0002"
