@@ -25,6 +25,7 @@ from app.errors import (
     problem_types_table,
 )
 from app.hotpath import HotPaths
+from app.inbound.endpoints import router as recipients_router
 from app.input_checks import RefuseNulCharacters
 from app.logs import configure_logging
 from app.messages.endpoints import router as messages_router
@@ -143,6 +144,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_error_handlers(app)
     app.include_router(messages_router)
+    app.include_router(recipients_router)
     app.include_router(receipts_router)
     app.include_router(provider_router)
     app.include_router(stats_router)

@@ -103,6 +103,8 @@ class Settings(BaseSettings):
     default_locale: str = "en"
     # How long marketing sends are remembered: frequency-cap windows and inbound STOPs.
     marketing_log_retention: timedelta = timedelta(days=30)
+    # A reply belongs to the tenants whose messages reached its sender within this.
+    inbound_reply_window: timedelta = timedelta(days=30)
     max_batch_body_bytes: int = 4 * 1024 * 1024
 
     # Postgres connections per process, all kept open: with overflow connections on top,

@@ -218,7 +218,7 @@ class SubscriptionHandshake(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class InboundMessage:
-    """A message a recipient sent us (an SMS reply), as a provider reported it."""
+    """A message a recipient sent us (a reply), as a provider reported it."""
 
     channel: Channel
     sender: str  # the recipient's address: E.164 for SMS
@@ -226,6 +226,8 @@ class InboundMessage:
     event_id: str
     # When the recipient sent it, where the provider says (Twilio's webhook does not).
     sent_at: datetime | None = None
+    # Our address it was sent to (a Twilio number), where the provider says.
+    to: str | None = None
 
 
 @runtime_checkable

@@ -289,6 +289,7 @@ class SandboxProvider:
                     text=str(data["text"]),
                     event_id=str(data["event_id"]),
                     sent_at=_aware_time(data["sent_at"]) if "sent_at" in data else None,
+                    to=str(data["to"]) if data.get("to") is not None else None,
                 )
             ]
         except (orjson.JSONDecodeError, KeyError, ValueError, TypeError, OverflowError) as exc:

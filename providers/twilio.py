@@ -179,7 +179,11 @@ class TwilioProvider:
         sender, sid = first(params, "From"), first(params, "MessageSid")
         if not sender or not sid:
             raise MalformedCallback("incoming message without From or MessageSid")
-        return [InboundMessage(Channel.SMS, sender, first(params, "Body") or "", sid)]
+        return [
+            InboundMessage(
+                Channel.SMS, sender, first(params, "Body") or "", sid, to=first(params, "To")
+            )
+        ]
 
     async def cancel(self, provider_message_id: str) -> bool:
         """`Status=canceled` on the Message resource; Twilio refuses it once it is queued."""

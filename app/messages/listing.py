@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import Any
 
 import phonenumbers
-from sqlalchemy import func, literal, literal_column, select, text, true, tuple_
+from sqlalchemy import func, literal, literal_column, or_, select, text, true, tuple_
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.elements import ColumnElement
@@ -26,6 +26,7 @@ from app.ids import to_public
 from app.input_checks import fits_in_utc
 from app.ledger.tables import attempts, messages
 from app.messages.schemas import LastErrorView, MessagePage, MessageSummary
+from app.policy.service import RECIPIENT_FIELDS
 from providers.base import Category, Channel
 
 MAX_LIMIT = 200
@@ -40,6 +41,9 @@ class MessageFilter:
     delivered_channel: Channel | None = None
     provider: str | None = None
     to: str | None = None
+    # `to` only in this channel's recipient fields (a phone as `phone` for sms, not as
+    # `whatsapp`); None: in any of them.
+    to_channel: Channel | None = None
     created_after: datetime | None = None
     created_before: datetime | None = None
     metadata: dict[str, str] = field(default_factory=dict)
@@ -108,6 +112,18 @@ def _search_doc(wanted: MessageFilter) -> dict[str, Any]:
     return doc
 
 
+def recipient_has(channel: Channel, address: str) -> ColumnElement[bool]:
+    """The message's recipient has `address` (normalised) in one of `channel`'s fields."""
+    m = messages.c
+    return or_(
+        *(
+            (func.lower(m.recipient[name].astext) if name == "email" else m.recipient[name].astext)
+            == address
+            for name in RECIPIENT_FIELDS[channel]
+        )
+    )
+
+
 def _conditions(
     tenant_id: uuid.UUID, wanted: MessageFilter, after: tuple[datetime, uuid.UUID] | None
 ) -> list[ColumnElement[bool]]:
@@ -128,6 +144,10 @@ def _conditions(
         # Not in the ledger's Table: a generated column only searches read.
         search_doc = literal_column("messages.search_doc", JSONB)
         conditions.append(search_doc.op("@>")(literal(doc, JSONB)))
+    if wanted.to is not None and wanted.to_channel is not None:
+        # Rechecked on the rows the search index found.
+        address = normalised_address(wanted.to)
+        conditions.append(recipient_has(wanted.to_channel, address))
     if after is not None:
         conditions.append(tuple_(m.created_at, m.id) < tuple_(*after))
     return conditions
@@ -208,7 +228,7 @@ def search_query(
     )
 
 
-async def _bitmap_scans_only(conn: AsyncConnection, only: bool) -> None:
+async def bitmap_scans_only(conn: AsyncConnection, only: bool) -> None:
     value = "off" if only else "on"
     await conn.execute(
         text(
@@ -221,7 +241,7 @@ async def _bitmap_scans_only(conn: AsyncConnection, only: bool) -> None:
     )
 
 
-async def _rows(
+async def search_rows(
     conn: AsyncConnection,
     tenant_id: uuid.UUID,
     wanted: MessageFilter,
@@ -237,11 +257,11 @@ async def _rows(
     and done. Many matches are met soon on the ordered walk: take that plan instead.
     """
     if wanted.to is not None or wanted.provider is not None or wanted.metadata:
-        await _bitmap_scans_only(conn, True)
+        await bitmap_scans_only(conn, True)
         rows = list(await conn.execute(search_query(tenant_id, wanted, limit, after, few=True)))
         if not rows or rows[0].matches <= FEW_MATCHES:
             return rows
-        await _bitmap_scans_only(conn, False)
+        await bitmap_scans_only(conn, False)
     return list(await conn.execute(search_query(tenant_id, wanted, limit, after)))
 
 
@@ -254,37 +274,39 @@ async def list_messages(
 ) -> MessagePage:
     """One page; call it inside a transaction (it may steer the planner with SET LOCAL)."""
     after = decode_cursor(cursor) if cursor else None
-    rows = await _rows(conn, tenant_id, wanted, limit, after)
+    rows = await search_rows(conn, tenant_id, wanted, limit, after)
     page = rows[:limit]
     next_cursor = (
         encode_cursor(page[-1].created_at, page[-1].id) if len(rows) > limit and page else None
     )
     return MessagePage(
-        data=[
-            MessageSummary(
-                id=to_public("msg", row.id),
-                category=row.category,
-                status=row.status,
-                delivered_channel=row.delivered_channel,
-                delivered_step=row.delivered_step,
-                current_step=row.current_step,
-                to=row.recipient,
-                metadata=row.metadata,
-                created_at=row.created_at,
-                updated_at=row.updated_at,
-                completed_at=row.completed_at,
-                last_error=(
-                    LastErrorView(
-                        step=row.error_step,
-                        channel=row.error_channel,
-                        code=row.error_code,
-                        detail=row.error_detail,
-                    )
-                    if row.error_code is not None
-                    else None
-                ),
-            )
-            for row in page
-        ],
+        data=[summary(row) for row in page],
         next_cursor=next_cursor,
+    )
+
+
+def summary(row: Any) -> MessageSummary:
+    """A `search_rows` row as the API shows it."""
+    return MessageSummary(
+        id=to_public("msg", row.id),
+        category=row.category,
+        status=row.status,
+        delivered_channel=row.delivered_channel,
+        delivered_step=row.delivered_step,
+        current_step=row.current_step,
+        to=row.recipient,
+        metadata=row.metadata,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        completed_at=row.completed_at,
+        last_error=(
+            LastErrorView(
+                step=row.error_step,
+                channel=row.error_channel,
+                code=row.error_code,
+                detail=row.error_detail,
+            )
+            if row.error_code is not None
+            else None
+        ),
     )

@@ -17,6 +17,7 @@ from app.db import Transaction
 from app.errors import Conflict, FieldError, InvalidRequest, NotFound, ProblemError
 from app.ids import from_public, new_id, to_public
 from app.ledger import repository as ledger
+from app.ledger.repository import AttemptRow
 from app.messages.schemas import (
     AcceptedMessage,
     AttemptView,
@@ -359,26 +360,7 @@ async def get_message_view(tx: Transaction, tenant_id: uuid.UUID, public_id: str
         suppressed_reason=stopped.get("code")
         or ("address_suppressed" if message.status is MessageStatus.SUPPRESSED else None),
         duplicate_of=stopped.get("duplicate_of"),
-        attempts=[
-            AttemptView(
-                id=to_public("att", a.id),
-                step=a.step,
-                channel=Channel(a.channel),
-                provider=a.provider,
-                status=a.status,
-                provider_message_id=a.provider_message_id,
-                error=ErrorView(code=a.error_code, detail=a.error_detail) if a.error_code else None,
-                tries=a.tries,
-                created_at=a.created_at,
-                sent_at=a.sent_at,
-                completed_at=a.completed_at,
-                deadline_at=a.deadline_at,
-                segments=a.segments,
-                cost=a.cost,
-                currency=a.currency,
-            )
-            for a in attempts
-        ],
+        attempts=[attempt_view(a) for a in attempts],
         cost=None if message.unpriced else message.cost,
         currency=next((a.currency for a in attempts if a.currency), None),
         events=[
@@ -394,6 +376,26 @@ async def get_message_view(tx: Transaction, tenant_id: uuid.UUID, public_id: str
             )
             for e in events
         ],
+    )
+
+
+def attempt_view(a: AttemptRow) -> AttemptView:
+    return AttemptView(
+        id=to_public("att", a.id),
+        step=a.step,
+        channel=Channel(a.channel),
+        provider=a.provider,
+        status=a.status,
+        provider_message_id=a.provider_message_id,
+        error=ErrorView(code=a.error_code, detail=a.error_detail) if a.error_code else None,
+        tries=a.tries,
+        created_at=a.created_at,
+        sent_at=a.sent_at,
+        completed_at=a.completed_at,
+        deadline_at=a.deadline_at,
+        segments=a.segments,
+        cost=a.cost,
+        currency=a.currency,
     )
 
 

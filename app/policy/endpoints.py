@@ -1,5 +1,5 @@
 """HTTP for policy: suppressions, the tenant's delivery policy, one-click unsubscribe and
-provider inbound messages (STOP replies)."""
+provider inbound messages (kept as replies, STOP/START applied)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from app.errors import (
     MalformedBody,
     NotFound,
 )
+from app.inbound import service as inbound_service
 from app.input_checks import NUL
 from app.policy import service
 from app.policy.schemas import (
@@ -172,7 +173,7 @@ async def unsubscribe(token: str, runtime: Runtime = Depends(get_runtime)) -> Un
 @router.post(
     "/v1/providers/{provider}/inbound",
     tags=["providers"],
-    summary="Messages recipients sent (STOP/START replies), signed with the provider's scheme",
+    summary="Replies recipients sent (STOP/START applied), signed with the provider's scheme",
     responses=CALLBACK_RESPONSES,
 )
 async def provider_inbound(
@@ -192,7 +193,7 @@ async def provider_inbound(
         return InboundReceipt(received=0, applied=0)
     async with runtime.transaction() as tx:
         for message in inbound:
-            applied += await service.apply_inbound(
-                tx, provider, message, runtime.settings, utcnow()
-            )
+            at = utcnow()
+            await inbound_service.receive(tx, provider, message, runtime.settings, at)
+            applied += await service.apply_inbound(tx, provider, message, runtime.settings, at)
     return InboundReceipt(received=len(inbound), applied=applied)

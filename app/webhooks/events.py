@@ -6,6 +6,9 @@ Ledger events about an attempt carry an attempt id (`sending`, `sent`, `delivere
 so an attempt's `read`/`checked` becomes `message.read`/`message.checked`; the three ways
 an attempt can end badly are one type, `message.attempt.failed`, with the attempt's status
 saying which.
+
+`inbound.received` is about no event of a message: a recipient's reply, stored in
+`inbound_messages`; its `data` says who wrote what, and which message it answers.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ class EventType(StrEnum):
     MESSAGE_EXPIRED = "message.expired"
     MESSAGE_CANCELLED = "message.cancelled"
     MESSAGE_SUPPRESSED = "message.suppressed"
+    # A recipient wrote back (not a ledger event: see `inbound_event_data`).
+    INBOUND_RECEIVED = "inbound.received"
 
 
 # Sent only by `POST /v1/webhooks/{id}/test`, whatever the endpoint's filter.
@@ -107,4 +112,31 @@ def message_event_data(
         "delivered_channel": delivered_channel,
         "metadata": dict(metadata),
         "attempt": dict(attempt) if attempt is not None else None,
+    }
+
+
+def inbound_event_data(
+    *,
+    inbound_id: str,
+    channel: str,
+    provider: str,
+    sender: str,
+    to: str | None,
+    text: str,
+    received_at: datetime,
+    said_at: datetime,
+    in_reply_to: str | None,
+) -> dict[str, Any]:
+    return {
+        "inbound_id": inbound_id,
+        "channel": channel,
+        "provider": provider,
+        "from": sender,
+        "to": to,
+        "text": text,
+        "received_at": iso(received_at),
+        # When the recipient sent it, where the provider says (else `received_at`).
+        "said_at": iso(said_at),
+        # The tenant's latest message to `from` on this channel.
+        "in_reply_to": in_reply_to,
     }

@@ -291,21 +291,21 @@ async def ledger_events_after(
 
 
 async def insert_event(conn: AsyncConnection, values: dict[str, Any]) -> uuid.UUID:
-    """The webhook event for one ledger event (the existing one if already made)."""
+    """The webhook event for one ledger event or inbound message (the existing one if
+    already made)."""
+    key = "ledger_event_id" if values.get("ledger_event_id") is not None else "inbound_id"
     created = (
         await conn.execute(
             pg_insert(webhook_events)
             .values(**values)
-            .on_conflict_do_nothing(index_elements=["ledger_event_id"])
+            .on_conflict_do_nothing(index_elements=[key])
             .returning(webhook_events.c.id)
         )
     ).first()
     if created is not None:
         return created[0]  # type: ignore[no-any-return]
     existing = await conn.execute(
-        select(webhook_events.c.id).where(
-            webhook_events.c.ledger_event_id == values["ledger_event_id"]
-        )
+        select(webhook_events.c.id).where(webhook_events.c[key] == values[key])
     )
     return existing.scalar_one()  # type: ignore[no-any-return]
 

@@ -31,6 +31,7 @@ from app.settings import Settings
 from app.webhooks import repository as repo
 from app.webhooks.events import (
     TEST_EVENT_TYPE,
+    EventType,
     event_type,
     iso,
     message_event_data,
@@ -352,27 +353,83 @@ async def dispatch_message_events(tx: Transaction, message_id: uuid.UUID, at: da
                 "created_at": at,
             },
         )
-        for endpoint in targets:
-            delivery_id = await repo.insert_delivery(
-                tx.conn,
-                {
-                    "id": new_id(),
-                    "tenant_id": message.tenant_id,
-                    "endpoint_id": endpoint.id,
-                    "event_id": event_id,
-                    "status": DeliveryStatus.PENDING,
-                    "attempts": 0,
-                    "schedule_start": 0,
-                    "next_attempt_at": at,
-                    "created_at": at,
-                    "updated_at": at,
-                },
-            )
-            if delivery_id is not None:
-                tx.enqueue_after_commit(deliver_job(delivery_id, 0, message.category))
-                created += 1
+        created += await _deliveries(tx, message.tenant_id, event_id, targets, message.category, at)
     await repo.advance_cursor(tx.conn, message_id, new_events[-1].seq, at)
     return created
+
+
+async def _deliveries(
+    tx: Transaction,
+    tenant_id: uuid.UUID,
+    event_id: uuid.UUID,
+    targets: list[EndpointRow],
+    category: str,
+    at: datetime,
+) -> int:
+    """A pending delivery of the event per endpoint, each sent by a job after commit."""
+    created = 0
+    for endpoint in targets:
+        delivery_id = await repo.insert_delivery(
+            tx.conn,
+            {
+                "id": new_id(),
+                "tenant_id": tenant_id,
+                "endpoint_id": endpoint.id,
+                "event_id": event_id,
+                "status": DeliveryStatus.PENDING,
+                "attempts": 0,
+                "schedule_start": 0,
+                "next_attempt_at": at,
+                "created_at": at,
+                "updated_at": at,
+            },
+        )
+        if delivery_id is not None:
+            tx.enqueue_after_commit(deliver_job(delivery_id, 0, category))
+            created += 1
+    return created
+
+
+@dataclass(frozen=True, slots=True)
+class InboundEvent:
+    """A stored inbound message, as the tenant it answers sees it."""
+
+    inbound_id: uuid.UUID
+    tenant_id: uuid.UUID
+    # The message it answers: the event is filed under it (its category filters it).
+    message_id: uuid.UUID
+    category: str
+    received_at: datetime
+    data: dict[str, Any]
+
+
+async def dispatch_inbound(tx: Transaction, inbound: InboundEvent, at: datetime) -> int:
+    """`inbound.received` deliveries, made in the transaction that stores the inbound
+    message (no job or sweep between: nothing can lose them before commit). The
+    endpoints are read uncached: a stale "no endpoints" would never be swept up."""
+    type_ = EventType.INBOUND_RECEIVED.value
+    targets = [
+        endpoint
+        for endpoint in await repo.enabled_endpoints(tx.conn, inbound.tenant_id)
+        if endpoint.created_at <= inbound.received_at
+        and endpoint.subscription.wants(type_, inbound.category)
+    ]
+    if not targets:
+        return 0
+    event_id = await repo.insert_event(
+        tx.conn,
+        {
+            "id": new_id(),
+            "tenant_id": inbound.tenant_id,
+            "message_id": inbound.message_id,
+            "category": inbound.category,
+            "inbound_id": inbound.inbound_id,
+            "type": type_,
+            "payload": payload(type_, inbound.received_at, inbound.data),
+            "created_at": at,
+        },
+    )
+    return await _deliveries(tx, inbound.tenant_id, event_id, targets, inbound.category, at)
 
 
 # Delivery: claim, send (outside any transaction), record

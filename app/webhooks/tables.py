@@ -37,8 +37,8 @@ webhook_endpoints = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False),
 )
 
-# One row per ledger event that matched at least one endpoint: the exact bytes every
-# delivery of it sends, so retries and replays are byte-identical.
+# One row per ledger event (or inbound message) that matched at least one endpoint: the
+# exact bytes every delivery of it sends, so retries and replays are byte-identical.
 webhook_events = Table(
     "webhook_events",
     metadata,
@@ -46,7 +46,9 @@ webhook_events = Table(
     Column("tenant_id", Uuid, nullable=False),
     Column("message_id", Uuid, nullable=False),
     Column("category", Text, nullable=False),
-    Column("ledger_event_id", BigInteger, nullable=False, unique=True),
+    # Exactly one of these (migration 0010): a ledger event, or an inbound message.
+    Column("ledger_event_id", BigInteger, unique=True),
+    Column("inbound_id", Uuid, unique=True),
     Column("type", Text, nullable=False),
     Column("payload", Text, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),

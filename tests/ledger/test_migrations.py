@@ -110,3 +110,21 @@ def test_0009_adds_costs_and_its_downgrade_drops_them(empty_database: str) -> No
 
     migrate.upgrade(empty_database)
     assert asyncio.run(_column_type(empty_database, "attempts", "cost")) == "numeric"
+
+
+def test_0010_adds_inbound_messages_and_its_downgrade_drops_them(empty_database: str) -> None:
+    config = migrate.alembic_config(empty_database)
+
+    migrate.upgrade(empty_database)
+    assert asyncio.run(_column_type(empty_database, "inbound_messages", "address")) == "text"
+    assert asyncio.run(_column_type(empty_database, "webhook_events", "inbound_id")) == "uuid"
+
+    command.downgrade(config, "0010-1")
+    assert asyncio.run(_column_type(empty_database, "inbound_messages", "address")) is None
+    assert asyncio.run(_column_type(empty_database, "webhook_events", "inbound_id")) is None
+    assert asyncio.run(_column_type(empty_database, "webhook_events", "ledger_event_id")) == (
+        "bigint"
+    )
+
+    migrate.upgrade(empty_database)  # and up again, to head
+    assert asyncio.run(_column_type(empty_database, "inbound_messages", "text")) == "text"

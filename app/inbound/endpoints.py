@@ -1,0 +1,44 @@
+"""HTTP for one recipient's timeline: messages, attempts and replies, newest first."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Path, Query
+
+from app.auth.dependencies import get_runtime, require
+from app.auth.service import Principal, Scope
+from app.errors import PROBLEM_RESPONSES
+from app.inbound.schemas import Timeline
+from app.inbound.timeline import recipient_timeline
+from app.messages.listing import MAX_LIMIT
+from app.runtime import Runtime
+from providers.base import Channel
+
+router = APIRouter(tags=["recipients"], responses=PROBLEM_RESPONSES)
+
+
+@router.get(
+    "/v1/recipients/{address}/timeline",
+    summary="One recipient's messages, attempts and replies across channels, newest first",
+)
+async def get_timeline(
+    address: Annotated[
+        str,
+        Path(
+            min_length=1,
+            max_length=320,
+            description="A phone (E.164), email, chat or subscriber id, push token",
+        ),
+    ],
+    channel: Annotated[
+        Channel | None,
+        Query(description="Only this channel: its recipient fields and its replies"),
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50,
+    cursor: Annotated[str | None, Query(max_length=200, description="`next_cursor`.")] = None,
+    principal: Principal = Depends(require(Scope.READ)),
+    runtime: Runtime = Depends(get_runtime),
+) -> Timeline:
+    async with runtime.engine.connect() as conn:
+        return await recipient_timeline(conn, principal.tenant_id, address, channel, limit, cursor)

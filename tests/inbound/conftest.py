@@ -1,0 +1,5 @@
+"""The webhooks' receiving server, for the `inbound.received` tests."""
+
+from tests.webhooks.conftest import receiver
+
+__all__ = ["receiver"]
