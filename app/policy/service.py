@@ -12,7 +12,7 @@ import base64
 import hashlib
 import hmac
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, time, timedelta
 from typing import Any
@@ -44,6 +44,8 @@ from app.policy.schemas import (
     FrequencyCap,
     PolicyIn,
     PolicyView,
+    PreferencesIn,
+    PreferencesView,
     QuietHours,
     Reason,
     SkipUnreachable,
@@ -53,6 +55,7 @@ from app.policy.tables import (
     inbound_replies,
     marketing_sends,
     message_fingerprints,
+    recipient_preferences,
     suppressions,
     tenant_settings,
 )
@@ -827,3 +830,137 @@ async def apply_inbound(
                 tx, tenant_id, inbound.channel, address, only=[Reason.UNSUBSCRIBED]
             )
     return changed
+
+
+# --- recipient preferences -------------------------------------------------------------
+
+
+def address_key(address: str) -> str:
+    """The key a person's preferences are kept under, from any one of their addresses:
+    `phone:<E.164>` (SMS and WhatsApp), `email:<lower-case>`, else `id:<as given>` (push
+    token, Telegram chat id or `@username`, Viber id). Raises ValueError for a `+…` that
+    is not a phone number."""
+    value = address.strip()
+    if value.startswith("+"):
+        return "phone:" + normalise_address(Channel.SMS, value)
+    if "@" in value and not value.startswith("@"):
+        return "email:" + normalise_address(Channel.EMAIL, value)
+    if value.startswith("@"):
+        return "id:" + value.lower()
+    return "id:" + value
+
+
+def recipient_keys(recipient: Mapping[str, Any]) -> list[str]:
+    """The preference keys of every address a stored recipient carries."""
+    keys: set[str] = set()
+    for name in ("phone", "whatsapp", "email", "push_token", "telegram_chat_id", "viber_id"):
+        value = recipient.get(name)
+        if isinstance(value, str) and value:
+            try:
+                keys.add(address_key(value))
+            except ValueError:
+                continue
+    return sorted(keys)
+
+
+@dataclass(frozen=True, slots=True)
+class Preferences:
+    opt_out: Mapping[str, frozenset[str]]  # category -> channels
+    preferred_channel: str | None
+    updated_at: datetime
+
+    def opted_out(self, category: Category, channel: Channel) -> bool:
+        return channel.value in self.opt_out.get(category.value, frozenset())
+
+
+def merge_preferences(found: Iterable[Preferences]) -> Preferences | None:
+    """One person's preferences from those of their addresses: every opt-out counts; the
+    preferred channel is the most recently set one."""
+    ordered = sorted(found, key=lambda p: p.updated_at)
+    if not ordered:
+        return None
+    opt_out: dict[str, frozenset[str]] = {}
+    for p in ordered:
+        for category, channels in p.opt_out.items():
+            opt_out[category] = opt_out.get(category, frozenset()) | channels
+    preferred = next((p.preferred_channel for p in reversed(ordered) if p.preferred_channel), None)
+    return Preferences(opt_out, preferred, ordered[-1].updated_at)
+
+
+def _preferences(row: Any) -> Preferences:
+    return Preferences(
+        {c: frozenset(v) for c, v in (row.opt_out or {}).items()},
+        row.preferred_channel,
+        row.updated_at,
+    )
+
+
+async def preferences_of(
+    conn: AsyncConnection, tenant_id: uuid.UUID, keys: Sequence[str]
+) -> Preferences | None:
+    p = recipient_preferences.c
+    rows = await conn.execute(
+        select(recipient_preferences).where(p.tenant_id == tenant_id, p.address_key.in_(keys))
+    )
+    return merge_preferences(_preferences(r) for r in rows)
+
+
+def _preferences_view(key: str, prefs: Preferences) -> PreferencesView:
+    return PreferencesView(
+        address_key=key,
+        opt_out={Category(c): sorted(Channel(ch) for ch in v) for c, v in prefs.opt_out.items()},
+        preferred_channel=Channel(prefs.preferred_channel) if prefs.preferred_channel else None,
+        updated_at=prefs.updated_at,
+    )
+
+
+async def save_preferences(
+    tx: Transaction, tenant_id: uuid.UUID, key: str, body: PreferencesIn, at: datetime
+) -> PreferencesView:
+    values = {
+        "opt_out": {c.value: sorted({ch.value for ch in v}) for c, v in body.opt_out.items() if v},
+        "preferred_channel": body.preferred_channel.value if body.preferred_channel else None,
+        "updated_at": at,
+    }
+    statement = pg_insert(recipient_preferences).values(
+        tenant_id=tenant_id, address_key=key, **values
+    )
+    await tx.conn.execute(
+        statement.on_conflict_do_update(index_elements=["tenant_id", "address_key"], set_=values)
+    )
+    saved = await preferences_of(tx.conn, tenant_id, [key])
+    assert saved is not None
+    return _preferences_view(key, saved)
+
+
+async def get_preferences(
+    conn: AsyncConnection, tenant_id: uuid.UUID, key: str
+) -> PreferencesView | None:
+    found = await preferences_of(conn, tenant_id, [key])
+    return _preferences_view(key, found) if found is not None else None
+
+
+async def delete_preferences(tx: Transaction, tenant_id: uuid.UUID, key: str) -> bool:
+    p = recipient_preferences.c
+    result = await tx.conn.execute(
+        delete(recipient_preferences).where(p.tenant_id == tenant_id, p.address_key == key)
+    )
+    return bool(result.rowcount)
+
+
+def reordered(
+    cascade: Sequence[Mapping[str, Any]], prefs: Preferences | None, category: Category
+) -> list[dict[str, Any]] | None:
+    """The cascade with the person's preferred channel's first step moved to the front, or
+    None when nothing moves (no preference, not in the cascade, already first, opted out)."""
+    if prefs is None or prefs.preferred_channel is None:
+        return None
+    if prefs.opted_out(category, Channel(prefs.preferred_channel)):
+        return None
+    index = next(
+        (i for i, step in enumerate(cascade) if step["channel"] == prefs.preferred_channel), None
+    )
+    if not index:
+        return None
+    steps = [dict(step) for step in cascade]
+    return [steps[index], *steps[:index], *steps[index + 1 :]]
