@@ -269,29 +269,43 @@ class Prefetched:
     suppressions: Mapping[SuppressionKey, str | None] = field(default_factory=dict)
     failures: Mapping[SuppressionKey, list[datetime]] = field(default_factory=dict)
     policies: Mapping[uuid.UUID, TenantPolicy] = field(default_factory=dict)
+    # (tenant, preference key) -> that address's preferences; every key looked up is here
+    # (None: none set), so a recipient absent from it was not looked up.
+    preferences: Mapping[tuple[uuid.UUID, str], Preferences | None] = field(default_factory=dict)
 
 
-# Suppressions (kind 's') and address health (kind 'h') of the batch's addresses.
+# Suppressions (kind 's') and address health (kind 'h') of the batch's addresses, and the
+# preferences (kind 'p') of its recipients, in one round trip.
 _ADDRESSES_OF = text(
     "WITH k AS (SELECT * FROM unnest(CAST(:tenants AS uuid[]), CAST(:channels AS text[]),"
-    " CAST(:addresses AS text[])) AS k(tenant_id, channel, address))"
-    " SELECT 's' AS kind, s.tenant_id, s.channel, s.address, s.reason, NULL AS failed_at"
-    " FROM suppressions s JOIN k"
+    " CAST(:addresses AS text[])) AS k(tenant_id, channel, address)),"
+    " q AS (SELECT * FROM unnest(CAST(:people AS uuid[]), CAST(:keys AS text[]))"
+    " AS q(tenant_id, address_key))"
+    " SELECT 's' AS kind, s.tenant_id, s.channel, s.address, s.reason,"
+    " NULL::timestamptz[] AS failed_at, NULL::timestamptz AS at FROM suppressions s JOIN k"
     " ON s.tenant_id = k.tenant_id AND s.channel = k.channel AND s.address = k.address"
     " UNION ALL"
-    " SELECT 'h', h.tenant_id, h.channel, h.address, NULL, h.failed_at"
+    " SELECT 'h', h.tenant_id, h.channel, h.address, NULL, h.failed_at, NULL::timestamptz"
     " FROM address_health h JOIN k"
     " ON h.tenant_id = k.tenant_id AND h.channel = k.channel AND h.address = k.address"
-).columns(failed_at=ARRAY(DateTime(timezone=True)))
+    " UNION ALL"
+    " SELECT 'p', p.tenant_id, p.preferred_channel, p.address_key, p.opt_out::text,"
+    " NULL::timestamptz[],"
+    " p.updated_at FROM recipient_preferences p JOIN q"
+    " ON p.tenant_id = q.tenant_id AND p.address_key = q.address_key"
+).columns(failed_at=ARRAY(DateTime(timezone=True)), at=DateTime(timezone=True))
 
 
 async def prefetch(
     conn: AsyncConnection,
     sends: Iterable[tuple[uuid.UUID, Category, Channel, str]],
     settings: Settings,
+    people: Iterable[tuple[uuid.UUID, list[str]]] = (),
 ) -> Prefetched:
     """Look up, for these (tenant, category, channel, address) sends, what `gate_step`
-    will ask about them (each address normalised once, here)."""
+    will ask about them (each address normalised once, here), and the preferences of
+    these (tenant, preference keys) recipients."""
+    wanted = sorted({(tenant_id, key) for tenant_id, keys in people for key in keys})
     normalised: dict[SuppressionKey, SuppressionKey | None] = {}
     tenants: set[uuid.UUID] = set()
     for tenant_id, _category, channel, address in sends:
@@ -307,20 +321,28 @@ async def prefetch(
     keys = list({key for key in normalised.values() if key is not None})
     reasons: dict[SuppressionKey, str] = {}
     failed: dict[SuppressionKey, list[datetime]] = {}
-    if keys:
+    preferences: dict[tuple[uuid.UUID, str], Preferences | None] = dict.fromkeys(wanted)
+    if keys or wanted:
         rows = await conn.execute(
             _ADDRESSES_OF,
             {
                 "tenants": [k[0] for k in keys],
                 "channels": [k[1] for k in keys],
                 "addresses": [k[2] for k in keys],
+                "people": [w[0] for w in wanted],
+                "keys": [w[1] for w in wanted],
             },
         )
         for r in rows:
             if r.kind == "s":
                 reasons[(r.tenant_id, r.channel, r.address)] = r.reason
-            else:
+            elif r.kind == "h":
                 failed[(r.tenant_id, r.channel, r.address)] = list(r.failed_at)
+            else:
+                opt_out = orjson.loads(r.reason)
+                preferences[(r.tenant_id, r.address)] = Preferences(
+                    {c: frozenset(v) for c, v in opt_out.items()}, r.channel, r.at
+                )
     return Prefetched(
         addresses={given: key[2] if key else None for given, key in normalised.items()},
         suppressions={
@@ -328,6 +350,7 @@ async def prefetch(
         },
         failures={given: failed[key] for given, key in normalised.items() if key in failed},
         policies=await tenant_policies(conn, tenants, settings) if tenants else {},
+        preferences=preferences,
     )
 
 
@@ -500,7 +523,12 @@ class Unreachable:
     since: datetime
 
 
-Verdict = Proceed | Defer | SkipStep | SuppressMessage | Unreachable
+@dataclass(frozen=True, slots=True)
+class OptedOut:
+    """The person opted out of this channel for this category (their preferences)."""
+
+
+Verdict = Proceed | Defer | SkipStep | SuppressMessage | Unreachable | OptedOut
 PROCEED = Proceed()
 
 
@@ -524,6 +552,9 @@ async def gate_step(
     )
     if reason is not None:
         return SkipStep(reason)
+    prefs = await preferences_for(tx.conn, message, known)
+    if prefs is not None and prefs.opted_out(category, channel):
+        return OptedOut()
     policy = known.policies.get(message.tenant_id) if known is not None else None
     if policy is None:
         policy = await tenant_policy(tx.conn, message.tenant_id, settings)
@@ -851,15 +882,21 @@ def address_key(address: str) -> str:
 
 
 def recipient_keys(recipient: Mapping[str, Any]) -> list[str]:
-    """The preference keys of every address a stored recipient carries."""
+    """The preference keys of every address a stored recipient carries (its phones are
+    E.164 already, as accepted: no parsing here, the delivery engine asks for every
+    message)."""
     keys: set[str] = set()
-    for name in ("phone", "whatsapp", "email", "push_token", "telegram_chat_id", "viber_id"):
+    for name in ("phone", "whatsapp"):
+        value = recipient.get(name)
+        if isinstance(value, str) and value.startswith("+"):
+            keys.add("phone:" + value)
+    email = recipient.get("email")
+    if isinstance(email, str) and email:
+        keys.add("email:" + email.lower())
+    for name in ("push_token", "telegram_chat_id", "viber_id"):
         value = recipient.get(name)
         if isinstance(value, str) and value:
-            try:
-                keys.add(address_key(value))
-            except ValueError:
-                continue
+            keys.add("id:" + (value.lower() if value.startswith("@") else value))
     return sorted(keys)
 
 
@@ -946,6 +983,19 @@ async def delete_preferences(tx: Transaction, tenant_id: uuid.UUID, key: str) ->
         delete(recipient_preferences).where(p.tenant_id == tenant_id, p.address_key == key)
     )
     return bool(result.rowcount)
+
+
+async def preferences_for(
+    conn: AsyncConnection, message: MessageRow, known: Prefetched | None = None
+) -> Preferences | None:
+    """The message's recipient's preferences (from the batch's lookups where it has them)."""
+    keys = recipient_keys(message.recipient)
+    if not keys:
+        return None
+    if known is not None and all((message.tenant_id, k) in known.preferences for k in keys):
+        found = (known.preferences[(message.tenant_id, k)] for k in keys)
+        return merge_preferences(p for p in found if p is not None)
+    return await preferences_of(conn, message.tenant_id, keys)
 
 
 def reordered(

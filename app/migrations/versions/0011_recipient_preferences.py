@@ -4,15 +4,15 @@ channel they prefer first.
 Keyed by tenant and address key (`phone:+48…`, `email:ann@…`, `id:<push token or chat
 id>`): a message's recipient matches every key of the addresses it carries.
 
-Revision ID: 0009
-Revises: 0008
+Revision ID: 0011
+Revises: 0010
 Create Date: 2026-12-04
 """
 
 from alembic import op
 
-revision = "0009"
-down_revision = "0008"
+revision = "0011"
+down_revision = "0010"
 branch_labels = None
 depends_on = None
 
