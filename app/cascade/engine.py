@@ -157,6 +157,7 @@ class DeliveryEngine:
         """The policy lookups of every step about to be tried for the first time, in one go
         (one query for the batch instead of one per message)."""
         sends: list[tuple[uuid.UUID, Category, Channel, str]] = []
+        people: list[tuple[uuid.UUID, list[str]]] = []
         for message in messages:
             if any(a.step == message.current_step for a in attempts[message.id]):
                 continue  # a retry or a deadline: policy was asked when it was first tried
@@ -164,7 +165,8 @@ class DeliveryEngine:
                 channel, _, address, _ = service.step_target(self.rt.providers, message)
                 if address is not None:
                     sends.append((message.tenant_id, Category(message.category), channel, address))
-        return await policy.prefetch(tx.conn, sends, self.rt.settings)
+                people.append((message.tenant_id, policy.recipient_keys(message.recipient)))
+        return await policy.prefetch(tx.conn, sends, self.rt.settings, people)
 
     async def _take(
         self,

@@ -490,6 +490,19 @@ def _stored_address(
         return address
 
 
+async def _reorder(
+    tx: Transaction, message: MessageRow, known: policy.Prefetched | None
+) -> MessageRow:
+    """Before its first step, a message sent with `reorder` tries the recipient's preferred
+    channel first, where its cascade has one (the stored cascade is rewritten)."""
+    prefs = await policy.preferences_for(tx.conn, message, known)
+    cascade = policy.reordered(message.cascade, prefs, Category(message.category))
+    if cascade is None:
+        return message
+    await ledger.set_cascade(tx.conn, message, cascade)
+    return replace(message, cascade=cascade)
+
+
 async def begin_send(
     tx: Transaction,
     registry: ProviderRegistry,
@@ -508,9 +521,11 @@ async def begin_send(
     if attempt is not None and attempt.status is not AttemptStatus.PENDING:
         # Already handed to the provider (or finished): sending again could duplicate it.
         return None
+    if step == 0 and attempt is None and step_spec(message, 0).get("reorder"):
+        message = await _reorder(tx, message, known)
     spec = step_spec(message, step)
     channel, provider, address, config_error = step_target(registry, message)
-    skipped: policy.SkipStep | policy.Unreachable | None = None
+    skipped: policy.SkipStep | policy.Unreachable | policy.OptedOut | None = None
     if attempt is None and address is not None:
         verdict = await policy.gate_step(
             tx,
@@ -538,7 +553,7 @@ async def begin_send(
                 more={"duplicate_of": to_public("msg", original)} if original else None,
             )
             return None
-        if isinstance(verdict, policy.SkipStep | policy.Unreachable):
+        if isinstance(verdict, policy.SkipStep | policy.Unreachable | policy.OptedOut):
             skipped = verdict
     deadline = at + timedelta(seconds=int(spec["timeout"]))
     if attempt is None:
@@ -565,6 +580,14 @@ async def begin_send(
                         "recipient_unreachable",
                         f"the address failed its last {skipped.failures} attempts on"
                         f" {channel.value} since {skipped.since.isoformat()}",
+                    ),
+                )
+            elif isinstance(skipped, policy.OptedOut):
+                signal, error = (
+                    Signal.SUPPRESSED,
+                    Error(
+                        "preference",
+                        f"the recipient opted out of {channel.value} for {message.category}",
                     ),
                 )
             elif skipped is not None:

@@ -21,6 +21,7 @@ from sqlalchemy import (
     func,
     select,
     text,
+    update,
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -828,3 +829,14 @@ async def list_events(conn: AsyncConnection, message_id: uuid.UUID) -> list[dict
         select(events).where(events.c.message_id == message_id).order_by(events.c.seq)
     )
     return [dict(row._mapping) for row in rows]
+
+
+async def set_cascade(
+    conn: AsyncConnection, message: MessageRow, cascade: list[dict[str, Any]]
+) -> None:
+    """Rewrite a (locked) message's cascade: its steps in a new order, before the first."""
+    await conn.execute(
+        update(messages)
+        .where(messages.c.id == message.id, messages.c.category == message.category)
+        .values(cascade=cascade)
+    )

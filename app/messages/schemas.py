@@ -152,6 +152,11 @@ class SendMessageRequest(Strict):
     expires_at: UtcDateTime | None = Field(
         default=None, description="Not delivered by then: the message ends `expired`"
     )
+    reorder: bool = Field(
+        default=False,
+        description="Try the recipient's preferred channel first (their preferences,"
+        " `PUT /v1/recipients/{address}/preferences`) when the cascade has it",
+    )
 
     @model_validator(mode="after")
     def _expires_after_start(self) -> Self:

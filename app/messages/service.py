@@ -104,6 +104,8 @@ def resolve_cascade(
         steps.append(spec)
     if errors:
         raise InvalidRequest(detail="the cascade cannot be sent as given", errors=errors)
+    if request.reorder:
+        steps[0]["reorder"] = True  # looked at by the engine before the first step
     return steps
 
 

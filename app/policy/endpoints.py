@@ -7,7 +7,7 @@ import base64
 from typing import Annotated
 
 import orjson
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 
 from app.auth.dependencies import get_runtime, require
 from app.auth.service import Principal, Scope
@@ -28,6 +28,8 @@ from app.policy.schemas import (
     InboundReceipt,
     PolicyIn,
     PolicyView,
+    PreferencesIn,
+    PreferencesView,
     Reason,
     SuppressionIn,
     SuppressionList,
@@ -197,3 +199,68 @@ async def provider_inbound(
             await inbound_service.receive(tx, provider, message, runtime.settings, at)
             applied += await service.apply_inbound(tx, provider, message, runtime.settings, at)
     return InboundReceipt(received=len(inbound), applied=applied)
+
+
+def _preference_key(address: str) -> str:
+    try:
+        return service.address_key(address)
+    except ValueError as exc:
+        raise InvalidRequest(
+            errors=[FieldError(path="path.address", message=str(exc), type="invalid_address")]
+        ) from None
+
+
+RecipientAddress = Annotated[
+    str,
+    Path(
+        min_length=1,
+        max_length=320,
+        description="Any one address of the person: E.164 phone, email, push token, chat id",
+    ),
+]
+
+
+@router.put(
+    "/v1/recipients/{address}/preferences",
+    summary="Set a recipient's channel preferences (opt-outs per category, preferred channel)",
+)
+async def put_preferences(
+    address: RecipientAddress,
+    body: PreferencesIn,
+    principal: Principal = Depends(require(Scope.SEND)),
+    runtime: Runtime = Depends(get_runtime),
+) -> PreferencesView:
+    key = _preference_key(address)
+    async with runtime.transaction() as tx:
+        return await service.save_preferences(tx, principal.tenant_id, key, body, utcnow())
+
+
+@router.get("/v1/recipients/{address}/preferences", summary="A recipient's channel preferences")
+async def get_preferences(
+    address: RecipientAddress,
+    principal: Principal = Depends(require(Scope.READ)),
+    runtime: Runtime = Depends(get_runtime),
+) -> PreferencesView:
+    key = _preference_key(address)
+    async with runtime.engine.connect() as conn:
+        found = await service.get_preferences(conn, principal.tenant_id, key)
+    if found is None:
+        raise NotFound(f"no preferences for {key}")
+    return found
+
+
+@router.delete(
+    "/v1/recipients/{address}/preferences",
+    status_code=204,
+    summary="Forget a recipient's channel preferences",
+)
+async def delete_preferences(
+    address: RecipientAddress,
+    principal: Principal = Depends(require(Scope.SEND)),
+    runtime: Runtime = Depends(get_runtime),
+) -> Response:
+    key = _preference_key(address)
+    async with runtime.transaction() as tx:
+        if not await service.delete_preferences(tx, principal.tenant_id, key):
+            raise NotFound(f"no preferences for {key}")
+    return Response(status_code=204)

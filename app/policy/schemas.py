@@ -16,7 +16,7 @@ from pydantic import (
 )
 
 from app.policy.quiet_hours import is_time_zone
-from providers.base import Channel
+from providers.base import Category, Channel
 
 
 class Reason(StrEnum):
@@ -137,3 +137,20 @@ class InboundReceipt(BaseModel):
 class Unsubscribed(BaseModel):
     channel: Channel
     unsubscribed: bool = True
+
+
+class PreferencesIn(Strict):
+    opt_out: dict[Category, list[Channel]] = Field(
+        default_factory=dict,
+        description="Per category, the channels this person opted out of: a cascade step on"
+        " one is skipped (attempt `suppressed`, error `preference`)",
+    )
+    preferred_channel: Channel | None = Field(
+        default=None,
+        description="Tried first by messages sent with `reorder: true` whose cascade has it",
+    )
+
+
+class PreferencesView(PreferencesIn):
+    address_key: str = Field(description="`phone:+48…`, `email:ann@…` or `id:<token>`")
+    updated_at: datetime

@@ -12,7 +12,7 @@ import base64
 import hashlib
 import hmac
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, time, timedelta
 from typing import Any
@@ -44,6 +44,8 @@ from app.policy.schemas import (
     FrequencyCap,
     PolicyIn,
     PolicyView,
+    PreferencesIn,
+    PreferencesView,
     QuietHours,
     Reason,
     SkipUnreachable,
@@ -53,6 +55,7 @@ from app.policy.tables import (
     inbound_replies,
     marketing_sends,
     message_fingerprints,
+    recipient_preferences,
     suppressions,
     tenant_settings,
 )
@@ -266,29 +269,43 @@ class Prefetched:
     suppressions: Mapping[SuppressionKey, str | None] = field(default_factory=dict)
     failures: Mapping[SuppressionKey, list[datetime]] = field(default_factory=dict)
     policies: Mapping[uuid.UUID, TenantPolicy] = field(default_factory=dict)
+    # (tenant, preference key) -> that address's preferences; every key looked up is here
+    # (None: none set), so a recipient absent from it was not looked up.
+    preferences: Mapping[tuple[uuid.UUID, str], Preferences | None] = field(default_factory=dict)
 
 
-# Suppressions (kind 's') and address health (kind 'h') of the batch's addresses.
+# Suppressions (kind 's') and address health (kind 'h') of the batch's addresses, and the
+# preferences (kind 'p') of its recipients, in one round trip.
 _ADDRESSES_OF = text(
     "WITH k AS (SELECT * FROM unnest(CAST(:tenants AS uuid[]), CAST(:channels AS text[]),"
-    " CAST(:addresses AS text[])) AS k(tenant_id, channel, address))"
-    " SELECT 's' AS kind, s.tenant_id, s.channel, s.address, s.reason, NULL AS failed_at"
-    " FROM suppressions s JOIN k"
+    " CAST(:addresses AS text[])) AS k(tenant_id, channel, address)),"
+    " q AS (SELECT * FROM unnest(CAST(:people AS uuid[]), CAST(:keys AS text[]))"
+    " AS q(tenant_id, address_key))"
+    " SELECT 's' AS kind, s.tenant_id, s.channel, s.address, s.reason,"
+    " NULL::timestamptz[] AS failed_at, NULL::timestamptz AS at FROM suppressions s JOIN k"
     " ON s.tenant_id = k.tenant_id AND s.channel = k.channel AND s.address = k.address"
     " UNION ALL"
-    " SELECT 'h', h.tenant_id, h.channel, h.address, NULL, h.failed_at"
+    " SELECT 'h', h.tenant_id, h.channel, h.address, NULL, h.failed_at, NULL::timestamptz"
     " FROM address_health h JOIN k"
     " ON h.tenant_id = k.tenant_id AND h.channel = k.channel AND h.address = k.address"
-).columns(failed_at=ARRAY(DateTime(timezone=True)))
+    " UNION ALL"
+    " SELECT 'p', p.tenant_id, p.preferred_channel, p.address_key, p.opt_out::text,"
+    " NULL::timestamptz[],"
+    " p.updated_at FROM recipient_preferences p JOIN q"
+    " ON p.tenant_id = q.tenant_id AND p.address_key = q.address_key"
+).columns(failed_at=ARRAY(DateTime(timezone=True)), at=DateTime(timezone=True))
 
 
 async def prefetch(
     conn: AsyncConnection,
     sends: Iterable[tuple[uuid.UUID, Category, Channel, str]],
     settings: Settings,
+    people: Iterable[tuple[uuid.UUID, list[str]]] = (),
 ) -> Prefetched:
     """Look up, for these (tenant, category, channel, address) sends, what `gate_step`
-    will ask about them (each address normalised once, here)."""
+    will ask about them (each address normalised once, here), and the preferences of
+    these (tenant, preference keys) recipients."""
+    wanted = sorted({(tenant_id, key) for tenant_id, keys in people for key in keys})
     normalised: dict[SuppressionKey, SuppressionKey | None] = {}
     tenants: set[uuid.UUID] = set()
     for tenant_id, _category, channel, address in sends:
@@ -304,20 +321,28 @@ async def prefetch(
     keys = list({key for key in normalised.values() if key is not None})
     reasons: dict[SuppressionKey, str] = {}
     failed: dict[SuppressionKey, list[datetime]] = {}
-    if keys:
+    preferences: dict[tuple[uuid.UUID, str], Preferences | None] = dict.fromkeys(wanted)
+    if keys or wanted:
         rows = await conn.execute(
             _ADDRESSES_OF,
             {
                 "tenants": [k[0] for k in keys],
                 "channels": [k[1] for k in keys],
                 "addresses": [k[2] for k in keys],
+                "people": [w[0] for w in wanted],
+                "keys": [w[1] for w in wanted],
             },
         )
         for r in rows:
             if r.kind == "s":
                 reasons[(r.tenant_id, r.channel, r.address)] = r.reason
-            else:
+            elif r.kind == "h":
                 failed[(r.tenant_id, r.channel, r.address)] = list(r.failed_at)
+            else:
+                opt_out = orjson.loads(r.reason)
+                preferences[(r.tenant_id, r.address)] = Preferences(
+                    {c: frozenset(v) for c, v in opt_out.items()}, r.channel, r.at
+                )
     return Prefetched(
         addresses={given: key[2] if key else None for given, key in normalised.items()},
         suppressions={
@@ -325,6 +350,7 @@ async def prefetch(
         },
         failures={given: failed[key] for given, key in normalised.items() if key in failed},
         policies=await tenant_policies(conn, tenants, settings) if tenants else {},
+        preferences=preferences,
     )
 
 
@@ -497,7 +523,12 @@ class Unreachable:
     since: datetime
 
 
-Verdict = Proceed | Defer | SkipStep | SuppressMessage | Unreachable
+@dataclass(frozen=True, slots=True)
+class OptedOut:
+    """The person opted out of this channel for this category (their preferences)."""
+
+
+Verdict = Proceed | Defer | SkipStep | SuppressMessage | Unreachable | OptedOut
 PROCEED = Proceed()
 
 
@@ -521,6 +552,9 @@ async def gate_step(
     )
     if reason is not None:
         return SkipStep(reason)
+    prefs = await preferences_for(tx.conn, message, known)
+    if prefs is not None and prefs.opted_out(category, channel):
+        return OptedOut()
     policy = known.policies.get(message.tenant_id) if known is not None else None
     if policy is None:
         policy = await tenant_policy(tx.conn, message.tenant_id, settings)
@@ -827,3 +861,156 @@ async def apply_inbound(
                 tx, tenant_id, inbound.channel, address, only=[Reason.UNSUBSCRIBED]
             )
     return changed
+
+
+# --- recipient preferences -------------------------------------------------------------
+
+
+def address_key(address: str) -> str:
+    """The key a person's preferences are kept under, from any one of their addresses:
+    `phone:<E.164>` (SMS and WhatsApp), `email:<lower-case>`, else `id:<as given>` (push
+    token, Telegram chat id or `@username`, Viber id). Raises ValueError for a `+…` that
+    is not a phone number."""
+    value = address.strip()
+    if value.startswith("+"):
+        return "phone:" + normalise_address(Channel.SMS, value)
+    if "@" in value and not value.startswith("@"):
+        return "email:" + normalise_address(Channel.EMAIL, value)
+    if value.startswith("@"):
+        return "id:" + value.lower()
+    return "id:" + value
+
+
+def recipient_keys(recipient: Mapping[str, Any]) -> list[str]:
+    """The preference keys of every address a stored recipient carries (its phones are
+    E.164 already, as accepted: no parsing here, the delivery engine asks for every
+    message)."""
+    keys: set[str] = set()
+    for name in ("phone", "whatsapp"):
+        value = recipient.get(name)
+        if isinstance(value, str) and value.startswith("+"):
+            keys.add("phone:" + value)
+    email = recipient.get("email")
+    if isinstance(email, str) and email:
+        keys.add("email:" + email.lower())
+    for name in ("push_token", "telegram_chat_id", "viber_id"):
+        value = recipient.get(name)
+        if isinstance(value, str) and value:
+            keys.add("id:" + (value.lower() if value.startswith("@") else value))
+    return sorted(keys)
+
+
+@dataclass(frozen=True, slots=True)
+class Preferences:
+    opt_out: Mapping[str, frozenset[str]]  # category -> channels
+    preferred_channel: str | None
+    updated_at: datetime
+
+    def opted_out(self, category: Category, channel: Channel) -> bool:
+        return channel.value in self.opt_out.get(category.value, frozenset())
+
+
+def merge_preferences(found: Iterable[Preferences]) -> Preferences | None:
+    """One person's preferences from those of their addresses: every opt-out counts; the
+    preferred channel is the most recently set one."""
+    ordered = sorted(found, key=lambda p: p.updated_at)
+    if not ordered:
+        return None
+    opt_out: dict[str, frozenset[str]] = {}
+    for p in ordered:
+        for category, channels in p.opt_out.items():
+            opt_out[category] = opt_out.get(category, frozenset()) | channels
+    preferred = next((p.preferred_channel for p in reversed(ordered) if p.preferred_channel), None)
+    return Preferences(opt_out, preferred, ordered[-1].updated_at)
+
+
+def _preferences(row: Any) -> Preferences:
+    return Preferences(
+        {c: frozenset(v) for c, v in (row.opt_out or {}).items()},
+        row.preferred_channel,
+        row.updated_at,
+    )
+
+
+async def preferences_of(
+    conn: AsyncConnection, tenant_id: uuid.UUID, keys: Sequence[str]
+) -> Preferences | None:
+    p = recipient_preferences.c
+    rows = await conn.execute(
+        select(recipient_preferences).where(p.tenant_id == tenant_id, p.address_key.in_(keys))
+    )
+    return merge_preferences(_preferences(r) for r in rows)
+
+
+def _preferences_view(key: str, prefs: Preferences) -> PreferencesView:
+    return PreferencesView(
+        address_key=key,
+        opt_out={Category(c): sorted(Channel(ch) for ch in v) for c, v in prefs.opt_out.items()},
+        preferred_channel=Channel(prefs.preferred_channel) if prefs.preferred_channel else None,
+        updated_at=prefs.updated_at,
+    )
+
+
+async def save_preferences(
+    tx: Transaction, tenant_id: uuid.UUID, key: str, body: PreferencesIn, at: datetime
+) -> PreferencesView:
+    values = {
+        "opt_out": {c.value: sorted({ch.value for ch in v}) for c, v in body.opt_out.items() if v},
+        "preferred_channel": body.preferred_channel.value if body.preferred_channel else None,
+        "updated_at": at,
+    }
+    statement = pg_insert(recipient_preferences).values(
+        tenant_id=tenant_id, address_key=key, **values
+    )
+    await tx.conn.execute(
+        statement.on_conflict_do_update(index_elements=["tenant_id", "address_key"], set_=values)
+    )
+    saved = await preferences_of(tx.conn, tenant_id, [key])
+    assert saved is not None
+    return _preferences_view(key, saved)
+
+
+async def get_preferences(
+    conn: AsyncConnection, tenant_id: uuid.UUID, key: str
+) -> PreferencesView | None:
+    found = await preferences_of(conn, tenant_id, [key])
+    return _preferences_view(key, found) if found is not None else None
+
+
+async def delete_preferences(tx: Transaction, tenant_id: uuid.UUID, key: str) -> bool:
+    p = recipient_preferences.c
+    result = await tx.conn.execute(
+        delete(recipient_preferences).where(p.tenant_id == tenant_id, p.address_key == key)
+    )
+    return bool(result.rowcount)
+
+
+async def preferences_for(
+    conn: AsyncConnection, message: MessageRow, known: Prefetched | None = None
+) -> Preferences | None:
+    """The message's recipient's preferences (from the batch's lookups where it has them)."""
+    keys = recipient_keys(message.recipient)
+    if not keys:
+        return None
+    if known is not None and all((message.tenant_id, k) in known.preferences for k in keys):
+        found = (known.preferences[(message.tenant_id, k)] for k in keys)
+        return merge_preferences(p for p in found if p is not None)
+    return await preferences_of(conn, message.tenant_id, keys)
+
+
+def reordered(
+    cascade: Sequence[Mapping[str, Any]], prefs: Preferences | None, category: Category
+) -> list[dict[str, Any]] | None:
+    """The cascade with the person's preferred channel's first step moved to the front, or
+    None when nothing moves (no preference, not in the cascade, already first, opted out)."""
+    if prefs is None or prefs.preferred_channel is None:
+        return None
+    if prefs.opted_out(category, Channel(prefs.preferred_channel)):
+        return None
+    index = next(
+        (i for i, step in enumerate(cascade) if step["channel"] == prefs.preferred_channel), None
+    )
+    if not index:
+        return None
+    steps = [dict(step) for step in cascade]
+    return [steps[index], *steps[:index], *steps[index + 1 :]]

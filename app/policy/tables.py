@@ -4,6 +4,7 @@ send log, STOP/START replies, address health and message fingerprints."""
 from __future__ import annotations
 
 from sqlalchemy import ARRAY, Column, DateTime, Integer, Table, Text, Time, Uuid
+from sqlalchemy.dialects.postgresql import JSONB
 
 from app.ledger.tables import metadata
 
@@ -72,4 +73,14 @@ message_fingerprints = Table(
     Column("content_hash", Text, primary_key=True),
     Column("message_id", Uuid, primary_key=True),
     Column("at", DateTime(timezone=True), nullable=False),
+)
+
+recipient_preferences = Table(
+    "recipient_preferences",
+    metadata,
+    Column("tenant_id", Uuid, primary_key=True),
+    Column("address_key", Text, primary_key=True),
+    Column("opt_out", JSONB, nullable=False),
+    Column("preferred_channel", Text),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
 )
