@@ -89,7 +89,7 @@ async def test_a_failing_provider_is_skipped_once_its_circuit_opens(
         to={"phone": phone, "email": "ann+circuit@example.com"},
         cascade=[
             {"channel": "sms", "provider": "twilio-fragile", "timeout": 60},
-            {"channel": "email", "provider": "smtp", "timeout": 1},
+            {"channel": "email", "provider": "smtp", "timeout": 3},
         ],
     )
 

@@ -41,7 +41,7 @@ async def test_invalid_number_at_twilio_falls_over_to_email_over_smtp(
         to={"phone": "+48600100211", "email": "ann+twilio@example.com"},
         cascade=[
             {"channel": "sms", "provider": "twilio"},
-            {"channel": "email", "provider": "smtp", "timeout": 1},
+            {"channel": "email", "provider": "smtp", "timeout": 3},
         ],
     )
     message = await wait_until_final(tenant.client, await send(tenant.client, body))
@@ -75,7 +75,7 @@ async def test_rate_limited_sms_with_no_time_left_falls_over(tenant: Tenant) -> 
         to={"phone": "+48600100429", "email": "ann+429@example.com"},
         cascade=[
             {"channel": "sms", "provider": "twilio", "timeout": 2},
-            {"channel": "email", "provider": "smtp", "timeout": 1},
+            {"channel": "email", "provider": "smtp", "timeout": 3},
         ],
     )
     message = await wait_until_final(tenant.client, await send(tenant.client, body))
@@ -298,7 +298,7 @@ async def test_a_bounce_after_the_email_window_is_recorded_without_a_resend(
     body = message_body(
         to={"email": "late-bounce@example.com", "phone": "+48600100200"},
         cascade=[
-            {"channel": "email", "provider": "smtp", "timeout": 1},
+            {"channel": "email", "provider": "smtp", "timeout": 3},
             {"channel": "sms", "provider": "twilio"},
         ],
     )
@@ -352,7 +352,7 @@ async def test_undelivered_smpp_receipt_falls_over_to_email(tenant: Tenant) -> N
         to={"phone": "+48600100099", "email": "ann+smpp@example.com"},
         cascade=[
             {"channel": "sms", "provider": "smpp"},
-            {"channel": "email", "provider": "smtp", "timeout": 1},
+            {"channel": "email", "provider": "smtp", "timeout": 3},
         ],
     )
     message = await wait_until_final(tenant.client, await send(tenant.client, body))
@@ -375,7 +375,7 @@ async def test_invalid_destination_at_the_smsc_falls_over(tenant: Tenant) -> Non
         to={"phone": "+48600100011", "email": "ann+smpp11@example.com"},
         cascade=[
             {"channel": "sms", "provider": "smpp"},
-            {"channel": "email", "provider": "smtp", "timeout": 1},
+            {"channel": "email", "provider": "smtp", "timeout": 3},
         ],
     )
     message = await wait_until_final(tenant.client, await send(tenant.client, body))

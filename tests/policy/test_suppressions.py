@@ -151,7 +151,7 @@ async def test_marketing_email_carries_a_one_click_unsubscribe_that_works(
 ) -> None:
     address = f"news-{uuid.uuid4().hex[:8]}@example.com"
     body = marketing(
-        to={"email": address}, cascade=[{"channel": "email", "provider": "smtp", "timeout": 1}]
+        to={"email": address}, cascade=[{"channel": "email", "provider": "smtp", "timeout": 3}]
     )
     await wait_until_final(tenant.client, await send(tenant.client, body))
     mail = next(m for m in simulators.smtp.messages if address in m.rcpt_tos)
@@ -179,7 +179,7 @@ async def test_transactional_email_has_no_unsubscribe_header(
 ) -> None:
     address = f"otp-{uuid.uuid4().hex[:8]}@example.com"
     body = message_body(
-        to={"email": address}, cascade=[{"channel": "email", "provider": "smtp", "timeout": 1}]
+        to={"email": address}, cascade=[{"channel": "email", "provider": "smtp", "timeout": 3}]
     )
     await wait_until_final(tenant.client, await send(tenant.client, body))
     mail = next(m for m in simulators.smtp.messages if address in m.rcpt_tos)

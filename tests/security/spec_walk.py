@@ -86,6 +86,8 @@ async def seed(client: httpx.AsyncClient, paths: set[str]) -> Seeded:
         },
     )
     seeded.ids["message_id"] = message["id"]
+    # A person's address names no resource of a tenant's: B asking about it sees only B's.
+    seeded.ids["address"] = phone
     seeded.query.update({"to": phone, "metadata": f"marker={tag}"})
     seeded.markers |= {message["id"], phone, email, tag}
     final = await _wait_final(client, message["id"])

@@ -97,6 +97,10 @@ BODIES: dict[str, Any] = {
         "frequency_cap": {"limit": 3, "window_seconds": 86400},
     },
     "POST /v1/suppressions": {"channel": "email", "address": "x@example.com", "reason": "api"},
+    "PUT /v1/recipients/{address}/preferences": {
+        "opt_out": {"marketing": ["sms"]},
+        "preferred_channel": "email",
+    },
     "POST /v1/templates": TEMPLATE,
     "PUT /v1/templates/{template_id}": copy.deepcopy(TEMPLATE),
     "POST /v1/webhooks": {

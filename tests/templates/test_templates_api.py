@@ -108,7 +108,7 @@ async def test_each_channel_gets_its_own_rendered_variant(
             templated(
                 name,
                 {"email": email},
-                [{"channel": "email", "provider": "smtp", "timeout": 1}],
+                [{"channel": "email", "provider": "smtp", "timeout": 3}],
                 data=data,
             ),
         ),
