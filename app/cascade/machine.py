@@ -209,7 +209,9 @@ def decide(view: StepView, signal: Signal) -> Decision:
     # step's acceptance (an email bounce inside its window). After the message ended (a
     # bounce after the window) it is recorded on the attempt only.
     newly_unsuccessful = (
-        attempt in UNSUCCESSFUL_ATTEMPT and view.attempt_status not in UNSUCCESSFUL_ATTEMPT
+        attempt in UNSUCCESSFUL_ATTEMPT
+        and view.attempt_status not in UNSUCCESSFUL_ATTEMPT
+        and not _confirmed(view.attempt_status, view)
     )
     if newly_unsuccessful and view.step == view.current_step and message not in FINAL_MESSAGE:
         if view.step + 1 < view.step_count:
