@@ -12,6 +12,7 @@ from app.errors import PROBLEM_RESPONSES
 from app.inbound.schemas import Timeline
 from app.inbound.timeline import recipient_timeline
 from app.messages.listing import MAX_LIMIT
+from app.pagination import CursorParam
 from app.runtime import Runtime
 from providers.base import Channel
 
@@ -36,7 +37,7 @@ async def get_timeline(
         Query(description="Only this channel: its recipient fields and its replies"),
     ] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50,
-    cursor: Annotated[str | None, Query(max_length=200, description="`next_cursor`.")] = None,
+    cursor: CursorParam = None,
     principal: Principal = Depends(require(Scope.READ)),
     runtime: Runtime = Depends(get_runtime),
 ) -> Timeline:

@@ -26,14 +26,13 @@ from app.ledger.repository import AttemptRow
 from app.ledger.tables import attempts
 from app.messages.listing import (
     MessageFilter,
-    decode_cursor,
-    encode_cursor,
     normalised_address,
     search_rows,
     summary,
 )
 from app.messages.schemas import AttemptView
 from app.messages.service import attempt_view
+from app.pagination import decode_cursor, encode_cursor
 from app.policy.service import normalise_address
 from providers.base import Channel
 
@@ -110,7 +109,7 @@ async def recipient_timeline(
     """One page, newest first; call it inside a transaction (the message search may steer
     the planner with SET LOCAL)."""
     address = timeline_address(address, channel)
-    after = decode_cursor(cursor) if cursor else None
+    after = decode_cursor(cursor, "rcp", (datetime, uuid.UUID)) if cursor else None
     sent = await search_rows(
         conn, tenant_id, MessageFilter(to=address, to_channel=channel), limit, after
     )
@@ -138,5 +137,5 @@ async def recipient_timeline(
         address=address,
         channel=channel,
         data=data,
-        next_cursor=encode_cursor(page[-1][0], page[-1][1]) if more and page else None,
+        next_cursor=encode_cursor("rcp", page[-1][0], page[-1][1]) if more and page else None,
     )

@@ -25,6 +25,7 @@ from app.messages.schemas import (
     SendMessageRequest,
 )
 from app.observability import count_accepted
+from app.pagination import CursorParam
 from app.runtime import Runtime, utcnow
 from providers.base import Category, Channel
 
@@ -153,7 +154,7 @@ async def search_messages(
         list[str] | None, Query(description="`key=value`, repeatable: all must match.")
     ] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50,
-    cursor: Annotated[str | None, Query(max_length=200, description="`next_cursor`.")] = None,
+    cursor: CursorParam = None,
     principal: Principal = Depends(require(Scope.READ)),
     runtime: Runtime = Depends(get_runtime),
 ) -> MessagePage:

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, Query, Response
 from app.auth.dependencies import get_runtime, require
 from app.auth.service import Principal, Scope
 from app.errors import PROBLEM_RESPONSES
+from app.pagination import MAX_CURSOR_LENGTH, CursorParam
 from app.runtime import Runtime, utcnow
 from app.webhooks import service
 from app.webhooks.schemas import (
@@ -120,12 +121,28 @@ async def list_deliveries(
     principal: Admin,
     runtime: RuntimeDep,
     status: Literal["pending", "succeeded", "failed"] | None = None,
-    before: Annotated[str | None, Query(description="A delivery id: older ones only.")] = None,
+    cursor: CursorParam = None,
+    before: Annotated[
+        str | None,
+        Query(
+            min_length=1,
+            max_length=MAX_CURSOR_LENGTH,
+            deprecated=True,
+            description="The old name of `cursor` (it also takes a delivery id: older ones"
+            " only), accepted until the next release.",
+        ),
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 50,
 ) -> DeliveryPage:
     async with runtime.transaction() as tx:
         return await service.delivery_page(
-            tx, principal.tenant_id, endpoint_id, status=status, before=before, limit=limit
+            tx,
+            principal.tenant_id,
+            endpoint_id,
+            status=status,
+            cursor=cursor,
+            before=before,
+            limit=limit,
         )
 
 

@@ -26,6 +26,7 @@ from app.ids import from_public, new_id, to_public
 from app.ledger import repository as ledger
 from app.ledger.repository import MessageRow
 from app.observability import count_webhook_delivery
+from app.pagination import decode_cursor, encode_cursor, one_cursor
 from app.queue import Job
 from app.settings import Settings
 from app.webhooks import repository as repo
@@ -521,7 +522,10 @@ async def record_delivery_result(
         await repo.disable_endpoint(tx.conn, plan.endpoint_id, at, reason)
         await repo.fail_pending_deliveries(tx.conn, plan.endpoint_id, at, "endpoint disabled")
         forget_after_commit(tx, plan.tenant_id)
-        log.warning("webhook_endpoint_disabled", endpoint=to_public("whe", plan.endpoint_id))
+        log.warning(
+            "webhook_endpoint_disabled",
+            endpoint=to_public("whe", plan.endpoint_id),
+        )
         delay = None
     elif disabled_at is not None:
         delay = None
@@ -607,19 +611,16 @@ async def delivery_page(
     endpoint_public_id: str,
     *,
     status: str | None,
+    cursor: str | None,
     before: str | None,
     limit: int,
 ) -> DeliveryPage:
     endpoint = await get_endpoint(tx, tenant_id, endpoint_public_id)
-    before_id = from_public("whd", before) if before else None
-    if before is not None and before_id is None:
-        raise InvalidRequest(
-            detail="`before` is not a delivery id",
-            errors=[FieldError(path="query.before", message="not a whd_ id", type="value_error")],
-        )
     rows = await repo.delivery_log(
-        tx.conn, endpoint.id, status=status, before=before_id, limit=limit
+        tx.conn, endpoint.id, status=status, before=_older_than(cursor, before), limit=limit + 1
     )
+    more = len(rows) > limit
+    rows = rows[:limit]
     views = [
         DeliveryView(
             id=to_public("whd", row.delivery.id),
@@ -642,7 +643,20 @@ async def delivery_page(
         )
         for row in rows
     ]
-    return DeliveryPage(data=views, next_cursor=views[-1].id if len(views) == limit else None)
+    next_cursor = encode_cursor("whd", rows[-1].delivery.id) if more else None
+    return DeliveryPage(data=views, next_cursor=next_cursor)
+
+
+def _older_than(cursor: str | None, before: str | None) -> uuid.UUID | None:
+    """The delivery a page starts below: from `cursor`, or from the deprecated `before`
+    (a cursor or, as it used to be, a delivery id)."""
+    given = one_cursor(cursor, alias=("before", before))
+    if given is None:
+        return None
+    if before is not None and (delivery_id := from_public("whd", before)) is not None:
+        return delivery_id
+    param = "cursor" if before is None else "before"
+    return decode_cursor(given, "whd", (uuid.UUID,), param=param)[0]
 
 
 # The test event
