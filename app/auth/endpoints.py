@@ -8,7 +8,7 @@ from app.auth.dependencies import get_runtime, require
 from app.auth.schemas import CreatedKey, CreateKeyRequest, KeyList, KeyView
 from app.auth.service import KeyRecord, Principal, Scope, issue_key, list_keys, revoke_key
 from app.errors import PROBLEM_RESPONSES, NotFound
-from app.ids import from_public, to_public
+from app.ids import IdPrefix, from_public, to_public
 from app.runtime import Runtime, utcnow
 
 router = APIRouter(prefix="/v1/keys", tags=["keys"], responses=PROBLEM_RESPONSES)
@@ -16,7 +16,7 @@ router = APIRouter(prefix="/v1/keys", tags=["keys"], responses=PROBLEM_RESPONSES
 
 def _view(record: KeyRecord) -> KeyView:
     return KeyView(
-        id=to_public("key", record.id),
+        id=to_public(IdPrefix.API_KEY, record.id),
         name=record.name,
         prefix=record.prefix,
         scopes=[Scope(s) for s in record.scopes],
@@ -42,7 +42,7 @@ async def create_key(
             frozenset(body.scopes),
         )
     return CreatedKey(
-        id=to_public("key", issued.id),
+        id=to_public(IdPrefix.API_KEY, issued.id),
         name=body.name,
         prefix=issued.key[:10],
         scopes=sorted(set(body.scopes)),
@@ -68,7 +68,7 @@ async def delete_key(
     principal: Principal = Depends(require(Scope.ADMIN)),
     runtime: Runtime = Depends(get_runtime),
 ) -> Response:
-    uid = from_public("key", key_id)
+    uid = from_public(IdPrefix.API_KEY, key_id)
     async with runtime.transaction() as tx:
         revoked = uid is not None and await revoke_key(tx.conn, principal.tenant_id, uid, utcnow())
     if not revoked:

@@ -19,7 +19,7 @@ from sqlalchemy import select, tuple_
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.errors import FieldError, InvalidRequest
-from app.ids import to_public
+from app.ids import IdPrefix, to_public
 from app.inbound.schemas import InboundItem, InboundView, OutboundItem, Timeline, TimelineItem
 from app.inbound.tables import inbound_messages
 from app.ledger.repository import AttemptRow
@@ -86,13 +86,13 @@ async def _attempts_of(
 
 def _inbound_view(row: Any) -> InboundView:
     return InboundView(
-        id=to_public("inb", row.id),
+        id=to_public(IdPrefix.INBOUND, row.id),
         channel=row.channel,
         provider=row.provider,
         from_=row.address,
         to=row.to_address,
         text=row.text,
-        in_reply_to=to_public("msg", row.in_reply_to) if row.in_reply_to else None,
+        in_reply_to=to_public(IdPrefix.MESSAGE, row.in_reply_to) if row.in_reply_to else None,
         said_at=row.said_at,
         received_at=row.received_at,
     )

@@ -20,7 +20,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from app.cascade.machine import UNSUCCESSFUL_ATTEMPT, MessageStatus
 from app.errors import FieldError, InvalidRequest
-from app.ids import to_public
+from app.ids import IdPrefix, to_public
 from app.ledger.tables import attempts, messages
 from app.messages.schemas import LastErrorView, MessagePage, MessageSummary
 from app.pagination import decode_cursor, encode_cursor
@@ -268,7 +268,7 @@ async def list_messages(
 def summary(row: Any) -> MessageSummary:
     """A `search_rows` row as the API shows it."""
     return MessageSummary(
-        id=to_public("msg", row.id),
+        id=to_public(IdPrefix.MESSAGE, row.id),
         category=row.category,
         status=row.status,
         delivered_channel=row.delivered_channel,

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import structlog
 
-from app.ids import from_public
+from app.ids import IdPrefix, from_public
 from app.runtime import Runtime, utcnow
 from app.webhooks import service
 from app.webhooks.sender import post_signed
@@ -48,7 +48,7 @@ async def shutdown(ctx: dict[str, Any]) -> None:
 
 async def dispatch_webhooks(ctx: dict[str, Any], message_id: str) -> None:
     rt, now = _runtime(ctx), _clock(ctx)
-    uid = from_public("msg", message_id)
+    uid = from_public(IdPrefix.MESSAGE, message_id)
     if uid is None:
         return
     async with rt.transaction() as tx:
@@ -59,7 +59,7 @@ async def dispatch_webhooks(ctx: dict[str, Any], message_id: str) -> None:
 
 async def deliver_webhook(ctx: dict[str, Any], delivery_id: str, attempt: int) -> None:
     rt, now = _runtime(ctx), _clock(ctx)
-    uid = from_public("whd", delivery_id)
+    uid = from_public(IdPrefix.WEBHOOK_DELIVERY, delivery_id)
     if uid is None:
         return
     async with rt.transaction() as tx:

@@ -22,7 +22,7 @@ import structlog
 
 from app.db import Transaction
 from app.errors import Conflict, FieldError, InvalidRequest, NotFound
-from app.ids import from_public, new_id, to_public
+from app.ids import IdPrefix, from_public, new_id, to_public
 from app.ledger import repository as ledger
 from app.ledger.repository import MessageRow
 from app.observability import count_webhook_delivery
@@ -74,7 +74,7 @@ def dispatch_job(message_id: uuid.UUID, category: str) -> Job:
         "dispatch_webhooks",
         Category(category),
         f"wh:dispatch:{message_id.hex}:{new_id().hex}",
-        (to_public("msg", message_id),),
+        (to_public(IdPrefix.MESSAGE, message_id),),
         queue=WEBHOOKS_QUEUE,
     )
 
@@ -88,7 +88,7 @@ def deliver_job(
         "deliver_webhook",
         Category(category),
         f"wh:delivery:{delivery_id.hex}:{attempt}" + (":retry" if defer else ""),
-        (to_public("whd", delivery_id), attempt),
+        (to_public(IdPrefix.WEBHOOK_DELIVERY, delivery_id), attempt),
         defer,
         queue=WEBHOOKS_QUEUE,
     )
@@ -139,7 +139,7 @@ async def notify_after_commit(
     """Call wherever ledger events are appended: dispatches them once the tx commits."""
     if not await tenant_has_endpoints(tx, tenant_id):
         return
-    public_id = to_public("msg", message_id)
+    public_id = to_public(IdPrefix.MESSAGE, message_id)
     # Two changes to one message in one transaction sit close together: a look at the last
     # few jobs dedupes them in O(1) (a batch of 1000 messages must not scan quadratically;
     # a duplicate that slips through only costs a no-op dispatch).
@@ -154,7 +154,7 @@ async def notify_after_commit(
 
 def endpoint_view(endpoint: EndpointRow) -> EndpointView:
     return EndpointView(
-        id=to_public("whe", endpoint.id),
+        id=to_public(IdPrefix.WEBHOOK_ENDPOINT, endpoint.id),
         url=endpoint.url,
         description=endpoint.description,
         event_types=endpoint.event_types,
@@ -215,7 +215,7 @@ def _values(items: list[Any] | None) -> list[str] | None:
 async def get_endpoint(
     tx: Transaction, tenant_id: uuid.UUID, public_id: str, *, lock: bool = False
 ) -> EndpointRow:
-    endpoint_id = from_public("whe", public_id)
+    endpoint_id = from_public(IdPrefix.WEBHOOK_ENDPOINT, public_id)
     endpoint = (
         await repo.get_endpoint(tx.conn, tenant_id, endpoint_id, lock=lock) if endpoint_id else None
     )
@@ -259,7 +259,7 @@ async def update_endpoint(
 
 
 async def delete_endpoint(tx: Transaction, tenant_id: uuid.UUID, public_id: str) -> None:
-    endpoint_id = from_public("whe", public_id)
+    endpoint_id = from_public(IdPrefix.WEBHOOK_ENDPOINT, public_id)
     if endpoint_id is None or not await repo.delete_endpoint(tx.conn, tenant_id, endpoint_id):
         raise NotFound(f"no webhook endpoint {public_id}")
     forget_after_commit(tx, tenant_id)
@@ -291,7 +291,7 @@ def _attempt_data(event: LedgerEvent) -> dict[str, Any] | None:
         return None
     detail = event.detail or {}
     return {
-        "id": to_public("att", event.attempt_id),
+        "id": to_public(IdPrefix.ATTEMPT, event.attempt_id),
         "step": event.step,
         "channel": event.channel,
         "provider": event.provider,
@@ -308,7 +308,7 @@ def _event_payload(message: MessageRow, event: LedgerEvent, type_: str) -> str:
         type_,
         event.at,
         message_event_data(
-            message_id=to_public("msg", message.id),
+            message_id=to_public(IdPrefix.MESSAGE, message.id),
             category=message.category,
             status=message.status.value,
             sequence=event.seq,
@@ -472,7 +472,7 @@ async def begin_delivery(
         schedule_start=claimed.schedule_start,
         category=claimed.category,
         url=claimed.url,
-        webhook_id=to_public("evt", claimed.event_id),
+        webhook_id=to_public(IdPrefix.EVENT, claimed.event_id),
         body=claimed.payload,
         keys=claimed.signing_keys(at),
     )
@@ -524,7 +524,7 @@ async def record_delivery_result(
         forget_after_commit(tx, plan.tenant_id)
         log.warning(
             "webhook_endpoint_disabled",
-            endpoint=to_public("whe", plan.endpoint_id),
+            endpoint=to_public(IdPrefix.WEBHOOK_ENDPOINT, plan.endpoint_id),
         )
         delay = None
     elif disabled_at is not None:
@@ -560,7 +560,7 @@ async def replay(
     if request.since is not None:
         return await _requeue_since(tx, endpoint, request.since, at, failed_only=False)
     assert request.delivery_id is not None
-    delivery_id = from_public("whd", request.delivery_id)
+    delivery_id = from_public(IdPrefix.WEBHOOK_DELIVERY, request.delivery_id)
     delivery = await repo.lock_delivery(tx.conn, delivery_id, tenant_id) if delivery_id else None
     if delivery is None or delivery.endpoint_id != endpoint.id:
         raise NotFound(f"no delivery {request.delivery_id} for this endpoint")
@@ -623,10 +623,10 @@ async def delivery_page(
     rows = rows[:limit]
     views = [
         DeliveryView(
-            id=to_public("whd", row.delivery.id),
-            event_id=to_public("evt", row.delivery.event_id),
+            id=to_public(IdPrefix.WEBHOOK_DELIVERY, row.delivery.id),
+            event_id=to_public(IdPrefix.EVENT, row.delivery.event_id),
             event_type=row.event_type,
-            message_id=to_public("msg", row.message_id),
+            message_id=to_public(IdPrefix.MESSAGE, row.message_id),
             status=row.delivery.status,
             attempts=row.delivery.attempts,
             response_status_code=row.delivery.response_status,
@@ -653,7 +653,10 @@ def _older_than(cursor: str | None, before: str | None) -> uuid.UUID | None:
     given = one_cursor(cursor, alias=("before", before))
     if given is None:
         return None
-    if before is not None and (delivery_id := from_public("whd", before)) is not None:
+    if (
+        before is not None
+        and (delivery_id := from_public(IdPrefix.WEBHOOK_DELIVERY, before)) is not None
+    ):
         return delivery_id
     param = "cursor" if before is None else "before"
     return decode_cursor(given, "whd", (uuid.UUID,), param=param)[0]
@@ -676,7 +679,7 @@ async def plan_test_event(
     endpoint = await get_endpoint(tx, tenant_id, public_id)
     return TestPlan(
         url=endpoint.url,
-        webhook_id=to_public("evt", new_id()),
+        webhook_id=to_public(IdPrefix.EVENT, new_id()),
         body=payload(TEST_EVENT_TYPE, at, {"endpoint_id": public_id}),
         keys=endpoint.signing_keys(at),
     )

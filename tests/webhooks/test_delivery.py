@@ -11,7 +11,7 @@ import httpx
 from sqlalchemy import update
 from standardwebhooks import Webhook
 
-from app.ids import from_public
+from app.ids import IdPrefix, from_public
 from app.webhooks.events import event_type
 from app.webhooks.retries import JITTER, RETRY_SCHEDULE
 from app.webhooks.tables import webhook_endpoints
@@ -509,7 +509,7 @@ async def _break_url(service: Service, endpoint_id: str, url: str) -> None:
     async with service.worker_runtime.engine.begin() as conn:
         await conn.execute(
             update(webhook_endpoints)
-            .where(webhook_endpoints.c.id == from_public("whe", endpoint_id))
+            .where(webhook_endpoints.c.id == from_public(IdPrefix.WEBHOOK_ENDPOINT, endpoint_id))
             .values(url=url)
         )
 

@@ -7,7 +7,7 @@ import asyncio
 from datetime import datetime, timedelta
 from typing import Any
 
-from app.ids import from_public
+from app.ids import IdPrefix, from_public
 from app.messages.schemas import SendMessageRequest
 from app.messages.service import accept_message
 from app.runtime import Runtime, utcnow
@@ -79,7 +79,7 @@ async def test_events_whose_dispatch_job_was_lost_are_dispatched_by_the_sweeper(
     asked = await _sweep(runtime, later)
     [delivery] = await deliveries(tenant.client, endpoint["id"])
     assert delivery["message_id"] == message_id
-    delivery_uuid = from_public("whd", delivery["id"])
+    delivery_uuid = from_public(IdPrefix.WEBHOOK_DELIVERY, delivery["id"])
     assert delivery_uuid is not None
     assert f"wh:delivery:{delivery_uuid.hex}:0" in asked
 
@@ -102,7 +102,7 @@ async def test_a_delivery_whose_retry_job_was_lost_is_requeued_by_the_sweeper(
         )
         await send(tenant.client, message_body(cascade=PUSH_ONLY))
         delivery = await _first_attempt_failed(tenant, endpoint["id"])
-        delivery_uuid = from_public("whd", delivery["id"])
+        delivery_uuid = from_public(IdPrefix.WEBHOOK_DELIVERY, delivery["id"])
         assert delivery_uuid is not None
         lost = f"wh:delivery:{delivery_uuid.hex}:1:retry"
         assert await runtime.redis.zrem(webhooks.WEBHOOKS_QUEUE, lost) == 1

@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from app.ids import to_public
+from app.ids import IdPrefix, to_public
 from app.ledger.tables import attempts, events
 from app.ops.events.schemas import EventPage, FeedEvent
 from app.pagination import decode_cursor, encode_cursor
@@ -34,7 +34,7 @@ def event_cursor(event_id: int) -> str:
 def _view(row: Any) -> FeedEvent:
     return FeedEvent(
         cursor=event_cursor(row.id),
-        message_id=to_public("msg", row.message_id),
+        message_id=to_public(IdPrefix.MESSAGE, row.message_id),
         category=row.category,
         seq=row.seq,
         at=row.at,
@@ -43,7 +43,7 @@ def _view(row: Any) -> FeedEvent:
         step=row.step,
         channel=row.channel,
         provider=row.provider,
-        attempt=to_public("att", row.attempt_id) if row.attempt_id else None,
+        attempt=to_public(IdPrefix.ATTEMPT, row.attempt_id) if row.attempt_id else None,
         detail=row.detail,
     )
 
