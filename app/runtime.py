@@ -11,10 +11,13 @@ from datetime import UTC, datetime
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
+import httpx
 from arq.connections import ArqRedis, RedisSettings, create_pool
+from fastapi import Request
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.auth.ratelimit import RequestRateLimit
+from app.auth.service import PrincipalCache
 from app.cascade.throttle import SendGuards
 from app.db import Transaction, create_engine, transaction
 from app.queue import JobQueue
@@ -133,6 +136,8 @@ class Runtime:
     # Requests in flight per provider account, across this process's delivery engines
     # (`ProviderAccount.max_in_flight`; its HTTP client's pool is as large).
     _send_slots: dict[str, asyncio.Semaphore] = field(default_factory=dict)
+    # API keys this process has seen, for a few seconds (no query per request).
+    principals: PrincipalCache = field(default_factory=PrincipalCache)
 
     def send_slots(self, account: ProviderAccount) -> asyncio.Semaphore:
         slots = self._send_slots.get(account.name)
@@ -150,6 +155,16 @@ class Runtime:
         """The per-API-key request rate limit, with this process's leased slots."""
         settings = self.settings
         return RequestRateLimit(self.redis, settings.api_rate_per_second, settings.api_burst)
+
+    @cached_property
+    def webhook_http(self) -> httpx.AsyncClient:
+        """The SSRF-checked client customer webhooks are posted with (made on first use)."""
+        from app.webhooks.ssrf import checked_client
+
+        settings = self.settings
+        return checked_client(
+            settings.webhooks_allow_loopback_http, max_connections=settings.webhook_concurrency
+        )
 
     @cached_property
     def accept_writer(self) -> AcceptWriter:
@@ -199,6 +214,15 @@ class Runtime:
         for writer in ("accept_writer", "status_writer"):
             if writer in self.__dict__:  # made (cached_property) in this process
                 await self.__dict__[writer].close()
+        if "webhook_http" in self.__dict__:
+            await self.webhook_http.aclose()
         await self.providers.aclose()
         await self.redis.aclose()
         await self.engine.dispose()
+
+
+# async: FastAPI runs a plain `def` dependency on a worker thread, a hop per request.
+async def get_runtime(request: Request) -> Runtime:
+    """The process's Runtime (FastAPI dependency)."""
+    runtime: Runtime = request.app.state.runtime
+    return runtime

@@ -132,8 +132,6 @@ def webhook_worker(runtime: Runtime) -> Worker:
         queue_name=WEBHOOKS_QUEUE,
         redis_settings=redis_settings(settings.redis_url or ""),
         ctx={"runtime": runtime},
-        on_startup=webhook_jobs.startup,
-        on_shutdown=webhook_jobs.shutdown,
         max_jobs=settings.webhook_concurrency,
         job_timeout=settings.job_timeout_seconds,
         poll_delay=settings.worker_poll_delay,

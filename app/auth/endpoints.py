@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Response
 
-from app.auth.dependencies import get_runtime, require
+from app.auth.dependencies import require
 from app.auth.schemas import CreatedKey, CreateKeyRequest, KeyList, KeyView
 from app.auth.service import KeyRecord, Principal, Scope, issue_key, list_keys, revoke_key
 from app.errors import PROBLEM_RESPONSES, NotFound
 from app.ids import IdPrefix, from_public, to_public
-from app.runtime import Runtime, utcnow
+from app.runtime import Runtime, get_runtime, utcnow
 
 router = APIRouter(prefix="/v1/keys", tags=["keys"], responses=PROBLEM_RESPONSES)
 
@@ -71,6 +71,9 @@ async def delete_key(
     uid = from_public(IdPrefix.API_KEY, key_id)
     async with runtime.transaction() as tx:
         revoked = uid is not None and await revoke_key(tx.conn, principal.tenant_id, uid, utcnow())
-    if not revoked:
+    if not revoked or uid is None:
         raise NotFound(f"no key {key_id}")
+    # Committed: from now on this process asks the database again (the others within
+    # KEY_CACHE_SECONDS).
+    runtime.principals.forget_key(uid)
     return Response(status_code=204)

@@ -13,14 +13,14 @@ from fastapi import APIRouter, Depends, Header
 from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import BaseModel, Field
 
-from app.auth.dependencies import bearer, get_runtime
+from app.auth.dependencies import bearer
 from app.auth.receipts import ReceiptTokenRefused, check_receipt_token
 from app.auth.service import Scope, authenticate
 from app.cascade.service import record_status
 from app.errors import PROBLEM_RESPONSES, InvalidReceiptToken, NotFound, Unauthorized
 from app.ids import IdPrefix, from_public, to_public
 from app.ledger import repository as ledger
-from app.runtime import Runtime, utcnow
+from app.runtime import Runtime, get_runtime, utcnow
 from providers.base import Channel, ReceiptStatus, StatusUpdate
 
 router = APIRouter(prefix="/v1/messages", tags=["messages"], responses=PROBLEM_RESPONSES)

@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 
-from app.auth.dependencies import get_runtime, require
+from app.auth.dependencies import require
 from app.auth.service import Principal, Scope
 from app.cascade.endpoints import callback_adapter, provider_callback
 from app.errors import (
@@ -34,7 +34,7 @@ from app.policy.schemas import (
     SuppressionView,
     Unsubscribed,
 )
-from app.runtime import Runtime, utcnow
+from app.runtime import Runtime, get_runtime, utcnow
 from providers.base import (
     Channel,
     InboundReceiver,

@@ -6,11 +6,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Response
 
-from app.auth.dependencies import get_runtime, require
+from app.auth.dependencies import require
 from app.auth.service import Principal, Scope
 from app.errors import PROBLEM_RESPONSES
 from app.pagination import CursorParam, decode_cursor, encode_cursor
-from app.runtime import Runtime, utcnow
+from app.runtime import Runtime, get_runtime, utcnow
 from app.templates import service
 from app.templates.schemas import TemplateIn, TemplateList, TemplateName, TemplateView
 

@@ -6,11 +6,11 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Response
 
-from app.auth.dependencies import get_runtime, require
+from app.auth.dependencies import require
 from app.auth.service import Principal, Scope
 from app.errors import PROBLEM_RESPONSES
 from app.pagination import MAX_CURSOR_LENGTH, CursorParam
-from app.runtime import Runtime, utcnow
+from app.runtime import Runtime, get_runtime, utcnow
 from app.webhooks import service
 from app.webhooks.schemas import (
     CreatedEndpoint,
@@ -26,7 +26,6 @@ from app.webhooks.schemas import (
     UpdateEndpointRequest,
 )
 from app.webhooks.sender import post_signed
-from app.webhooks.ssrf import checked_client
 
 router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"], responses=PROBLEM_RESPONSES)
 
@@ -155,10 +154,9 @@ async def send_test_event(
 ) -> TestDeliveryResult:
     async with runtime.transaction() as tx:
         plan = await service.plan_test_event(tx, principal.tenant_id, endpoint_id, utcnow())
-    async with checked_client(runtime.settings.webhooks_allow_loopback_http) as client:
-        outcome = await post_signed(
-            client, plan.url, plan.webhook_id, plan.body, plan.keys, utcnow()
-        )
+    outcome = await post_signed(
+        runtime.webhook_http, plan.url, plan.webhook_id, plan.body, plan.keys, utcnow()
+    )
     return TestDeliveryResult(
         succeeded=outcome.succeeded,
         webhook_id=plan.webhook_id,

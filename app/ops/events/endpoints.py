@@ -6,13 +6,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query
 
-from app.auth.dependencies import get_runtime, require
+from app.auth.dependencies import require
 from app.auth.service import Principal, Scope
 from app.errors import PROBLEM_RESPONSES
 from app.ops.events.schemas import EventPage
 from app.ops.events.service import read_feed
 from app.pagination import MAX_CURSOR_LENGTH, one_cursor
-from app.runtime import Runtime, utcnow
+from app.runtime import Runtime, get_runtime, utcnow
 from providers.base import Category
 
 router = APIRouter(prefix="/v1/events", tags=["events"], responses=PROBLEM_RESPONSES)
