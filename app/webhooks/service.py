@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import random
-import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -97,40 +96,24 @@ def deliver_job(
 # The hook the ledger's writers call
 
 
-TENANT_CACHE_TTL_SECONDS = 5.0
-_TENANT_CACHE_MAX = 10_000
-_tenants_with_endpoints: dict[uuid.UUID, tuple[float, bool]] = {}
-
-
-_forgotten = 0  # how many times an entry was dropped: see tenant_has_endpoints
-
-
 async def tenant_has_endpoints(tx: Transaction, tenant_id: uuid.UUID) -> bool:
-    """Cached per process for a few seconds; a stale "no" only delays events to the sweep."""
-    now = time.monotonic()
-    cached = _tenants_with_endpoints.get(tenant_id)
-    if cached is not None and cached[0] > now:
-        return cached[1]
-    forgotten = _forgotten
+    """Cached per process for a few seconds (`EndpointPresence`), when `tx` has the cache."""
+    presence = tx.endpoint_presence
+    if presence is None:
+        return await repo.has_enabled_endpoint(tx.conn, tenant_id)
+    cached = presence.get(tenant_id)
+    if cached is not None:
+        return cached
+    generation = presence.generation
     found = await repo.has_enabled_endpoint(tx.conn, tenant_id)
-    if forgotten != _forgotten:
-        # An endpoint changed while we looked (our snapshot may predate it): keep no answer.
-        return found
-    if len(_tenants_with_endpoints) >= _TENANT_CACHE_MAX:
-        _tenants_with_endpoints.clear()
-    _tenants_with_endpoints[tenant_id] = (now + TENANT_CACHE_TTL_SECONDS, found)
+    presence.remember(tenant_id, found, generation)
     return found
 
 
 def forget_after_commit(tx: Transaction, tenant_id: uuid.UUID) -> None:
     """The tenant's endpoints change in `tx`: drop the cached answer once they are visible."""
-    tx.after_commit(functools.partial(forget_tenant, tenant_id))
-
-
-def forget_tenant(tenant_id: uuid.UUID) -> None:
-    global _forgotten
-    _forgotten += 1
-    _tenants_with_endpoints.pop(tenant_id, None)
+    if tx.endpoint_presence is not None:
+        tx.after_commit(functools.partial(tx.endpoint_presence.forget, tenant_id))
 
 
 async def notify_after_commit(
