@@ -26,10 +26,9 @@ from redis.exceptions import RedisError
 from app.cascade import jobs
 from app.cascade.engine import DeliveryEngine
 from app.policy import jobs as policy_jobs
-from app.queue import queue_name
+from app.queue import WEBHOOKS_QUEUE, queue_name
 from app.runtime import Runtime, redis_settings, settle_gc
 from app.webhooks import jobs as webhook_jobs
-from app.webhooks.service import WEBHOOKS_QUEUE
 from providers.base import Category
 
 log = structlog.get_logger()

@@ -26,7 +26,7 @@ from app.ledger import repository as ledger
 from app.ledger.repository import MessageRow
 from app.observability import count_webhook_delivery
 from app.pagination import decode_cursor, encode_cursor, one_cursor
-from app.queue import Job
+from app.queue import deliver_job, dispatch_job
 from app.settings import Settings
 from app.webhooks import repository as repo
 from app.webhooks.events import (
@@ -50,11 +50,9 @@ from app.webhooks.schemas import (
 from app.webhooks.sender import Outcome
 from app.webhooks.signing import new_secret
 from app.webhooks.ssrf import UnsafeUrl, check_url
-from providers.base import Category
 
 log = structlog.get_logger()
 
-WEBHOOKS_QUEUE = "cascade:webhooks"
 MAX_ENDPOINTS_PER_TENANT = 50
 SECRET_OVERLAP = timedelta(hours=24)
 # A claimed attempt not recorded by then (crashed worker) is retried by the sweeper.
@@ -62,35 +60,6 @@ IN_FLIGHT_LEASE = timedelta(seconds=60)
 # A deferred job may fire a hair before its time; within this it counts as due.
 EARLY_SLACK = timedelta(seconds=1)
 SWEEP_BATCH = 1000
-
-
-# Jobs
-
-
-def dispatch_job(message_id: uuid.UUID, category: str) -> Job:
-    # A fresh id per commit: a dispatch already running must not swallow later events.
-    return Job(
-        "dispatch_webhooks",
-        Category(category),
-        f"wh:dispatch:{message_id.hex}:{new_id().hex}",
-        (to_public(IdPrefix.MESSAGE, message_id),),
-        queue=WEBHOOKS_QUEUE,
-    )
-
-
-def deliver_job(
-    delivery_id: uuid.UUID, attempt: int, category: str, defer: timedelta | None = None
-) -> Job:
-    # Deferred retries get ids of their own: a replay or a sweep asking for the same attempt
-    # now must not collapse into a retry still waiting hours in the queue.
-    return Job(
-        "deliver_webhook",
-        Category(category),
-        f"wh:delivery:{delivery_id.hex}:{attempt}" + (":retry" if defer else ""),
-        (to_public(IdPrefix.WEBHOOK_DELIVERY, delivery_id), attempt),
-        defer,
-        queue=WEBHOOKS_QUEUE,
-    )
 
 
 # The hook the ledger's writers call

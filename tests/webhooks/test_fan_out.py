@@ -10,6 +10,7 @@ from typing import Any
 from app.ids import IdPrefix, from_public
 from app.messages.schemas import SendMessageRequest
 from app.messages.service import accept_message
+from app.queue import WEBHOOKS_QUEUE
 from app.runtime import Runtime, utcnow
 from app.webhooks import service as webhooks
 from tests.conftest import Service, Tenant
@@ -107,7 +108,7 @@ async def test_a_delivery_whose_retry_job_was_lost_is_requeued_by_the_sweeper(
         delivery_uuid = from_public(IdPrefix.WEBHOOK_DELIVERY, delivery["id"])
         assert delivery_uuid is not None
         lost = f"wh:delivery:{delivery_uuid.hex}:1:retry"
-        assert await runtime.redis.zrem(webhooks.WEBHOOKS_QUEUE, lost) == 1
+        assert await runtime.redis.zrem(WEBHOOKS_QUEUE, lost) == 1
         await runtime.redis.delete(f"arq:job:{lost}")
 
         due = datetime.fromisoformat(delivery["next_retry_at"])
