@@ -22,6 +22,7 @@ from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from app.queue import Job, JobQueue
+from app.webhooks.presence import EndpointPresence
 
 if TYPE_CHECKING:
     from app.ledger.repository import Change
@@ -107,6 +108,8 @@ class Transaction:
     # Inside a delivery-engine batch: the messages' changes, written together (see
     # `app.cascade.service.write`); None writes each change at once.
     changes: list[Change] | None = None
+    # The process's webhook-endpoint cache (its Runtime's); None asks the database.
+    endpoint_presence: EndpointPresence | None = None
 
     def enqueue_after_commit(self, job: Job) -> None:
         self.jobs.append(job)
@@ -136,7 +139,11 @@ async def finish_committed(tx: Transaction, queue: JobQueue) -> None:
 
 @asynccontextmanager
 async def transaction(
-    engine: AsyncEngine, queue: JobQueue, *, single_write: bool = False
+    engine: AsyncEngine,
+    queue: JobQueue,
+    *,
+    single_write: bool = False,
+    endpoint_presence: EndpointPresence | None = None,
 ) -> AsyncIterator[Transaction]:
     """`single_write`: the work writes with one statement (reads before it are fine), so
     it runs without BEGIN/COMMIT: that statement commits on its own, before the jobs are
@@ -144,10 +151,10 @@ async def transaction(
     if single_write:
         async with engine.connect() as conn:
             await conn.execution_options(isolation_level="AUTOCOMMIT")
-            tx = Transaction(conn)
+            tx = Transaction(conn, endpoint_presence=endpoint_presence)
             yield tx
     else:
         async with engine.begin() as conn:
-            tx = Transaction(conn)
+            tx = Transaction(conn, endpoint_presence=endpoint_presence)
             yield tx
     await tx.finish(queue)

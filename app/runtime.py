@@ -11,14 +11,18 @@ from datetime import UTC, datetime
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
+import httpx
 from arq.connections import ArqRedis, RedisSettings, create_pool
+from fastapi import Request
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.auth.ratelimit import RequestRateLimit
+from app.auth.service import PrincipalCache
 from app.cascade.throttle import SendGuards
 from app.db import Transaction, create_engine, transaction
 from app.queue import JobQueue
 from app.settings import Settings
+from app.webhooks.presence import EndpointPresence
 from providers.accounts import (
     AdapterContext,
     ProviderAccount,
@@ -105,12 +109,14 @@ def build_providers(settings: Settings, on_status: StatusSink | None = None) -> 
     )
 
 
-def _status_sink(engine: AsyncEngine, queue: JobQueue) -> StatusSink:
+def _status_sink(
+    engine: AsyncEngine, queue: JobQueue, endpoint_presence: EndpointPresence
+) -> StatusSink:
     """Where adapters whose receipts arrive on their own connection (SMPP) report them."""
     from app.cascade.service import record_status
 
     async def record(provider_name: str, update: StatusUpdate) -> None:
-        async with transaction(engine, queue) as tx:
+        async with transaction(engine, queue, endpoint_presence=endpoint_presence) as tx:
             await record_status(tx, provider_name, update, utcnow())
 
     return record
@@ -133,6 +139,10 @@ class Runtime:
     # Requests in flight per provider account, across this process's delivery engines
     # (`ProviderAccount.max_in_flight`; its HTTP client's pool is as large).
     _send_slots: dict[str, asyncio.Semaphore] = field(default_factory=dict)
+    # API keys this process has seen, for a few seconds (no query per request).
+    principals: PrincipalCache = field(default_factory=PrincipalCache)
+    # Which tenants have webhook endpoints, for a few seconds (every transaction's).
+    endpoint_presence: EndpointPresence = field(default_factory=EndpointPresence)
 
     def send_slots(self, account: ProviderAccount) -> asyncio.Semaphore:
         slots = self._send_slots.get(account.name)
@@ -152,11 +162,21 @@ class Runtime:
         return RequestRateLimit(self.redis, settings.api_rate_per_second, settings.api_burst)
 
     @cached_property
+    def webhook_http(self) -> httpx.AsyncClient:
+        """The SSRF-checked client customer webhooks are posted with (made on first use)."""
+        from app.webhooks.ssrf import checked_client
+
+        settings = self.settings
+        return checked_client(
+            settings.webhooks_allow_loopback_http, max_connections=settings.webhook_concurrency
+        )
+
+    @cached_property
     def accept_writer(self) -> AcceptWriter:
         """The API's group-commit writer of new messages (made on first use)."""
         from app.messages.writer import AcceptWriter
 
-        return AcceptWriter(self.engine, self.queue, **self._group_commit())
+        return AcceptWriter(self.engine, self.queue, self.endpoint_presence, **self._group_commit())
 
     @cached_property
     def status_writer(self) -> StatusWriter:
@@ -164,7 +184,11 @@ class Runtime:
         from app.cascade.status_writer import StatusWriter
 
         return StatusWriter(
-            self.engine, self.queue, prices=self.providers.price, **self._group_commit()
+            self.engine,
+            self.queue,
+            self.endpoint_presence,
+            prices=self.providers.price,
+            **self._group_commit(),
         )
 
     def _group_commit(self) -> dict[str, Any]:
@@ -182,23 +206,39 @@ class Runtime:
         engine = create_engine(settings.database_url, settings.db_pool_size)
         redis = await create_pool(redis_settings(settings.redis_url))
         queue = JobQueue(redis)
+        presence = EndpointPresence()
         return cls(
             settings=settings,
             engine=engine,
             redis=redis,
             queue=queue,
-            providers=build_providers(settings, _status_sink(engine, queue)),
+            providers=build_providers(settings, _status_sink(engine, queue, presence)),
+            endpoint_presence=presence,
         )
 
     @asynccontextmanager
     async def transaction(self, *, single_write: bool = False) -> AsyncIterator[Transaction]:
-        async with transaction(self.engine, self.queue, single_write=single_write) as tx:
+        async with transaction(
+            self.engine,
+            self.queue,
+            single_write=single_write,
+            endpoint_presence=self.endpoint_presence,
+        ) as tx:
             yield tx
 
     async def close(self) -> None:
         for writer in ("accept_writer", "status_writer"):
             if writer in self.__dict__:  # made (cached_property) in this process
                 await self.__dict__[writer].close()
+        if "webhook_http" in self.__dict__:
+            await self.webhook_http.aclose()
         await self.providers.aclose()
         await self.redis.aclose()
         await self.engine.dispose()
+
+
+# async: FastAPI runs a plain `def` dependency on a worker thread, a hop per request.
+async def get_runtime(request: Request) -> Runtime:
+    """The process's Runtime (FastAPI dependency)."""
+    runtime: Runtime = request.app.state.runtime
+    return runtime

@@ -26,10 +26,9 @@ from redis.exceptions import RedisError
 from app.cascade import jobs
 from app.cascade.engine import DeliveryEngine
 from app.policy import jobs as policy_jobs
-from app.queue import queue_name
+from app.queue import WEBHOOKS_QUEUE, queue_name
 from app.runtime import Runtime, redis_settings, settle_gc
 from app.webhooks import jobs as webhook_jobs
-from app.webhooks.service import WEBHOOKS_QUEUE
 from providers.base import Category
 
 log = structlog.get_logger()
@@ -132,8 +131,6 @@ def webhook_worker(runtime: Runtime) -> Worker:
         queue_name=WEBHOOKS_QUEUE,
         redis_settings=redis_settings(settings.redis_url or ""),
         ctx={"runtime": runtime},
-        on_startup=webhook_jobs.startup,
-        on_shutdown=webhook_jobs.shutdown,
         max_jobs=settings.webhook_concurrency,
         job_timeout=settings.job_timeout_seconds,
         poll_delay=settings.worker_poll_delay,

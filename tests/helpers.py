@@ -12,7 +12,7 @@ import httpx
 from sqlalchemy import select, update
 
 from app.cascade.machine import FINAL_MESSAGE
-from app.ids import from_public
+from app.ids import IdPrefix, from_public
 from app.ledger.tables import messages
 from app.messages.schemas import SendMessageRequest
 from app.messages.service import accept_message
@@ -92,7 +92,7 @@ async def accept_without_wake(
         if not timed:
             await tx.conn.execute(
                 update(messages)
-                .where(messages.c.id == from_public("msg", acceptance.message.id))
+                .where(messages.c.id == from_public(IdPrefix.MESSAGE, acceptance.message.id))
                 .values(due_at=None)
             )
     return acceptance.message.id
@@ -103,7 +103,9 @@ async def due_at(runtime: Runtime, message_id: str) -> datetime | None:
     async with runtime.engine.connect() as conn:
         value: datetime | None = (
             await conn.execute(
-                select(messages.c.due_at).where(messages.c.id == from_public("msg", message_id))
+                select(messages.c.due_at).where(
+                    messages.c.id == from_public(IdPrefix.MESSAGE, message_id)
+                )
             )
         ).scalar_one()
     return value

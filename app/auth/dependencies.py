@@ -4,27 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-from fastapi import Depends, Request
+from fastapi import Depends
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from app.auth.service import (
-    Principal,
-    Scope,
-    authenticate,
-    cached_principal,
-    hash_key,
-    remember_principal,
-)
+from app.auth.service import Principal, Scope, authenticate
 from app.errors import Forbidden, TooManyRequests, Unauthorized
-from app.runtime import Runtime
+from app.runtime import Runtime, get_runtime
 
 bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer csk_…`")
-
-
-# async: FastAPI runs a plain `def` dependency on a worker thread, a hop per request.
-async def get_runtime(request: Request) -> Runtime:
-    runtime: Runtime = request.app.state.runtime
-    return runtime
 
 
 def require(scope: Scope) -> Callable[..., Awaitable[Principal]]:
@@ -35,13 +22,14 @@ def require(scope: Scope) -> Callable[..., Awaitable[Principal]]:
         if credentials is None or credentials.scheme.lower() != "bearer":
             raise Unauthorized("send `Authorization: Bearer <api key>`")
         pepper = runtime.settings.api_key_pepper.get_secret_value()
-        key_hash = hash_key(pepper, credentials.credentials)
-        principal = cached_principal(key_hash)
+        known = runtime.principals
+        key_hash = known.hash_of(pepper, credentials.credentials)
+        principal = known.get(key_hash)
         if principal is None:
             async with runtime.engine.connect() as conn:
                 principal = await authenticate(conn, pepper, credentials.credentials)
             if principal is not None:
-                remember_principal(key_hash, principal)
+                known.remember(key_hash, principal)
         if principal is None:
             raise Unauthorized("the API key is unknown or revoked")
         await admit(runtime, principal, scope)
@@ -67,15 +55,5 @@ def known_principal(runtime: Runtime, authorization: bytes | None) -> Principal 
     scheme, _, credentials = authorization.decode("latin-1").partition(" ")
     if scheme.lower() != "bearer" or not credentials:
         return None
-    pepper = runtime.settings.api_key_pepper.get_secret_value()
-    key_hash = _hashes.get((pepper, credentials))
-    if key_hash is None:
-        if len(_hashes) >= 10_000:
-            _hashes.clear()
-        key_hash = _hashes[(pepper, credentials)] = hash_key(pepper, credentials)
-    return cached_principal(key_hash)
-
-
-# (pepper, key) → its HMAC, the principal cache's key: the same every time; what the key
-# may do is still only as fresh as that cache (5 s).
-_hashes: dict[tuple[str, str], bytes] = {}
+    known = runtime.principals
+    return known.get(known.hash_of(runtime.settings.api_key_pepper.get_secret_value(), credentials))

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Response
 
-from app.auth.dependencies import get_runtime, require
+from app.auth.dependencies import require
 from app.auth.schemas import CreatedKey, CreateKeyRequest, KeyList, KeyView
 from app.auth.service import KeyRecord, Principal, Scope, issue_key, list_keys, revoke_key
 from app.errors import PROBLEM_RESPONSES, NotFound
-from app.ids import from_public, to_public
-from app.runtime import Runtime, utcnow
+from app.ids import IdPrefix, from_public, to_public
+from app.runtime import Runtime, get_runtime, utcnow
 
 router = APIRouter(prefix="/v1/keys", tags=["keys"], responses=PROBLEM_RESPONSES)
 
 
 def _view(record: KeyRecord) -> KeyView:
     return KeyView(
-        id=to_public("key", record.id),
+        id=to_public(IdPrefix.API_KEY, record.id),
         name=record.name,
         prefix=record.prefix,
         scopes=[Scope(s) for s in record.scopes],
@@ -42,7 +42,7 @@ async def create_key(
             frozenset(body.scopes),
         )
     return CreatedKey(
-        id=to_public("key", issued.id),
+        id=to_public(IdPrefix.API_KEY, issued.id),
         name=body.name,
         prefix=issued.key[:10],
         scopes=sorted(set(body.scopes)),
@@ -68,9 +68,12 @@ async def delete_key(
     principal: Principal = Depends(require(Scope.ADMIN)),
     runtime: Runtime = Depends(get_runtime),
 ) -> Response:
-    uid = from_public("key", key_id)
+    uid = from_public(IdPrefix.API_KEY, key_id)
     async with runtime.transaction() as tx:
         revoked = uid is not None and await revoke_key(tx.conn, principal.tenant_id, uid, utcnow())
-    if not revoked:
+    if not revoked or uid is None:
         raise NotFound(f"no key {key_id}")
+    # Committed: from now on this process asks the database again (the others within
+    # KEY_CACHE_SECONDS).
+    runtime.principals.forget_key(uid)
     return Response(status_code=204)

@@ -95,24 +95,38 @@ async def key_exists(conn: AsyncConnection, pepper: str, key: str) -> bool:
 # takes effect at once in the process that revoked, and in the others within this time.
 KEY_CACHE_SECONDS = 5.0
 _KEY_CACHE_MAX = 10_000
-_known_keys: dict[bytes, tuple[float, Principal]] = {}
 
 
-def cached_principal(key_hash: bytes) -> Principal | None:
-    hit = _known_keys.get(key_hash)
-    return hit[1] if hit is not None and hit[0] > time.monotonic() else None
+class PrincipalCache:
+    """The keys one process has seen (on its `Runtime`): each key's HMAC, and its
+    principal for `KEY_CACHE_SECONDS`."""
 
+    def __init__(self) -> None:
+        self._principals: dict[bytes, tuple[float, Principal]] = {}
+        # (pepper, key) → its HMAC: the same every time, so computed once per key.
+        self._hashes: dict[tuple[str, str], bytes] = {}
 
-def remember_principal(key_hash: bytes, principal: Principal) -> None:
-    if len(_known_keys) >= _KEY_CACHE_MAX:
-        _known_keys.clear()
-    _known_keys[key_hash] = (time.monotonic() + KEY_CACHE_SECONDS, principal)
+    def hash_of(self, pepper: str, key: str) -> bytes:
+        key_hash = self._hashes.get((pepper, key))
+        if key_hash is None:
+            if len(self._hashes) >= _KEY_CACHE_MAX:
+                self._hashes.clear()
+            key_hash = self._hashes[(pepper, key)] = hash_key(pepper, key)
+        return key_hash
 
+    def get(self, key_hash: bytes) -> Principal | None:
+        hit = self._principals.get(key_hash)
+        return hit[1] if hit is not None and hit[0] > time.monotonic() else None
 
-def forget_key(key_id: uuid.UUID) -> None:
-    for key_hash, (_, principal) in list(_known_keys.items()):
-        if principal.key_id == key_id:
-            _known_keys.pop(key_hash, None)
+    def remember(self, key_hash: bytes, principal: Principal) -> None:
+        if len(self._principals) >= _KEY_CACHE_MAX:
+            self._principals.clear()
+        self._principals[key_hash] = (time.monotonic() + KEY_CACHE_SECONDS, principal)
+
+    def forget_key(self, key_id: uuid.UUID) -> None:
+        for key_hash, (_, principal) in list(self._principals.items()):
+            if principal.key_id == key_id:
+                self._principals.pop(key_hash, None)
 
 
 async def authenticate(conn: AsyncConnection, pepper: str, key: str) -> Principal | None:
@@ -161,8 +175,8 @@ async def list_keys(conn: AsyncConnection, tenant_id: uuid.UUID) -> list[KeyReco
 async def revoke_key(
     conn: AsyncConnection, tenant_id: uuid.UUID, key_id: uuid.UUID, at: datetime
 ) -> bool:
-    """Revoke one of the tenant's keys (revoking twice is fine); False when it is not theirs."""
-    forget_key(key_id)
+    """Revoke one of the tenant's keys (revoking twice is fine); False when it is not theirs.
+    The caller forgets it from its `PrincipalCache` once committed."""
     row = (
         await conn.execute(
             update(api_keys)

@@ -12,7 +12,6 @@ from pydantic import BaseModel
 from starlette.responses import Response
 from starlette.types import Scope
 
-from app.auth.dependencies import get_runtime
 from app.errors import (
     CALLBACK_RESPONSES,
     HANDSHAKE_RESPONSES,
@@ -23,7 +22,7 @@ from app.errors import (
     error_response,
 )
 from app.hotpath import JSONBytes
-from app.runtime import Runtime
+from app.runtime import Runtime, get_runtime
 from providers.base import (
     InvalidSignature,
     MalformedCallback,

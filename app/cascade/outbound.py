@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 
 from app.auth.receipts import receipt_token
-from app.ids import to_public
+from app.ids import IdPrefix, to_public
 from app.ledger.repository import MessageRow
 from app.policy import service as policy
 from app.settings import Settings
@@ -30,7 +30,10 @@ def outbound_message(
 ) -> OutboundMessage:
     spec = message.cascade[step]
     channel = Channel(spec["channel"])
-    public_message, public_attempt = to_public("msg", message.id), to_public("att", attempt_id)
+    public_message, public_attempt = (
+        to_public(IdPrefix.MESSAGE, message.id),
+        to_public(IdPrefix.ATTEMPT, attempt_id),
+    )
     return OutboundMessage(
         message_id=public_message,
         attempt_id=public_attempt,

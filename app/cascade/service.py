@@ -37,7 +37,7 @@ from app.cascade.machine import (
 )
 from app.cascade.outbound import outbound_message
 from app.db import Transaction
-from app.ids import from_public, new_id, to_public
+from app.ids import IdPrefix, from_public, new_id, to_public
 from app.ledger import repository as ledger
 from app.ledger.repository import AttemptRow, Change, MessageRow, NewEvent
 from app.observability import bind_message
@@ -550,7 +550,7 @@ async def begin_send(
                 at=at,
                 code=verdict.reason,
                 attempt=None,
-                more={"duplicate_of": to_public("msg", original)} if original else None,
+                more={"duplicate_of": to_public(IdPrefix.MESSAGE, original)} if original else None,
             )
             return None
         if isinstance(verdict, policy.SkipStep | policy.Unreachable | policy.OptedOut):
@@ -826,7 +826,7 @@ PriceBook = Callable[[str], Price | None]
 def _attempt_key(provider_name: str, update: StatusUpdate) -> tuple[bool, AttemptKey] | None:
     """How a report names its attempt: (True, (provider, our id)) or (False, (provider,
     the provider's message id)); None when it names none."""
-    attempt_id = from_public("att", update.attempt_id) if update.attempt_id else None
+    attempt_id = from_public(IdPrefix.ATTEMPT, update.attempt_id) if update.attempt_id else None
     if attempt_id is not None:
         return True, (provider_name, attempt_id)
     if update.provider_message_id is not None:

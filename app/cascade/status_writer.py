@@ -22,6 +22,7 @@ from app.groupcommit import GroupCommit, Outcome, alone_if_it_fails, submit_or_u
 from app.ops.stats.service import SHARDS
 from app.queue import JobQueue
 from app.runtime import utcnow
+from app.webhooks.presence import EndpointPresence
 from providers.base import StatusUpdate
 
 log = structlog.get_logger()
@@ -39,6 +40,7 @@ class StatusWriter:
         self,
         engine: AsyncEngine,
         queue: JobQueue,
+        endpoint_presence: EndpointPresence | None = None,
         *,
         max_items: int = 256,
         max_wait: float = 0.002,
@@ -46,6 +48,7 @@ class StatusWriter:
         prices: PriceBook | None = None,
     ) -> None:
         self._engine = engine
+        self._endpoint_presence = endpoint_presence
         self._prices = prices
         self._queue = queue
         # Each flush writes its stats rows on a shard no other flush of this process holds.
@@ -88,7 +91,7 @@ class StatusWriter:
         shard = self._free_shards.pop() if self._free_shards else None
         try:
             async with self._engine.begin() as conn:
-                tx = Transaction(conn)
+                tx = Transaction(conn, endpoint_presence=self._endpoint_presence)
                 applied = await record_statuses(tx, reports, utcnow(), shard, self._prices)
         finally:
             if shard is not None:

@@ -6,13 +6,14 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Query
 
-from app.auth.dependencies import get_runtime, require
+from app.auth.dependencies import require
 from app.auth.service import Principal, Scope
 from app.errors import PROBLEM_RESPONSES
 from app.inbound.schemas import Timeline
 from app.inbound.timeline import recipient_timeline
 from app.messages.listing import MAX_LIMIT
-from app.runtime import Runtime
+from app.pagination import CursorParam
+from app.runtime import Runtime, get_runtime
 from providers.base import Channel
 
 router = APIRouter(tags=["recipients"], responses=PROBLEM_RESPONSES)
@@ -36,7 +37,7 @@ async def get_timeline(
         Query(description="Only this channel: its recipient fields and its replies"),
     ] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50,
-    cursor: Annotated[str | None, Query(max_length=200, description="`next_cursor`.")] = None,
+    cursor: CursorParam = None,
     principal: Principal = Depends(require(Scope.READ)),
     runtime: Runtime = Depends(get_runtime),
 ) -> Timeline:

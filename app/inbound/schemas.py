@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.messages.schemas import AttemptView, MessageSummary
+from app.pagination import NextCursor
 from providers.base import Channel
 
 
@@ -49,4 +50,4 @@ class Timeline(BaseModel):
     address: str = Field(description="The address as matched (normalised)")
     channel: Channel | None
     data: list[TimelineItem] = Field(description="Newest first")
-    next_cursor: str | None = Field(description="Pass as `cursor` for the next (older) page.")
+    next_cursor: NextCursor = None

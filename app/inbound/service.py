@@ -27,7 +27,7 @@ from sqlalchemy.dialects.postgresql import JSONB, distinct_on
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.db import Transaction
-from app.ids import new_id, to_public
+from app.ids import IdPrefix, new_id, to_public
 from app.inbound.tables import inbound_messages
 from app.ledger.tables import attempts, messages
 from app.messages.listing import bitmap_scans_only, recipient_has
@@ -175,7 +175,7 @@ def inbound_event(stored: StoredInbound) -> InboundEvent:
         category=stored.in_reply_to.category,
         received_at=stored.received_at,
         data=inbound_event_data(
-            inbound_id=to_public("inb", stored.id),
+            inbound_id=to_public(IdPrefix.INBOUND, stored.id),
             channel=stored.channel.value,
             provider=stored.provider,
             sender=stored.address,
@@ -183,7 +183,7 @@ def inbound_event(stored: StoredInbound) -> InboundEvent:
             text=stored.text,
             received_at=stored.received_at,
             said_at=stored.said_at,
-            in_reply_to=to_public("msg", stored.in_reply_to.message_id),
+            in_reply_to=to_public(IdPrefix.MESSAGE, stored.in_reply_to.message_id),
         ),
     )
 

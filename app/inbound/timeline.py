@@ -19,21 +19,20 @@ from sqlalchemy import select, tuple_
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.errors import FieldError, InvalidRequest
-from app.ids import to_public
+from app.ids import IdPrefix, to_public
 from app.inbound.schemas import InboundItem, InboundView, OutboundItem, Timeline, TimelineItem
 from app.inbound.tables import inbound_messages
 from app.ledger.repository import AttemptRow
 from app.ledger.tables import attempts
 from app.messages.listing import (
     MessageFilter,
-    decode_cursor,
-    encode_cursor,
     normalised_address,
     search_rows,
     summary,
 )
 from app.messages.schemas import AttemptView
 from app.messages.service import attempt_view
+from app.pagination import decode_cursor, encode_cursor
 from app.policy.service import normalise_address
 from providers.base import Channel
 
@@ -87,13 +86,13 @@ async def _attempts_of(
 
 def _inbound_view(row: Any) -> InboundView:
     return InboundView(
-        id=to_public("inb", row.id),
+        id=to_public(IdPrefix.INBOUND, row.id),
         channel=row.channel,
         provider=row.provider,
         from_=row.address,
         to=row.to_address,
         text=row.text,
-        in_reply_to=to_public("msg", row.in_reply_to) if row.in_reply_to else None,
+        in_reply_to=to_public(IdPrefix.MESSAGE, row.in_reply_to) if row.in_reply_to else None,
         said_at=row.said_at,
         received_at=row.received_at,
     )
@@ -110,7 +109,7 @@ async def recipient_timeline(
     """One page, newest first; call it inside a transaction (the message search may steer
     the planner with SET LOCAL)."""
     address = timeline_address(address, channel)
-    after = decode_cursor(cursor) if cursor else None
+    after = decode_cursor(cursor, "rcp", (datetime, uuid.UUID)) if cursor else None
     sent = await search_rows(
         conn, tenant_id, MessageFilter(to=address, to_channel=channel), limit, after
     )
@@ -138,5 +137,5 @@ async def recipient_timeline(
         address=address,
         channel=channel,
         data=data,
-        next_cursor=encode_cursor(page[-1][0], page[-1][1]) if more and page else None,
+        next_cursor=encode_cursor("rcp", page[-1][0], page[-1][1]) if more and page else None,
     )

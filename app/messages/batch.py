@@ -38,7 +38,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from app.cascade.machine import MessageStatus
 from app.db import Transaction
 from app.errors import Conflict, FieldError, InvalidRequest, Problem, ProblemError
-from app.ids import new_id, to_public
+from app.ids import IdPrefix, new_id, to_public
 from app.ledger.tables import events, idempotency_keys, messages, metadata
 from app.messages.schemas import (
     AcceptedMessage,
@@ -285,7 +285,7 @@ async def _claim_item_keys(
 
 def _accepted(row: Mapping[str, Any]) -> AcceptedMessage:
     return AcceptedMessage(
-        id=to_public("msg", row["id"]),
+        id=to_public(IdPrefix.MESSAGE, row["id"]),
         status=row["status"],
         category=row["category"],
         created_at=row["created_at"],
@@ -405,7 +405,7 @@ async def accept_batch(
         await insert_accepted_messages(tx, list(rows.values()))
     for index, row in rows.items():
         results[index] = BatchItemResult(
-            index=index, id=to_public("msg", row["id"]), status=row["status"]
+            index=index, id=to_public(IdPrefix.MESSAGE, row["id"]), status=row["status"]
         )
         wake_for(tx, row)
         if notify:

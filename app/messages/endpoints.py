@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.types import Scope as AsgiScope
 
-from app.auth.dependencies import admit, get_runtime, known_principal, require
+from app.auth.dependencies import admit, known_principal, require
 from app.auth.service import Principal, Scope
 from app.cascade.machine import MessageStatus
 from app.errors import PROBLEM_MEDIA_TYPE, PROBLEM_RESPONSES, Problem, error_response
@@ -25,7 +25,8 @@ from app.messages.schemas import (
     SendMessageRequest,
 )
 from app.observability import count_accepted
-from app.runtime import Runtime, utcnow
+from app.pagination import CursorParam
+from app.runtime import Runtime, get_runtime, utcnow
 from providers.base import Category, Channel
 
 router = APIRouter(prefix="/v1/messages", tags=["messages"], responses=PROBLEM_RESPONSES)
@@ -153,7 +154,7 @@ async def search_messages(
         list[str] | None, Query(description="`key=value`, repeatable: all must match.")
     ] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50,
-    cursor: Annotated[str | None, Query(max_length=200, description="`next_cursor`.")] = None,
+    cursor: CursorParam = None,
     principal: Principal = Depends(require(Scope.READ)),
     runtime: Runtime = Depends(get_runtime),
 ) -> MessagePage:

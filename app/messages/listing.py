@@ -7,8 +7,6 @@ jsonb document of each message's normalised addresses, cascade providers and met
 
 from __future__ import annotations
 
-import base64
-import binascii
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -22,10 +20,10 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from app.cascade.machine import UNSUCCESSFUL_ATTEMPT, MessageStatus
 from app.errors import FieldError, InvalidRequest
-from app.ids import to_public
-from app.input_checks import fits_in_utc
+from app.ids import IdPrefix, to_public
 from app.ledger.tables import attempts, messages
 from app.messages.schemas import LastErrorView, MessagePage, MessageSummary
+from app.pagination import decode_cursor, encode_cursor
 from app.policy.service import RECIPIENT_FIELDS
 from providers.base import Category, Channel
 
@@ -78,26 +76,6 @@ def parse_metadata_filters(pairs: list[str]) -> dict[str, str]:
             )
         parsed[key] = value
     return parsed
-
-
-def encode_cursor(created_at: datetime, message_id: uuid.UUID) -> str:
-    raw = f"{created_at.isoformat()}|{message_id.hex}".encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        at, _, hex_id = raw.partition("|")
-        created_at = fits_in_utc(datetime.fromisoformat(at))
-        if created_at.tzinfo is None:
-            raise ValueError("naive time")
-        return created_at, uuid.UUID(hex=hex_id)
-    except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise InvalidRequest(
-            "the cursor is not one this API gave out",
-            [FieldError(path="query.cursor", message="invalid cursor", type="cursor")],
-        ) from None
 
 
 def _search_doc(wanted: MessageFilter) -> dict[str, Any]:
@@ -273,11 +251,13 @@ async def list_messages(
     cursor: str | None,
 ) -> MessagePage:
     """One page; call it inside a transaction (it may steer the planner with SET LOCAL)."""
-    after = decode_cursor(cursor) if cursor else None
+    after = decode_cursor(cursor, "msg", (datetime, uuid.UUID)) if cursor else None
     rows = await search_rows(conn, tenant_id, wanted, limit, after)
     page = rows[:limit]
     next_cursor = (
-        encode_cursor(page[-1].created_at, page[-1].id) if len(rows) > limit and page else None
+        encode_cursor("msg", page[-1].created_at, page[-1].id)
+        if len(rows) > limit and page
+        else None
     )
     return MessagePage(
         data=[summary(row) for row in page],
@@ -288,7 +268,7 @@ async def list_messages(
 def summary(row: Any) -> MessageSummary:
     """A `search_rows` row as the API shows it."""
     return MessageSummary(
-        id=to_public("msg", row.id),
+        id=to_public(IdPrefix.MESSAGE, row.id),
         category=row.category,
         status=row.status,
         delivered_channel=row.delivered_channel,

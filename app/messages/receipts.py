@@ -13,14 +13,14 @@ from fastapi import APIRouter, Depends, Header
 from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import BaseModel, Field
 
-from app.auth.dependencies import bearer, get_runtime
+from app.auth.dependencies import bearer
 from app.auth.receipts import ReceiptTokenRefused, check_receipt_token
 from app.auth.service import Scope, authenticate
 from app.cascade.service import record_status
 from app.errors import PROBLEM_RESPONSES, InvalidReceiptToken, NotFound, Unauthorized
-from app.ids import from_public, to_public
+from app.ids import IdPrefix, from_public, to_public
 from app.ledger import repository as ledger
-from app.runtime import Runtime, utcnow
+from app.runtime import Runtime, get_runtime, utcnow
 from providers.base import Channel, ReceiptStatus, StatusUpdate
 
 router = APIRouter(prefix="/v1/messages", tags=["messages"], responses=PROBLEM_RESPONSES)
@@ -79,7 +79,7 @@ async def post_receipt(
     else:
         raise Unauthorized("send X-Receipt-Token or an API key")
 
-    uid = from_public("msg", message_id)
+    uid = from_public(IdPrefix.MESSAGE, message_id)
     async with runtime.transaction() as tx:
         message = await ledger.get_message(tx.conn, uid, tenant_id) if uid else None
         if message is None:
@@ -88,7 +88,7 @@ async def post_receipt(
             a
             for a in await ledger.list_attempts(tx.conn, message.id)
             if a.channel == Channel.PUSH
-            and (body.attempt is None or to_public("att", a.id) == body.attempt)
+            and (body.attempt is None or to_public(IdPrefix.ATTEMPT, a.id) == body.attempt)
         ]
         if not attempts:
             raise NotFound("no push attempt for this message")
@@ -103,8 +103,8 @@ async def post_receipt(
             attempt.provider,
             StatusUpdate(
                 status=status,
-                event_id=f"receipt:{to_public('att', attempt.id)}:{body.status.value}",
-                attempt_id=to_public("att", attempt.id),
+                event_id=f"receipt:{to_public(IdPrefix.ATTEMPT, attempt.id)}:{body.status.value}",
+                attempt_id=to_public(IdPrefix.ATTEMPT, attempt.id),
             ),
             utcnow(),
         )

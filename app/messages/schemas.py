@@ -25,6 +25,7 @@ from pydantic.networks import validate_email
 from app.cascade.machine import AttemptStatus, MessageStatus, SuccessOn
 from app.errors import FieldError, Problem
 from app.input_checks import UtcDateTime
+from app.pagination import NextCursor
 from app.policy.schemas import TimeZone
 from app.templates.schemas import LocaleTag, TemplateName
 from providers.base import Category, Channel
@@ -355,4 +356,4 @@ class MessageSummary(BaseModel):
 
 class MessagePage(BaseModel):
     data: list[MessageSummary]
-    next_cursor: str | None = Field(description="Pass as `cursor` for the next (older) page.")
+    next_cursor: NextCursor = None

@@ -15,7 +15,7 @@ from app.cascade.machine import MessageStatus, Stop, SuccessOn
 from app.cascade.service import stop_now
 from app.db import Transaction
 from app.errors import Conflict, FieldError, InvalidRequest, NotFound, ProblemError
-from app.ids import from_public, new_id, to_public
+from app.ids import IdPrefix, from_public, new_id, to_public
 from app.ledger import repository as ledger
 from app.ledger.repository import AttemptRow
 from app.messages.schemas import (
@@ -239,7 +239,7 @@ def pending_message(
     row: dict[str, Any], request: SendMessageRequest, idempotency_key: str | None
 ) -> PendingMessage:
     accepted = AcceptedMessage.model_construct(
-        id=to_public("msg", row["id"]),
+        id=to_public(IdPrefix.MESSAGE, row["id"]),
         status=MessageStatus(row["status"]),
         category=request.category,
         created_at=row["created_at"],
@@ -330,7 +330,7 @@ async def accept_message(
 
 
 async def get_message_view(tx: Transaction, tenant_id: uuid.UUID, public_id: str) -> MessageView:
-    message_id = from_public("msg", public_id)
+    message_id = from_public(IdPrefix.MESSAGE, public_id)
     message = await ledger.get_message(tx.conn, message_id, tenant_id) if message_id else None
     if message is None:
         raise NotFound(f"no message {public_id}")
@@ -372,7 +372,7 @@ async def get_message_view(tx: Transaction, tenant_id: uuid.UUID, public_id: str
                 occurred_at=e["occurred_at"],
                 status=e["status"],
                 source=e["source"],
-                attempt=to_public("att", e["attempt_id"]) if e["attempt_id"] else None,
+                attempt=to_public(IdPrefix.ATTEMPT, e["attempt_id"]) if e["attempt_id"] else None,
                 step=e["step"],
                 detail=e["detail"],
             )
@@ -383,7 +383,7 @@ async def get_message_view(tx: Transaction, tenant_id: uuid.UUID, public_id: str
 
 def attempt_view(a: AttemptRow) -> AttemptView:
     return AttemptView(
-        id=to_public("att", a.id),
+        id=to_public(IdPrefix.ATTEMPT, a.id),
         step=a.step,
         channel=Channel(a.channel),
         provider=a.provider,
@@ -405,7 +405,7 @@ async def cancel_message(
     tx: Transaction, tenant_id: uuid.UUID, public_id: str, at: datetime
 ) -> MessageView:
     """Cancel a message that has not finished; 409 once it has."""
-    message_id = from_public("msg", public_id)
+    message_id = from_public(IdPrefix.MESSAGE, public_id)
     message = await ledger.get_message(tx.conn, message_id, tenant_id) if message_id else None
     if message is None:
         raise NotFound(f"no message {public_id}")

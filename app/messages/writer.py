@@ -35,6 +35,7 @@ from app.messages.service import (
 from app.queue import JobQueue
 from app.settings import Settings
 from app.templates.service import TemplateLookup
+from app.webhooks.presence import EndpointPresence
 from providers.registry import ProviderRegistry
 
 log = structlog.get_logger()
@@ -47,12 +48,14 @@ class AcceptWriter:
         self,
         engine: AsyncEngine,
         queue: JobQueue,
+        endpoint_presence: EndpointPresence | None = None,
         *,
         max_items: int = 256,
         max_wait: float = 0.002,
         max_flushes: int = 4,
     ) -> None:
         self._engine = engine
+        self._endpoint_presence = endpoint_presence
         self._queue = queue
         self.group: GroupCommit[PendingMessage, Acceptance] = GroupCommit(
             self._flush,
@@ -100,7 +103,7 @@ class AcceptWriter:
         # no BEGIN/COMMIT round trips around it (what follows it only reads).
         async with self._engine.connect() as conn:
             await conn.execution_options(isolation_level="AUTOCOMMIT")
-            tx = Transaction(conn)
+            tx = Transaction(conn, endpoint_presence=self._endpoint_presence)
             outcomes = await accept_pending(tx, items)
         await finish_committed(tx, self._queue)
         return outcomes

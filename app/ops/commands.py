@@ -483,7 +483,7 @@ def tail(
                 time.sleep(interval)
                 params = {**filters, "limit": 200}
                 if cursor:
-                    params["after"] = cursor
+                    params["cursor"] = cursor
                 page = client.request("GET", "/v1/events", params=params)
                 events, cursor = page["data"], page["next_cursor"] or cursor
         except KeyboardInterrupt:

@@ -3,13 +3,11 @@ provider inbound messages (kept as replies, STOP/START applied)."""
 
 from __future__ import annotations
 
-import base64
 from typing import Annotated
 
-import orjson
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 
-from app.auth.dependencies import get_runtime, require
+from app.auth.dependencies import require
 from app.auth.service import Principal, Scope
 from app.cascade.endpoints import callback_adapter, provider_callback
 from app.errors import (
@@ -22,7 +20,7 @@ from app.errors import (
     NotFound,
 )
 from app.inbound import service as inbound_service
-from app.input_checks import NUL
+from app.pagination import CursorParam, decode_cursor, encode_cursor
 from app.policy import service
 from app.policy.schemas import (
     InboundReceipt,
@@ -36,7 +34,7 @@ from app.policy.schemas import (
     SuppressionView,
     Unsubscribed,
 )
-from app.runtime import Runtime, utcnow
+from app.runtime import Runtime, get_runtime, utcnow
 from providers.base import (
     Channel,
     InboundReceiver,
@@ -59,15 +57,7 @@ def _normalised(channel: Channel, address: str, path: str) -> str:
 
 
 def _after(cursor: str | None) -> tuple[str, str] | None:
-    if cursor is None:
-        return None
-    try:
-        channel, address = orjson.loads(base64.urlsafe_b64decode(cursor))
-        if NUL in f"{channel}{address}":
-            raise ValueError("a NUL in the cursor")
-        return str(channel), str(address)
-    except (ValueError, TypeError):
-        raise InvalidRequest("not a cursor this endpoint gave out") from None
+    return decode_cursor(cursor, "sup", (str, str)) if cursor is not None else None
 
 
 @router.get("/v1/suppressions", summary="Suppressed addresses, by channel then address")
@@ -75,7 +65,7 @@ async def list_suppressions(
     channel: Channel | None = None,
     address: Annotated[str | None, Query(min_length=1, max_length=320)] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    cursor: Annotated[str | None, Query(max_length=1000)] = None,
+    cursor: CursorParam = None,
     principal: Principal = Depends(require(Scope.READ)),
     runtime: Runtime = Depends(get_runtime),
 ) -> SuppressionList:
@@ -92,11 +82,7 @@ async def list_suppressions(
         )
     more = len(views) > limit
     views = views[:limit]
-    next_cursor = (
-        base64.urlsafe_b64encode(orjson.dumps([views[-1].channel, views[-1].address])).decode()
-        if more
-        else None
-    )
+    next_cursor = encode_cursor("sup", views[-1].channel, views[-1].address) if more else None
     return SuppressionList(data=views, next_cursor=next_cursor)
 
 

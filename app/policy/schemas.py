@@ -15,6 +15,7 @@ from pydantic import (
     model_validator,
 )
 
+from app.pagination import NextCursor
 from app.policy.quiet_hours import is_time_zone
 from providers.base import Category, Channel
 
@@ -70,7 +71,7 @@ class SuppressionView(BaseModel):
 
 class SuppressionList(BaseModel):
     data: list[SuppressionView]
-    next_cursor: str | None = None
+    next_cursor: NextCursor = None
 
 
 class QuietHours(Strict):

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import base64
 from typing import Annotated
 
-import orjson
 from fastapi import APIRouter, Depends, Query, Response
 
-from app.auth.dependencies import get_runtime, require
+from app.auth.dependencies import require
 from app.auth.service import Principal, Scope
-from app.errors import PROBLEM_RESPONSES, InvalidRequest
-from app.input_checks import NUL
-from app.runtime import Runtime, utcnow
+from app.errors import PROBLEM_RESPONSES
+from app.pagination import CursorParam, decode_cursor, encode_cursor
+from app.runtime import Runtime, get_runtime, utcnow
 from app.templates import service
 from app.templates.schemas import TemplateIn, TemplateList, TemplateName, TemplateView
 
@@ -20,19 +18,11 @@ router = APIRouter(prefix="/v1/templates", tags=["templates"], responses=PROBLEM
 
 
 def _cursor(view: TemplateView) -> str:
-    return base64.urlsafe_b64encode(orjson.dumps([view.name, view.locale])).decode()
+    return encode_cursor("tpl", view.name, view.locale)
 
 
 def _after(cursor: str | None) -> tuple[str, str] | None:
-    if cursor is None:
-        return None
-    try:
-        name, locale = orjson.loads(base64.urlsafe_b64decode(cursor))
-        if NUL in f"{name}{locale}":
-            raise ValueError("a NUL in the cursor")
-        return str(name), str(locale)
-    except (ValueError, TypeError):
-        raise InvalidRequest("not a cursor this endpoint gave out") from None
+    return decode_cursor(cursor, "tpl", (str, str)) if cursor is not None else None
 
 
 @router.post("", status_code=201, summary="Create a template (name + locale unique)")
@@ -49,7 +39,7 @@ async def create_template(
 async def list_templates(
     name: Annotated[TemplateName | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    cursor: Annotated[str | None, Query(max_length=500)] = None,
+    cursor: CursorParam = None,
     principal: Principal = Depends(require(Scope.READ)),
     runtime: Runtime = Depends(get_runtime),
 ) -> TemplateList:

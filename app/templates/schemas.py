@@ -7,6 +7,7 @@ from typing import Annotated, Self
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
+from app.pagination import NextCursor
 from app.templates.segments import Encoding
 
 TemplateName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")]
@@ -99,4 +100,4 @@ class TemplateView(BaseModel):
 
 class TemplateList(BaseModel):
     data: list[TemplateView]
-    next_cursor: str | None = None
+    next_cursor: NextCursor = None

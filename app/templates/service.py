@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.db import Transaction
 from app.errors import Conflict, FieldError, InvalidRequest, NotFound
-from app.ids import from_public, new_id, to_public
+from app.ids import IdPrefix, from_public, new_id, to_public
 from app.policy.service import tenant_policy
 from app.settings import Settings
 from app.templates.rendering import TemplateProblem, render_variant, syntax_problems, variables
@@ -74,7 +74,7 @@ def template_view(row: TemplateRow) -> TemplateView:
     sms = row.variants.get("sms")
     segments = sms_segments(sms["text"]) if sms else None
     return TemplateView(
-        id=to_public("tpl", row.id),
+        id=to_public(IdPrefix.TEMPLATE, row.id),
         name=row.name,
         locale=row.locale,
         description=row.description,
@@ -136,7 +136,7 @@ async def create_template(
 
 
 async def _get(conn: AsyncConnection, tenant_id: uuid.UUID, public_id: str) -> TemplateRow:
-    template_id = from_public("tpl", public_id)
+    template_id = from_public(IdPrefix.TEMPLATE, public_id)
     row = (
         (
             await conn.execute(
@@ -272,7 +272,7 @@ def render_template(
         raise InvalidRequest(detail="the template cannot be rendered with this data", errors=errors)
     return {
         "template": {
-            "id": to_public("tpl", template.id),
+            "id": to_public(IdPrefix.TEMPLATE, template.id),
             "name": template.name,
             "locale": template.locale,
         },

@@ -6,10 +6,11 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Response
 
-from app.auth.dependencies import get_runtime, require
+from app.auth.dependencies import require
 from app.auth.service import Principal, Scope
 from app.errors import PROBLEM_RESPONSES
-from app.runtime import Runtime, utcnow
+from app.pagination import MAX_CURSOR_LENGTH, CursorParam
+from app.runtime import Runtime, get_runtime, utcnow
 from app.webhooks import service
 from app.webhooks.schemas import (
     CreatedEndpoint,
@@ -25,7 +26,6 @@ from app.webhooks.schemas import (
     UpdateEndpointRequest,
 )
 from app.webhooks.sender import post_signed
-from app.webhooks.ssrf import checked_client
 
 router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"], responses=PROBLEM_RESPONSES)
 
@@ -120,12 +120,28 @@ async def list_deliveries(
     principal: Admin,
     runtime: RuntimeDep,
     status: Literal["pending", "succeeded", "failed"] | None = None,
-    before: Annotated[str | None, Query(description="A delivery id: older ones only.")] = None,
+    cursor: CursorParam = None,
+    before: Annotated[
+        str | None,
+        Query(
+            min_length=1,
+            max_length=MAX_CURSOR_LENGTH,
+            deprecated=True,
+            description="The old name of `cursor` (it also takes a delivery id: older ones"
+            " only), accepted until the next release.",
+        ),
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 50,
 ) -> DeliveryPage:
     async with runtime.transaction() as tx:
         return await service.delivery_page(
-            tx, principal.tenant_id, endpoint_id, status=status, before=before, limit=limit
+            tx,
+            principal.tenant_id,
+            endpoint_id,
+            status=status,
+            cursor=cursor,
+            before=before,
+            limit=limit,
         )
 
 
@@ -138,10 +154,9 @@ async def send_test_event(
 ) -> TestDeliveryResult:
     async with runtime.transaction() as tx:
         plan = await service.plan_test_event(tx, principal.tenant_id, endpoint_id, utcnow())
-    async with checked_client(runtime.settings.webhooks_allow_loopback_http) as client:
-        outcome = await post_signed(
-            client, plan.url, plan.webhook_id, plan.body, plan.keys, utcnow()
-        )
+    outcome = await post_signed(
+        runtime.webhook_http, plan.url, plan.webhook_id, plan.body, plan.keys, utcnow()
+    )
     return TestDeliveryResult(
         succeeded=outcome.succeeded,
         webhook_id=plan.webhook_id,

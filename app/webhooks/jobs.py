@@ -1,8 +1,8 @@
 """The arq jobs on the `cascade:webhooks` queue; each is idempotent.
 
 Time comes from `ctx["clock"]` when given (tests advance it instead of sleeping), else
-the wall clock. The SSRF-checked HTTP client lives in `ctx["webhook_http"]`, opened and
-closed with the worker (`startup`/`shutdown`).
+the wall clock. The SSRF-checked HTTP client is the Runtime's (`Runtime.webhook_http`),
+closed with it.
 """
 
 from __future__ import annotations
@@ -11,14 +11,12 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-import httpx
 import structlog
 
-from app.ids import from_public
+from app.ids import IdPrefix, from_public
 from app.runtime import Runtime, utcnow
 from app.webhooks import service
 from app.webhooks.sender import post_signed
-from app.webhooks.ssrf import checked_client
 
 log = structlog.get_logger()
 
@@ -33,22 +31,9 @@ def _clock(ctx: dict[str, Any]) -> Callable[[], datetime]:
     return clock
 
 
-async def startup(ctx: dict[str, Any]) -> None:
-    settings = _runtime(ctx).settings
-    ctx["webhook_http"] = checked_client(
-        settings.webhooks_allow_loopback_http, max_connections=settings.webhook_concurrency
-    )
-
-
-async def shutdown(ctx: dict[str, Any]) -> None:
-    client: httpx.AsyncClient | None = ctx.pop("webhook_http", None)
-    if client is not None:
-        await client.aclose()
-
-
 async def dispatch_webhooks(ctx: dict[str, Any], message_id: str) -> None:
     rt, now = _runtime(ctx), _clock(ctx)
-    uid = from_public("msg", message_id)
+    uid = from_public(IdPrefix.MESSAGE, message_id)
     if uid is None:
         return
     async with rt.transaction() as tx:
@@ -59,15 +44,16 @@ async def dispatch_webhooks(ctx: dict[str, Any], message_id: str) -> None:
 
 async def deliver_webhook(ctx: dict[str, Any], delivery_id: str, attempt: int) -> None:
     rt, now = _runtime(ctx), _clock(ctx)
-    uid = from_public("whd", delivery_id)
+    uid = from_public(IdPrefix.WEBHOOK_DELIVERY, delivery_id)
     if uid is None:
         return
     async with rt.transaction() as tx:
         plan = await service.begin_delivery(tx, uid, attempt, now())
     if plan is None:
         return
-    client: httpx.AsyncClient = ctx["webhook_http"]
-    outcome = await post_signed(client, plan.url, plan.webhook_id, plan.body, plan.keys, now())
+    outcome = await post_signed(
+        rt.webhook_http, plan.url, plan.webhook_id, plan.body, plan.keys, now()
+    )
     async with rt.transaction() as tx:
         status = await service.record_delivery_result(tx, plan, outcome, now())
     log.info(

@@ -15,6 +15,7 @@ from pydantic import (
 )
 
 from app.input_checks import UtcDateTime, fits_in_utc
+from app.pagination import NextCursor
 from app.webhooks.events import EventType
 from providers.base import Category
 
@@ -149,7 +150,7 @@ class DeliveryView(BaseModel):
 
 class DeliveryPage(BaseModel):
     data: list[DeliveryView]
-    next_cursor: str | None = Field(description="Pass as `before` for the next (older) page.")
+    next_cursor: NextCursor = None
 
 
 class TestDeliveryResult(BaseModel):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import random
-import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -22,11 +21,12 @@ import structlog
 
 from app.db import Transaction
 from app.errors import Conflict, FieldError, InvalidRequest, NotFound
-from app.ids import from_public, new_id, to_public
+from app.ids import IdPrefix, from_public, new_id, to_public
 from app.ledger import repository as ledger
 from app.ledger.repository import MessageRow
 from app.observability import count_webhook_delivery
-from app.queue import Job
+from app.pagination import decode_cursor, encode_cursor, one_cursor
+from app.queue import deliver_job, dispatch_job
 from app.settings import Settings
 from app.webhooks import repository as repo
 from app.webhooks.events import (
@@ -50,11 +50,9 @@ from app.webhooks.schemas import (
 from app.webhooks.sender import Outcome
 from app.webhooks.signing import new_secret
 from app.webhooks.ssrf import UnsafeUrl, check_url
-from providers.base import Category
 
 log = structlog.get_logger()
 
-WEBHOOKS_QUEUE = "cascade:webhooks"
 MAX_ENDPOINTS_PER_TENANT = 50
 SECRET_OVERLAP = timedelta(hours=24)
 # A claimed attempt not recorded by then (crashed worker) is retried by the sweeper.
@@ -64,72 +62,27 @@ EARLY_SLACK = timedelta(seconds=1)
 SWEEP_BATCH = 1000
 
 
-# Jobs
-
-
-def dispatch_job(message_id: uuid.UUID, category: str) -> Job:
-    # A fresh id per commit: a dispatch already running must not swallow later events.
-    return Job(
-        "dispatch_webhooks",
-        Category(category),
-        f"wh:dispatch:{message_id.hex}:{new_id().hex}",
-        (to_public("msg", message_id),),
-        queue=WEBHOOKS_QUEUE,
-    )
-
-
-def deliver_job(
-    delivery_id: uuid.UUID, attempt: int, category: str, defer: timedelta | None = None
-) -> Job:
-    # Deferred retries get ids of their own: a replay or a sweep asking for the same attempt
-    # now must not collapse into a retry still waiting hours in the queue.
-    return Job(
-        "deliver_webhook",
-        Category(category),
-        f"wh:delivery:{delivery_id.hex}:{attempt}" + (":retry" if defer else ""),
-        (to_public("whd", delivery_id), attempt),
-        defer,
-        queue=WEBHOOKS_QUEUE,
-    )
-
-
 # The hook the ledger's writers call
 
 
-TENANT_CACHE_TTL_SECONDS = 5.0
-_TENANT_CACHE_MAX = 10_000
-_tenants_with_endpoints: dict[uuid.UUID, tuple[float, bool]] = {}
-
-
-_forgotten = 0  # how many times an entry was dropped: see tenant_has_endpoints
-
-
 async def tenant_has_endpoints(tx: Transaction, tenant_id: uuid.UUID) -> bool:
-    """Cached per process for a few seconds; a stale "no" only delays events to the sweep."""
-    now = time.monotonic()
-    cached = _tenants_with_endpoints.get(tenant_id)
-    if cached is not None and cached[0] > now:
-        return cached[1]
-    forgotten = _forgotten
+    """Cached per process for a few seconds (`EndpointPresence`), when `tx` has the cache."""
+    presence = tx.endpoint_presence
+    if presence is None:
+        return await repo.has_enabled_endpoint(tx.conn, tenant_id)
+    cached = presence.get(tenant_id)
+    if cached is not None:
+        return cached
+    generation = presence.generation
     found = await repo.has_enabled_endpoint(tx.conn, tenant_id)
-    if forgotten != _forgotten:
-        # An endpoint changed while we looked (our snapshot may predate it): keep no answer.
-        return found
-    if len(_tenants_with_endpoints) >= _TENANT_CACHE_MAX:
-        _tenants_with_endpoints.clear()
-    _tenants_with_endpoints[tenant_id] = (now + TENANT_CACHE_TTL_SECONDS, found)
+    presence.remember(tenant_id, found, generation)
     return found
 
 
 def forget_after_commit(tx: Transaction, tenant_id: uuid.UUID) -> None:
     """The tenant's endpoints change in `tx`: drop the cached answer once they are visible."""
-    tx.after_commit(functools.partial(forget_tenant, tenant_id))
-
-
-def forget_tenant(tenant_id: uuid.UUID) -> None:
-    global _forgotten
-    _forgotten += 1
-    _tenants_with_endpoints.pop(tenant_id, None)
+    if tx.endpoint_presence is not None:
+        tx.after_commit(functools.partial(tx.endpoint_presence.forget, tenant_id))
 
 
 async def notify_after_commit(
@@ -138,7 +91,7 @@ async def notify_after_commit(
     """Call wherever ledger events are appended: dispatches them once the tx commits."""
     if not await tenant_has_endpoints(tx, tenant_id):
         return
-    public_id = to_public("msg", message_id)
+    public_id = to_public(IdPrefix.MESSAGE, message_id)
     # Two changes to one message in one transaction sit close together: a look at the last
     # few jobs dedupes them in O(1) (a batch of 1000 messages must not scan quadratically;
     # a duplicate that slips through only costs a no-op dispatch).
@@ -153,7 +106,7 @@ async def notify_after_commit(
 
 def endpoint_view(endpoint: EndpointRow) -> EndpointView:
     return EndpointView(
-        id=to_public("whe", endpoint.id),
+        id=to_public(IdPrefix.WEBHOOK_ENDPOINT, endpoint.id),
         url=endpoint.url,
         description=endpoint.description,
         event_types=endpoint.event_types,
@@ -214,7 +167,7 @@ def _values(items: list[Any] | None) -> list[str] | None:
 async def get_endpoint(
     tx: Transaction, tenant_id: uuid.UUID, public_id: str, *, lock: bool = False
 ) -> EndpointRow:
-    endpoint_id = from_public("whe", public_id)
+    endpoint_id = from_public(IdPrefix.WEBHOOK_ENDPOINT, public_id)
     endpoint = (
         await repo.get_endpoint(tx.conn, tenant_id, endpoint_id, lock=lock) if endpoint_id else None
     )
@@ -258,7 +211,7 @@ async def update_endpoint(
 
 
 async def delete_endpoint(tx: Transaction, tenant_id: uuid.UUID, public_id: str) -> None:
-    endpoint_id = from_public("whe", public_id)
+    endpoint_id = from_public(IdPrefix.WEBHOOK_ENDPOINT, public_id)
     if endpoint_id is None or not await repo.delete_endpoint(tx.conn, tenant_id, endpoint_id):
         raise NotFound(f"no webhook endpoint {public_id}")
     forget_after_commit(tx, tenant_id)
@@ -290,7 +243,7 @@ def _attempt_data(event: LedgerEvent) -> dict[str, Any] | None:
         return None
     detail = event.detail or {}
     return {
-        "id": to_public("att", event.attempt_id),
+        "id": to_public(IdPrefix.ATTEMPT, event.attempt_id),
         "step": event.step,
         "channel": event.channel,
         "provider": event.provider,
@@ -307,7 +260,7 @@ def _event_payload(message: MessageRow, event: LedgerEvent, type_: str) -> str:
         type_,
         event.at,
         message_event_data(
-            message_id=to_public("msg", message.id),
+            message_id=to_public(IdPrefix.MESSAGE, message.id),
             category=message.category,
             status=message.status.value,
             sequence=event.seq,
@@ -471,7 +424,7 @@ async def begin_delivery(
         schedule_start=claimed.schedule_start,
         category=claimed.category,
         url=claimed.url,
-        webhook_id=to_public("evt", claimed.event_id),
+        webhook_id=to_public(IdPrefix.EVENT, claimed.event_id),
         body=claimed.payload,
         keys=claimed.signing_keys(at),
     )
@@ -521,7 +474,10 @@ async def record_delivery_result(
         await repo.disable_endpoint(tx.conn, plan.endpoint_id, at, reason)
         await repo.fail_pending_deliveries(tx.conn, plan.endpoint_id, at, "endpoint disabled")
         forget_after_commit(tx, plan.tenant_id)
-        log.warning("webhook_endpoint_disabled", endpoint=to_public("whe", plan.endpoint_id))
+        log.warning(
+            "webhook_endpoint_disabled",
+            endpoint=to_public(IdPrefix.WEBHOOK_ENDPOINT, plan.endpoint_id),
+        )
         delay = None
     elif disabled_at is not None:
         delay = None
@@ -556,7 +512,7 @@ async def replay(
     if request.since is not None:
         return await _requeue_since(tx, endpoint, request.since, at, failed_only=False)
     assert request.delivery_id is not None
-    delivery_id = from_public("whd", request.delivery_id)
+    delivery_id = from_public(IdPrefix.WEBHOOK_DELIVERY, request.delivery_id)
     delivery = await repo.lock_delivery(tx.conn, delivery_id, tenant_id) if delivery_id else None
     if delivery is None or delivery.endpoint_id != endpoint.id:
         raise NotFound(f"no delivery {request.delivery_id} for this endpoint")
@@ -607,25 +563,22 @@ async def delivery_page(
     endpoint_public_id: str,
     *,
     status: str | None,
+    cursor: str | None,
     before: str | None,
     limit: int,
 ) -> DeliveryPage:
     endpoint = await get_endpoint(tx, tenant_id, endpoint_public_id)
-    before_id = from_public("whd", before) if before else None
-    if before is not None and before_id is None:
-        raise InvalidRequest(
-            detail="`before` is not a delivery id",
-            errors=[FieldError(path="query.before", message="not a whd_ id", type="value_error")],
-        )
     rows = await repo.delivery_log(
-        tx.conn, endpoint.id, status=status, before=before_id, limit=limit
+        tx.conn, endpoint.id, status=status, before=_older_than(cursor, before), limit=limit + 1
     )
+    more = len(rows) > limit
+    rows = rows[:limit]
     views = [
         DeliveryView(
-            id=to_public("whd", row.delivery.id),
-            event_id=to_public("evt", row.delivery.event_id),
+            id=to_public(IdPrefix.WEBHOOK_DELIVERY, row.delivery.id),
+            event_id=to_public(IdPrefix.EVENT, row.delivery.event_id),
             event_type=row.event_type,
-            message_id=to_public("msg", row.message_id),
+            message_id=to_public(IdPrefix.MESSAGE, row.message_id),
             status=row.delivery.status,
             attempts=row.delivery.attempts,
             response_status_code=row.delivery.response_status,
@@ -642,7 +595,23 @@ async def delivery_page(
         )
         for row in rows
     ]
-    return DeliveryPage(data=views, next_cursor=views[-1].id if len(views) == limit else None)
+    next_cursor = encode_cursor("whd", rows[-1].delivery.id) if more else None
+    return DeliveryPage(data=views, next_cursor=next_cursor)
+
+
+def _older_than(cursor: str | None, before: str | None) -> uuid.UUID | None:
+    """The delivery a page starts below: from `cursor`, or from the deprecated `before`
+    (a cursor or, as it used to be, a delivery id)."""
+    given = one_cursor(cursor, alias=("before", before))
+    if given is None:
+        return None
+    if (
+        before is not None
+        and (delivery_id := from_public(IdPrefix.WEBHOOK_DELIVERY, before)) is not None
+    ):
+        return delivery_id
+    param = "cursor" if before is None else "before"
+    return decode_cursor(given, "whd", (uuid.UUID,), param=param)[0]
 
 
 # The test event
@@ -662,7 +631,7 @@ async def plan_test_event(
     endpoint = await get_endpoint(tx, tenant_id, public_id)
     return TestPlan(
         url=endpoint.url,
-        webhook_id=to_public("evt", new_id()),
+        webhook_id=to_public(IdPrefix.EVENT, new_id()),
         body=payload(TEST_EVENT_TYPE, at, {"endpoint_id": public_id}),
         keys=endpoint.signing_keys(at),
     )

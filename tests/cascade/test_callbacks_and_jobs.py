@@ -14,7 +14,7 @@ from sqlalchemy import update
 
 from app.cascade.engine import DeliveryEngine
 from app.cascade.machine import MessageStatus
-from app.ids import from_public
+from app.ids import IdPrefix, from_public
 from app.ledger.tables import messages
 from app.runtime import utcnow
 from providers.base import Category, Channel
@@ -216,7 +216,7 @@ async def test_a_final_message_found_due_is_forgotten_not_retimed_to_its_expiry(
     async with service.worker_runtime.engine.begin() as conn:
         await conn.execute(
             update(messages)
-            .where(messages.c.id == from_public("msg", message_id))
+            .where(messages.c.id == from_public(IdPrefix.MESSAGE, message_id))
             .values(due_at=utcnow())
         )
 

@@ -39,7 +39,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from app import migrate
 from app.auth.service import ALL_SCOPES, ensure_tenant, issue_key
 from app.db import async_url
-from app.ids import from_public, to_public
+from app.ids import IdPrefix, from_public, to_public
 from app.ledger.tables import attempts, events, messages
 from app.runtime import utcnow
 from providers.twilio import ATTEMPT_QUERY_PARAMETER
@@ -369,7 +369,7 @@ class ChaosStack:
             rows = await conn.execute(
                 select(messages.c.id, messages.c.status).where(messages.c.tenant_id == tenant_id)
             )
-            return {to_public("msg", row.id): row.status for row in rows}
+            return {to_public(IdPrefix.MESSAGE, row.id): row.status for row in rows}
 
     async def message_ids(self, tenant_id: uuid.UUID) -> list[str]:
         return list(await self.message_statuses(tenant_id))
@@ -390,7 +390,7 @@ class ChaosStack:
             await asyncio.sleep(0.25)
 
     async def attempt_statuses(self, message_ids: Iterable[str]) -> Counter[str]:
-        ids = [uid for m in message_ids if (uid := from_public("msg", m)) is not None]
+        ids = [uid for m in message_ids if (uid := from_public(IdPrefix.MESSAGE, m)) is not None]
         async with self.engine.connect() as conn:
             rows = await conn.execute(
                 select(attempts.c.status, func.count())
@@ -401,7 +401,7 @@ class ChaosStack:
 
     async def timelines(self, message_ids: Iterable[str]) -> dict[str, list[str]]:
         """Each message's events as `status/source` (for an assertion's message)."""
-        ids = [uid for m in message_ids if (uid := from_public("msg", m)) is not None]
+        ids = [uid for m in message_ids if (uid := from_public(IdPrefix.MESSAGE, m)) is not None]
         async with self.engine.connect() as conn:
             rows = await conn.execute(
                 select(events.c.message_id, events.c.status, events.c.source, events.c.detail)
@@ -411,7 +411,7 @@ class ChaosStack:
             found: dict[str, list[str]] = {}
             for row in rows:
                 code = (row.detail or {}).get("code", "")
-                found.setdefault(to_public("msg", row.message_id), []).append(
+                found.setdefault(to_public(IdPrefix.MESSAGE, row.message_id), []).append(
                     f"{row.status}/{row.source}{'/' + code if code else ''}"
                 )
             return found
@@ -421,14 +421,14 @@ class ChaosStack:
         return Counter(attempt_of(request.form) for request in self.twilio.message_submits)
 
     async def twilio_attempts(self, message_ids: Iterable[str]) -> set[str]:
-        ids = [uid for m in message_ids if (uid := from_public("msg", m)) is not None]
+        ids = [uid for m in message_ids if (uid := from_public(IdPrefix.MESSAGE, m)) is not None]
         async with self.engine.connect() as conn:
             rows = await conn.execute(
                 select(attempts.c.id).where(
                     attempts.c.message_id.in_(ids), attempts.c.provider == "twilio"
                 )
             )
-            return {to_public("att", row.id) for row in rows}
+            return {to_public(IdPrefix.ATTEMPT, row.id) for row in rows}
 
     async def duplicate_submits(self, message_ids: Iterable[str]) -> int:
         """Submits beyond the first for any attempt of these messages (the goal is 0)."""

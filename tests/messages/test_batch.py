@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 from sqlalchemy import func, select, update
 
-from app.ids import from_public
+from app.ids import IdPrefix, from_public
 from app.ledger.tables import attempts, events, messages
 from app.runtime import utcnow
 from tests.conftest import Service, Simulators, Tenant
@@ -75,7 +75,9 @@ async def test_a_batch_of_1000_with_a_few_invalid_items(service: Service, tenant
     assert await count(service, events, tenant) == 997  # one `accepted` event each
     async with service.worker_runtime.engine.connect() as conn:
         due = await conn.execute(
-            select(messages.c.due_at).where(messages.c.id.in_([from_public("msg", i) for i in ids]))
+            select(messages.c.due_at).where(
+                messages.c.id.in_([from_public(IdPrefix.MESSAGE, i) for i in ids])
+            )
         )
         # The delivery engine takes each at its send_at: a timer in Postgres, none in Redis.
         assert {row.due_at for row in due} == {send_at}
@@ -219,7 +221,7 @@ async def test_transactional_is_not_held_up_by_a_marketing_flood(
     )
     response = await tenant.client.post("/v1/messages/batch", json=flood)
     assert response.status_code == 202, response.text
-    flood_ids = [from_public("msg", r["id"]) for r in response.json()["results"]]
+    flood_ids = [from_public(IdPrefix.MESSAGE, r["id"]) for r in response.json()["results"]]
 
     otp = await send(
         tenant.client,

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from app.errors import Conflict, ProblemError, Unavailable
-from app.ids import from_public
+from app.ids import IdPrefix, from_public
 from app.messages.schemas import SendMessageRequest
 from app.messages.service import Acceptance
 from app.runtime import Runtime, utcnow
@@ -93,8 +93,8 @@ async def test_a_mixed_flush_gives_each_request_its_own_answer(
     after = await _ledger(runtime, tenant.id)
     created = {m: after[m] for m in after if m not in before}
     assert set(created) == {
-        from_public("msg", plain.message.id),
-        from_public("msg", new.message.id),
+        from_public(IdPrefix.MESSAGE, plain.message.id),
+        from_public(IdPrefix.MESSAGE, new.message.id),
     }
     assert len({xmin for xmin, _ in created.values()}) == 1
     assert all(accepted == 1 for _, accepted in after.values())
@@ -188,7 +188,7 @@ async def test_the_answer_over_http_is_the_committed_message(
         )
     accepted = [a for a in answers if a.status_code == 202]
     stored = await _ledger(service.api_runtime, tenant.id)
-    assert {from_public("msg", a.json()["id"]) for a in accepted} <= set(stored)
+    assert {from_public(IdPrefix.MESSAGE, a.json()["id"]) for a in accepted} <= set(stored)
     if key is None:
         assert len(accepted) == 8 and len(stored) == 8
     else:

@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import update
 
 from app.cascade.engine import DeliveryEngine
-from app.ids import from_public
+from app.ids import IdPrefix, from_public
 from app.ledger.tables import messages
 from app.runtime import utcnow
 from providers.base import Cancellable, TransientProviderError
@@ -188,7 +188,7 @@ async def test_once_a_step_is_delivered_later_steps_are_never_sent(
     async with service.worker_runtime.engine.begin() as conn:
         await conn.execute(
             update(messages)
-            .where(messages.c.id == from_public("msg", message["id"]))
+            .where(messages.c.id == from_public(IdPrefix.MESSAGE, message["id"]))
             .values(due_at=utcnow())
         )
     engine = DeliveryEngine(service.worker_runtime, "transactional")

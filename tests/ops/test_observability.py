@@ -126,17 +126,23 @@ async def test_event_feed_follows_a_cursor_and_filters(
             ),
         ),
     )
-    following = await settled_feed(tenant, len(second["events"]), after=latest["next_cursor"])
+    following = await settled_feed(tenant, len(second["events"]), cursor=latest["next_cursor"])
     assert {e["message_id"] for e in following["data"]} == {second["id"]}
-    caught_up = await feed(tenant, after=following["next_cursor"])
+    caught_up = await feed(tenant, cursor=following["next_cursor"])
     assert caught_up["data"] == []
     assert caught_up["next_cursor"] == following["next_cursor"]
+    # `after` is the deprecated name of `cursor`, still accepted for one release.
+    assert await feed(tenant, after=following["next_cursor"]) == caught_up
+    both = {"after": following["next_cursor"], "cursor": following["next_cursor"]}
+    assert (await tenant.client.get("/v1/events", params=both)).status_code == 422
 
     failures = await feed(tenant, status="failed", category="service", limit=200)
     assert [(e["message_id"], e["status"]) for e in failures["data"]] == [(second["id"], "failed")]
     assert (await feed(other_tenant, limit=200))["data"] == []
-    bad = await tenant.client.get("/v1/events", params={"after": "nope"})
-    assert bad.status_code == 422
+    for name in ("cursor", "after"):
+        bad = await tenant.client.get("/v1/events", params={name: "nope"})
+        assert bad.status_code == 422
+        assert bad.json()["errors"][0]["type"] == "cursor"
 
 
 async def test_admin_keys_are_shown_once_listed_and_revoked(

@@ -16,10 +16,9 @@ from typer.testing import CliRunner
 
 import app.cli
 import app.worker
-from app.queue import queue_name
+from app.queue import WEBHOOKS_QUEUE, queue_name
 from app.runtime import Runtime
 from app.settings import Settings
-from app.webhooks.service import WEBHOOKS_QUEUE
 from app.worker import PROCESS_SPLIT, QUEUES, build_workers, parse_queues
 from providers.base import Category
 

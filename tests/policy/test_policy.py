@@ -11,7 +11,7 @@ from sqlalchemy import update
 
 from app.cascade import service as cascade
 from app.db import Transaction
-from app.ids import from_public
+from app.ids import IdPrefix, from_public
 from app.ledger import repository as ledger
 from app.ledger.tables import messages
 from app.runtime import Runtime, utcnow
@@ -116,12 +116,12 @@ async def test_marketing_in_quiet_hours_is_deferred_to_the_window_end(
 
     async with runtime.transaction() as tx:
         held, held_until = await begin_step(
-            tx, runtime, from_public("msg", message_id), late_evening
+            tx, runtime, from_public(IdPrefix.MESSAGE, message_id), late_evening
         )
         tx.jobs.clear()
     queued = (await tenant.client.get(f"/v1/messages/{message_id}")).json()
     async with runtime.transaction() as tx:
-        sent, _ = await begin_step(tx, runtime, from_public("msg", message_id), morning)
+        sent, _ = await begin_step(tx, runtime, from_public(IdPrefix.MESSAGE, message_id), morning)
         tx.jobs.clear()
 
     assert held is None
@@ -150,7 +150,7 @@ async def test_the_recipients_own_time_zone_wins(service: Service, tenant: Tenan
         plan, _ = await begin_step(
             tx,
             runtime,
-            from_public("msg", message_id),
+            from_public(IdPrefix.MESSAGE, message_id),
             datetime(2026, 6, 10, 21, 30, tzinfo=UTC),
         )
         tx.jobs.clear()
@@ -180,7 +180,7 @@ async def test_a_deferred_message_is_sent_when_its_window_opens(
         held, _ = await begin_step(
             tx,
             runtime,
-            from_public("msg", message_id),
+            from_public(IdPrefix.MESSAGE, message_id),
             now - timedelta(minutes=10),
             out_of_sight=False,
         )

@@ -5,7 +5,6 @@ each a 422 naming the field, never a 5xx."""
 
 from __future__ import annotations
 
-import base64
 import copy
 from collections.abc import Iterator
 from typing import Any
@@ -14,6 +13,7 @@ import httpx
 import orjson
 import pytest
 
+from app.pagination import encode_cursor
 from tests.conftest import Service, Tenant
 from tests.security.spec_walk import Operation, Seeded, operations, seed
 
@@ -305,13 +305,12 @@ def _batch_item_refused(response: httpx.Response, loc: tuple[Any, ...], what: st
 async def test_cursors_holding_a_nul_or_an_out_of_range_time_are_a_422(
     tenant: Tenant,
 ) -> None:
-    def b64(raw: bytes) -> str:
-        return base64.urlsafe_b64encode(raw).decode()
-
     for path, cursor in (
-        ("/v1/messages", b64(f"{OUT_OF_UTC[0]}|{'0' * 32}".encode())),
-        ("/v1/suppressions", b64(orjson.dumps(["email", NUL_TEXT]))),
-        ("/v1/templates", b64(orjson.dumps([NUL_TEXT, "en"]))),
+        ("/v1/messages", encode_cursor("msg", OUT_OF_UTC[0], "0" * 32)),
+        ("/v1/suppressions", encode_cursor("sup", "email", NUL_TEXT)),
+        ("/v1/templates", encode_cursor("tpl", NUL_TEXT, "en")),
+        # A well-formed cursor of another list is refused too.
+        ("/v1/templates", encode_cursor("sup", "email", "a@example.com")),
     ):
         response = await tenant.client.get(path, params={"cursor": cursor})
         assert response.status_code == 422, (path, response.text)

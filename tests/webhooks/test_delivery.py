@@ -11,7 +11,7 @@ import httpx
 from sqlalchemy import update
 from standardwebhooks import Webhook
 
-from app.ids import from_public
+from app.ids import IdPrefix, from_public
 from app.webhooks.events import event_type
 from app.webhooks.retries import JITTER, RETRY_SCHEDULE
 from app.webhooks.tables import webhook_endpoints
@@ -509,7 +509,7 @@ async def _break_url(service: Service, endpoint_id: str, url: str) -> None:
     async with service.worker_runtime.engine.begin() as conn:
         await conn.execute(
             update(webhook_endpoints)
-            .where(webhook_endpoints.c.id == from_public("whe", endpoint_id))
+            .where(webhook_endpoints.c.id == from_public(IdPrefix.WEBHOOK_ENDPOINT, endpoint_id))
             .values(url=url)
         )
 
@@ -547,3 +547,34 @@ async def test_a_url_the_client_cannot_send_to_is_a_failed_attempt_retried_then_
     assert "01.1.1.1" in state["disabled_reason"]
     assert {d["status"] for d in await deliveries(tenant.client, endpoint["id"])} == {"failed"}
     assert receiver.received == []
+
+
+async def test_the_delivery_log_pages_newest_first_with_a_cursor(
+    service: Service, tenant: Tenant, receiver: Receiver
+) -> None:
+    endpoint = await create_endpoint(tenant.client, receiver.url())
+    receiver.secrets = [endpoint["secret"]]
+    message = await wait_until_final(
+        tenant.client, await send(tenant.client, message_body(cascade=PUSH_ONLY))
+    )
+    log = await _wait_for_deliveries(
+        tenant.client, endpoint["id"], lambda found: len(found) == len(message["events"])
+    )
+    assert len(log) >= 3
+    url = f"/v1/webhooks/{endpoint['id']}/deliveries"
+
+    paged: list[str] = []
+    params: dict[str, Any] = {"limit": 2}
+    while True:
+        page = (await tenant.client.get(url, params=params)).json()
+        paged += [d["id"] for d in page["data"]]
+        if page["next_cursor"] is None:
+            break
+        params["cursor"] = page["next_cursor"]
+    assert paged == [d["id"] for d in log]
+    # The deprecated `before` still takes a delivery id, and the cursor itself.
+    older = (await tenant.client.get(url, params={"before": log[0]["id"]})).json()
+    assert [d["id"] for d in older["data"]] == paged[1:]
+    first = (await tenant.client.get(url, params={"limit": 1})).json()
+    via_before = (await tenant.client.get(url, params={"before": first["next_cursor"]})).json()
+    assert via_before == older

@@ -84,7 +84,9 @@ async def test_unknown_filters_and_malformed_ids_are_refused(
     assert test_type.status_code == 422
     assert (await tenant.client.get("/v1/webhooks/msg_123")).status_code == 404
     endpoint = await create_endpoint(tenant.client, receiver.url())
-    page = await tenant.client.get(
-        f"/v1/webhooks/{endpoint['id']}/deliveries", params={"before": "nope"}
-    )
-    assert page.status_code == 422
+    for name in ("cursor", "before"):
+        page = await tenant.client.get(
+            f"/v1/webhooks/{endpoint['id']}/deliveries", params={name: "nope"}
+        )
+        assert page.status_code == 422
+        assert page.json()["errors"][0]["type"] == "cursor"

@@ -7,9 +7,10 @@ import asyncio
 from datetime import datetime, timedelta
 from typing import Any
 
-from app.ids import from_public
+from app.ids import IdPrefix, from_public
 from app.messages.schemas import SendMessageRequest
 from app.messages.service import accept_message
+from app.queue import WEBHOOKS_QUEUE
 from app.runtime import Runtime, utcnow
 from app.webhooks import service as webhooks
 from tests.conftest import Service, Tenant
@@ -51,7 +52,9 @@ async def _sweep(runtime: Runtime, at: datetime) -> list[str]:
 async def test_the_send_path_asks_for_a_dispatch_only_when_the_tenant_has_endpoints(
     service: Service, tenant: Tenant, receiver: Receiver
 ) -> None:
-    runtime = service.worker_runtime
+    # The API process: it made the endpoint, so it sees it at once (others within
+    # TENANT_CACHE_TTL_SECONDS, each process having its own cache on its Runtime).
+    runtime = service.api_runtime
     _, without_endpoint = await _accept(runtime, tenant, lose_jobs=True)
     await create_endpoint(tenant.client, receiver.url())
     _, with_endpoint = await _accept(runtime, tenant, lose_jobs=True)
@@ -79,7 +82,7 @@ async def test_events_whose_dispatch_job_was_lost_are_dispatched_by_the_sweeper(
     asked = await _sweep(runtime, later)
     [delivery] = await deliveries(tenant.client, endpoint["id"])
     assert delivery["message_id"] == message_id
-    delivery_uuid = from_public("whd", delivery["id"])
+    delivery_uuid = from_public(IdPrefix.WEBHOOK_DELIVERY, delivery["id"])
     assert delivery_uuid is not None
     assert f"wh:delivery:{delivery_uuid.hex}:0" in asked
 
@@ -102,10 +105,10 @@ async def test_a_delivery_whose_retry_job_was_lost_is_requeued_by_the_sweeper(
         )
         await send(tenant.client, message_body(cascade=PUSH_ONLY))
         delivery = await _first_attempt_failed(tenant, endpoint["id"])
-        delivery_uuid = from_public("whd", delivery["id"])
+        delivery_uuid = from_public(IdPrefix.WEBHOOK_DELIVERY, delivery["id"])
         assert delivery_uuid is not None
         lost = f"wh:delivery:{delivery_uuid.hex}:1:retry"
-        assert await runtime.redis.zrem(webhooks.WEBHOOKS_QUEUE, lost) == 1
+        assert await runtime.redis.zrem(WEBHOOKS_QUEUE, lost) == 1
         await runtime.redis.delete(f"arq:job:{lost}")
 
         due = datetime.fromisoformat(delivery["next_retry_at"])

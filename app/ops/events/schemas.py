@@ -28,6 +28,6 @@ class FeedEvent(BaseModel):
 class EventPage(BaseModel):
     data: list[FeedEvent] = Field(description="Oldest first.")
     next_cursor: str | None = Field(
-        description="Pass as `after` to get the events that follow (the same cursor again when"
-        " nothing new has settled yet)."
+        description="Pass as `cursor` to get the events that follow (the same cursor again"
+        " when nothing new has settled yet)."
     )

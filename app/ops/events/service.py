@@ -17,34 +17,24 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from app.errors import FieldError, InvalidRequest
-from app.ids import to_public
+from app.ids import IdPrefix, to_public
 from app.ledger.tables import attempts, events
 from app.ops.events.schemas import EventPage, FeedEvent
+from app.pagination import decode_cursor, encode_cursor
 
 SETTLE = timedelta(seconds=1)
 # Events examined per poll: bounds the work when filters match little.
 SCAN = 1000
 
 
-def encode_cursor(event_id: int) -> str:
-    return f"evt_{event_id}"
-
-
-def decode_cursor(cursor: str) -> int:
-    head, _, tail = cursor.partition("_")
-    if head != "evt" or not tail.isdigit():
-        raise InvalidRequest(
-            "the cursor is not one this API gave out",
-            [FieldError(path="query.after", message="invalid cursor", type="cursor")],
-        )
-    return int(tail)
+def event_cursor(event_id: int) -> str:
+    return encode_cursor("evt", event_id)
 
 
 def _view(row: Any) -> FeedEvent:
     return FeedEvent(
-        cursor=encode_cursor(row.id),
-        message_id=to_public("msg", row.message_id),
+        cursor=event_cursor(row.id),
+        message_id=to_public(IdPrefix.MESSAGE, row.message_id),
         category=row.category,
         seq=row.seq,
         at=row.at,
@@ -53,7 +43,7 @@ def _view(row: Any) -> FeedEvent:
         step=row.step,
         channel=row.channel,
         provider=row.provider,
-        attempt=to_public("att", row.attempt_id) if row.attempt_id else None,
+        attempt=to_public(IdPrefix.ATTEMPT, row.attempt_id) if row.attempt_id else None,
         detail=row.detail,
     )
 
@@ -62,7 +52,7 @@ async def read_feed(
     conn: AsyncConnection,
     tenant_id: uuid.UUID,
     *,
-    after: str | None,
+    cursor: str | None,
     limit: int,
     categories: Collection[str],
     statuses: Collection[str],
@@ -88,7 +78,7 @@ async def read_feed(
         .select_from(events.outerjoin(attempts, attempts.c.id == e.attempt_id))
         .where(e.tenant_id == tenant_id)
     )
-    start = decode_cursor(after) if after else None
+    start = decode_cursor(cursor, "evt", (int,))[0] if cursor else None
     if start is not None:
         query = query.where(e.id > start).order_by(e.id).limit(SCAN)
         rows = list(await conn.execute(query))
@@ -110,5 +100,5 @@ async def read_feed(
         last = settled[-1].id if settled else None
     return EventPage(
         data=[_view(row) for row in page],
-        next_cursor=encode_cursor(last) if last is not None else None,
+        next_cursor=event_cursor(last) if last is not None else None,
     )

@@ -7,13 +7,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query
 
-from app.auth.dependencies import get_runtime, require
+from app.auth.dependencies import require
 from app.auth.service import Principal, Scope
 from app.errors import PROBLEM_RESPONSES
 from app.input_checks import UtcDateTime
 from app.ops.stats.schemas import Bucket, StatsView
 from app.ops.stats.service import read_stats
-from app.runtime import Runtime, utcnow
+from app.runtime import Runtime, get_runtime, utcnow
 from providers.base import Category
 
 router = APIRouter(prefix="/v1/stats", tags=["stats"], responses=PROBLEM_RESPONSES)
