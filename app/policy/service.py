@@ -584,6 +584,16 @@ async def gate_step(
     return PROCEED
 
 
+async def _lock_addresses(tx: Transaction, tenant_id: uuid.UUID, keys: Iterable[str]) -> None:
+    """Transaction-scoped advisory locks on the tenant's addresses, in sorted order (two
+    sends to shared addresses never deadlock on them): frequency caps and duplicates are
+    decided for one address at a time."""
+    for key in sorted(keys):
+        await tx.conn.execute(
+            text("SELECT pg_advisory_xact_lock(:id)"), {"id": _lock_id(tenant_id, key)}
+        )
+
+
 def _lock_id(tenant_id: uuid.UUID, key: str) -> int:
     digest = hashlib.sha256(tenant_id.bytes + key.encode()).digest()
     return int.from_bytes(digest[:8], "big", signed=True)
@@ -608,10 +618,7 @@ async def record_marketing_send(
         return True
     if cap is not None:
         limit, window = cap
-        for key in sorted(keys):
-            await tx.conn.execute(
-                text("SELECT pg_advisory_xact_lock(:id)"), {"id": _lock_id(tenant_id, key)}
-            )
+        await _lock_addresses(tx, tenant_id, keys)
         sent = (
             await tx.conn.execute(
                 select(func.count(func.distinct(marketing_sends.c.message_id))).where(
@@ -675,10 +682,7 @@ async def find_duplicate(
     if not keys:
         return None
     digest = content_hash(message.content)
-    for key in keys:  # sorted
-        await tx.conn.execute(
-            text("SELECT pg_advisory_xact_lock(:id)"), {"id": _lock_id(message.tenant_id, key)}
-        )
+    await _lock_addresses(tx, message.tenant_id, keys)
     f = message_fingerprints.c
     original = (
         await tx.conn.execute(

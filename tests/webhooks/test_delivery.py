@@ -577,4 +577,5 @@ async def test_the_delivery_log_pages_newest_first_with_a_cursor(
     assert [d["id"] for d in older["data"]] == paged[1:]
     first = (await tenant.client.get(url, params={"limit": 1})).json()
     via_before = (await tenant.client.get(url, params={"before": first["next_cursor"]})).json()
-    assert via_before == older
+    # (ids only: a delivery still being attempted may change between the two reads)
+    assert [d["id"] for d in via_before["data"]] == [d["id"] for d in older["data"]]
