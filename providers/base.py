@@ -239,6 +239,24 @@ class InboundReceiver(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True)
+class CallbackContents:
+    """What one callback carries when statuses and replies share a URL."""
+
+    statuses: list[StatusUpdate] = field(default_factory=list)
+    inbound: list[InboundMessage] = field(default_factory=list)
+
+
+@runtime_checkable
+class SharedCallbacks(Protocol):
+    """Providers whose replies arrive on the status callback URL, mixed with the
+    statuses (WhatsApp's one webhook): the status route takes both."""
+
+    async def parse_callback(self, callback: ProviderCallback) -> CallbackContents:
+        """Verify the callback's signature and return the statuses and replies it carries."""
+        ...
+
+
 @runtime_checkable
 class Cancellable(Protocol):
     """Providers whose API can withdraw a send they accepted but have not delivered yet."""

@@ -2,9 +2,13 @@
 
 Sends through `POST {base}/{version}/{phone_number_id}/messages` and reads the
 `messages` webhook's `statuses` (sent → delivered → read, or failed), signed with
-`X-Hub-Signature-256`. Our attempt id travels as `biz_opaque_callback_data`, which
-Cloud API echoes in every status webhook, so callbacks match by attempt id even
-before the send response was recorded.
+`X-Hub-Signature-256`. The same webhook carries the users' messages (`messages[]`):
+text ones are replies (`from` is the wa_id, digits of an E.164 number; `id` the wamid),
+returned by `parse_callback` with the statuses, or alone by `parse_inbound`.
+
+Our attempt id travels as `biz_opaque_callback_data`, which Cloud API echoes in every
+status webhook, so callbacks match by attempt id even before the send response was
+recorded.
 
 Cloud API takes no idempotency key: a send that timed out may still have gone out,
 so a transient retry after a transport error can duplicate a message.
@@ -23,7 +27,9 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from providers.base import (
     Accepted,
+    CallbackContents,
     Channel,
+    InboundMessage,
     InvalidSignature,
     MalformedCallback,
     OutboundMessage,
@@ -133,8 +139,26 @@ class _Status(BaseModel):
     pricing: _Pricing | None = None
 
 
+class _Text(BaseModel):
+    body: str
+
+
+class _UserMessage(BaseModel):
+    from_: str = Field(alias="from", min_length=1)
+    id: str = Field(min_length=1)
+    timestamp: int = Field(ge=0, le=253_402_300_799)
+    type: str
+    text: _Text | None = None
+
+
+class _Metadata(BaseModel):
+    display_phone_number: str | None = None
+
+
 class _ChangeValue(BaseModel):
     statuses: list[_Status] = []
+    messages: list[_UserMessage] = []
+    metadata: _Metadata | None = None
 
 
 class _Change(BaseModel):
@@ -229,20 +253,40 @@ class WhatsAppProvider:
         return payload
 
     async def parse_status(self, callback: ProviderCallback) -> list[StatusUpdate]:
+        return (await self.parse_callback(callback)).statuses
+
+    async def parse_inbound(self, callback: ProviderCallback) -> list[InboundMessage]:
+        return (await self.parse_callback(callback)).inbound
+
+    async def parse_callback(self, callback: ProviderCallback) -> CallbackContents:
+        """A `messages` webhook: its statuses, and the users' text messages (replies)."""
         self._verify_signature(callback)
         try:
             webhook = _Webhook.model_validate_json(callback.body)
         except ValidationError as exc:
             raise MalformedCallback(f"not a WhatsApp webhook: {exc.error_count()} errors") from exc
-        return [
-            _status_update(status)
+        values = [
+            change.value
             for entry in webhook.entry
             for change in entry.changes
             if change.field == "messages"
-            for status in change.value.statuses
-            # Forward compatible: statuses we do not track (e.g. "deleted") are skipped.
-            if status.status in _STATUSES
         ]
+        return CallbackContents(
+            statuses=[
+                _status_update(status)
+                for value in values
+                for status in value.statuses
+                # Forward compatible: statuses we do not track (e.g. "deleted") are skipped.
+                if status.status in _STATUSES
+            ],
+            inbound=[
+                _inbound_message(message, value.metadata)
+                for value in values
+                for message in value.messages
+                # Media, reactions, buttons, …: only text is kept as a reply.
+                if message.type == "text" and message.text is not None
+            ],
+        )
 
     def _verify_signature(self, callback: ProviderCallback) -> None:
         header = _header(callback.headers, SIGNATURE_HEADER)
@@ -337,6 +381,24 @@ def _status_update(status: _Status) -> StatusUpdate:
         occurred_at=datetime.fromtimestamp(status.timestamp, tz=UTC),
         price=status.pricing.reported() if status.pricing is not None else None,
     )
+
+
+def _inbound_message(message: _UserMessage, metadata: _Metadata | None) -> InboundMessage:
+    assert message.text is not None
+    ours = metadata.display_phone_number if metadata is not None else None
+    return InboundMessage(
+        channel=Channel.MESSENGER,
+        sender=_e164(message.from_),
+        text=message.text.body,
+        event_id=message.id,
+        sent_at=datetime.fromtimestamp(message.timestamp, tz=UTC),
+        to=_e164(ours) if ours else None,
+    )
+
+
+def _e164(wa_id: str) -> str:
+    """A wa_id or display number (digits, maybe formatted) as `+<digits>`."""
+    return "+" + "".join(c for c in wa_id if c.isdigit())
 
 
 def _header(headers: Mapping[str, str], name: str) -> str | None:

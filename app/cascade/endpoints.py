@@ -1,4 +1,7 @@
-"""Provider status callbacks: verify the provider's signature, record, answer fast."""
+"""Provider status callbacks: verify the provider's signature, record, answer fast.
+
+Where a provider sends replies on the same URL (WhatsApp), they are kept and
+STOP/START applied as on the inbound route (`app.policy.endpoints.provider_inbound`)."""
 
 from __future__ import annotations
 
@@ -22,12 +25,15 @@ from app.errors import (
     error_response,
 )
 from app.hotpath import JSONBytes
-from app.runtime import Runtime, get_runtime
+from app.inbound import service as inbound_service
+from app.runtime import Runtime, get_runtime, utcnow
 from providers.base import (
+    CallbackContents,
     InvalidSignature,
     MalformedCallback,
     Provider,
     ProviderCallback,
+    SharedCallbacks,
     SubscriptionHandshake,
 )
 from providers.registry import UnknownProvider
@@ -85,22 +91,38 @@ class CallbackReceipt(BaseModel):
 
 @router.post(
     "/{provider}/status",
-    summary="Delivery-status callback from a provider (signed with the provider's own scheme)",
+    summary=(
+        "Delivery-status callback from a provider (signed with the provider's own scheme);"
+        " WhatsApp sends replies here too"
+    ),
 )
 async def provider_status(
     provider: str, request: Request, runtime: Runtime = Depends(get_runtime)
 ) -> CallbackReceipt:
     adapter = callback_adapter(runtime, provider)
     try:
-        updates = await adapter.parse_status(await provider_callback(runtime, request))
+        contents = await callback_contents(adapter, await provider_callback(runtime, request))
     except InvalidSignature as exc:
         log.warning("provider_callback_refused", provider=provider, error=repr(exc))
         raise InvalidProviderSignature(str(exc)) from None
     except MalformedCallback as exc:
         log.warning("provider_callback_refused", provider=provider, error=repr(exc))
         raise MalformedBody(str(exc)) from None
-    applied = await runtime.status_writer.record(adapter.name, updates)
-    return CallbackReceipt(received=len(updates), applied=applied)
+    applied = await runtime.status_writer.record(adapter.name, contents.statuses)
+    if contents.inbound:
+        async with runtime.transaction() as tx:
+            applied += await inbound_service.receive_all(
+                tx, adapter.name, contents.inbound, runtime.settings, utcnow
+            )
+    return CallbackReceipt(received=len(contents.statuses) + len(contents.inbound), applied=applied)
+
+
+async def callback_contents(adapter: Provider, callback: ProviderCallback) -> CallbackContents:
+    """The statuses, and for a provider that sends them on the same URL the replies, of a
+    status callback."""
+    if isinstance(adapter, SharedCallbacks):
+        return await adapter.parse_callback(callback)
+    return CallbackContents(statuses=await adapter.parse_status(callback))
 
 
 async def provider_status_fast(scope: Scope, body: bytes, runtime: Runtime) -> Response | None:
@@ -123,9 +145,12 @@ async def provider_status_fast(scope: Scope, body: bytes, runtime: Runtime) -> R
         query=dict(parse_qsl(query, keep_blank_values=True)),
     )
     try:
-        updates = await adapter.parse_status(callback)
+        contents = await callback_contents(adapter, callback)
     except (InvalidSignature, MalformedCallback):
         return None
+    if contents.inbound:
+        return None  # replies: the route stores them, in a transaction of its own
+    updates = contents.statuses
     try:
         applied = await runtime.status_writer.record(adapter.name, updates)
     except Exception as exc:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -31,7 +32,7 @@ from app.ids import IdPrefix, new_id, to_public
 from app.inbound.tables import inbound_messages
 from app.ledger.tables import attempts, messages
 from app.messages.listing import bitmap_scans_only, recipient_has
-from app.policy.service import normalise_address
+from app.policy.service import apply_inbound, normalise_address
 from app.settings import Settings
 from app.webhooks.events import inbound_event_data
 from app.webhooks.service import InboundEvent, dispatch_inbound
@@ -186,6 +187,23 @@ def inbound_event(stored: StoredInbound) -> InboundEvent:
             in_reply_to=to_public(IdPrefix.MESSAGE, stored.in_reply_to.message_id),
         ),
     )
+
+
+async def receive_all(
+    tx: Transaction,
+    provider: str,
+    inbound: Sequence[InboundMessage],
+    settings: Settings,
+    clock: Callable[[], datetime],
+) -> int:
+    """Keep each reply (`receive`) and apply its STOP/START; returns how many tenants'
+    suppressions it changed."""
+    changed = 0
+    for message in inbound:
+        at = clock()
+        await receive(tx, provider, message, settings, at)
+        changed += await apply_inbound(tx, provider, message, settings, at)
+    return changed
 
 
 async def receive(

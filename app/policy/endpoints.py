@@ -176,14 +176,10 @@ async def provider_inbound(
         raise InvalidProviderSignature(str(exc)) from None
     except MalformedCallback as exc:
         raise MalformedBody(str(exc)) from None
-    applied = 0
     if not inbound:  # e.g. a Telegram update that is not a text message: answered at once
         return InboundReceipt(received=0, applied=0)
     async with runtime.transaction() as tx:
-        for message in inbound:
-            at = utcnow()
-            await inbound_service.receive(tx, provider, message, runtime.settings, at)
-            applied += await service.apply_inbound(tx, provider, message, runtime.settings, at)
+        applied = await inbound_service.receive_all(tx, provider, inbound, runtime.settings, utcnow)
     return InboundReceipt(received=len(inbound), applied=applied)
 
 

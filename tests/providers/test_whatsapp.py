@@ -16,6 +16,7 @@ from providers.base import (
     Category,
     Channel,
     Content,
+    InboundMessage,
     InvalidSignature,
     MalformedCallback,
     OutboundMessage,
@@ -418,6 +419,44 @@ async def test_inbound_user_messages_carry_no_status_updates(
     assert webhook.status_code == 200
     callback = ProviderCallback("POST", webhook.url, webhook.headers, webhook.body)
     assert await provider.parse_status(callback) == []
+
+
+async def test_a_user_text_message_is_a_reply_from_an_e164_number(
+    provider: WhatsAppProvider, sim: WhatsAppSimulator
+) -> None:
+    payload = sim.inbound_text_payload("4915112345678", "Hi there")
+    value = payload["entry"][0]["changes"][0]["value"]
+    image = {**value["messages"][0], "id": "wamid.image", "type": "image", "image": {"id": "1"}}
+    del image["text"]
+    value["messages"].append(image)  # media is no text reply: skipped
+    webhook = await sim.post_webhook(payload)
+
+    callback = ProviderCallback("POST", webhook.url, webhook.headers, webhook.body)
+    contents = await provider.parse_callback(callback)
+
+    [message] = value["messages"][:1]
+    assert contents.statuses == []
+    assert contents.inbound == [
+        InboundMessage(
+            channel=Channel.MESSENGER,
+            sender="+4915112345678",
+            text="Hi there",
+            event_id=message["id"],
+            sent_at=datetime.fromtimestamp(int(message["timestamp"]), tz=UTC),
+            to="+" + sim.display_phone_number,
+        )
+    ]
+    assert await provider.parse_inbound(callback) == contents.inbound
+
+
+async def test_a_forged_user_message_is_refused(
+    provider: WhatsAppProvider, sim: WhatsAppSimulator
+) -> None:
+    body = orjson.dumps(sim.inbound_text_payload("4915112345678", "STOP"))
+    headers = {"x-hub-signature-256": sign("not-the-app-secret", body)}
+
+    with pytest.raises(InvalidSignature):
+        await provider.parse_inbound(ProviderCallback("POST", sim.base_url, headers, body))
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,9 @@
 
 It answers `POST /{version}/{phone_number_id}/messages` like Graph API does (bearer
 token, payload validation, error JSON with `code`/`error_data`/`fbtrace_id`) and then
-posts signed status webhooks (`X-Hub-Signature-256`) to `webhook_url`.
+posts signed status webhooks (`X-Hub-Signature-256`) to `webhook_url`. `send_text` posts
+a user's text message to the same URL, signed the same way, as Meta does (one webhook
+for statuses and messages); `redeliver` posts a webhook again, byte for byte.
 
 What happens is chosen by the last two digits of the recipient number:
 
@@ -98,9 +100,13 @@ class SentWebhook:
     headers: dict[str, str]
     body: bytes
     status_code: int | None  # the receiver's answer; None when it could not be reached
+    answer: bytes = b""  # the receiver's response body
 
     def json(self) -> Any:
         return json.loads(self.body)
+
+    def answer_json(self) -> Any:
+        return json.loads(self.answer)
 
 
 def sign(app_secret: str, body: bytes) -> str:
@@ -267,6 +273,20 @@ class WhatsAppSimulator:
             }
         )
 
+    async def send_text(self, from_: str, text: str) -> SentWebhook:
+        """A user's text message, signed and posted to `webhook_url` (the status URL: Meta
+        has one webhook per app for statuses and messages)."""
+        return await self.post_webhook(self.inbound_text_payload(from_.removeprefix("+"), text))
+
+    async def redeliver(self, sent: SentWebhook) -> SentWebhook:
+        """Post a webhook again, same bytes and signature (Meta retries unanswered ones)."""
+        response = await self._http.post(sent.url, content=sent.body, headers=sent.headers)
+        again = SentWebhook(
+            sent.url, sent.headers, sent.body, response.status_code, response.content
+        )
+        self.webhooks.append(again)
+        return again
+
     def _webhook(self, value: dict[str, Any]) -> dict[str, Any]:
         return {
             "object": "whatsapp_business_account",
@@ -290,23 +310,27 @@ class WhatsAppSimulator:
             ],
         }
 
-    async def post_webhook(self, payload: dict[str, Any]) -> SentWebhook:
-        """Sign and POST `payload` to `webhook_url` the way Meta does."""
+    async def post_webhook(
+        self, payload: dict[str, Any], *, app_secret: str | None = None
+    ) -> SentWebhook:
+        """Sign and POST `payload` to `webhook_url` the way Meta does (`app_secret`: sign
+        with another secret, as a forger would)."""
         if self.webhook_url is None:
             raise RuntimeError("no webhook_url configured")
         # Meta escapes non-ASCII (\\uXXXX): the signature is over these exact bytes.
         body = json.dumps(payload, separators=(",", ":")).encode()
         headers = {
             "content-type": "application/json",
-            "x-hub-signature-256": sign(self.app_secret, body),
+            "x-hub-signature-256": sign(app_secret or self.app_secret, body),
             "user-agent": "facebookexternalua",
         }
         try:
             response = await self._http.post(self.webhook_url, content=body, headers=headers)
             status_code: int | None = response.status_code
+            answer = response.content
         except httpx.TransportError:
-            status_code = None
-        sent = SentWebhook(self.webhook_url, headers, body, status_code)
+            status_code, answer = None, b""
+        sent = SentWebhook(self.webhook_url, headers, body, status_code, answer)
         self.webhooks.append(sent)
         return sent
 
