@@ -250,7 +250,7 @@ class CallbackContents:
 @runtime_checkable
 class SharedCallbacks(Protocol):
     """Providers whose replies arrive on the status callback URL, mixed with the
-    statuses (WhatsApp's one webhook): the status route takes both."""
+    statuses (WhatsApp's and Viber's one webhook): the status route takes both."""
 
     async def parse_callback(self, callback: ProviderCallback) -> CallbackContents:
         """Verify the callback's signature and return the statuses and replies it carries."""

@@ -6,6 +6,10 @@ with a `message_token`). Receipts arrive on the bot's one webhook as `delivered`
 `seen` and `failed` events keyed by `message_token`, signed with
 `X-Viber-Content-Signature` = hex HMAC-SHA256(auth token, raw body).
 
+Subscribers' messages arrive on the same webhook as `message` events (`sender.id`,
+`message.type`/`text`, `message_token`, `timestamp` in ms): text ones are replies,
+returned by `parse_callback` with the receipts, or alone by `parse_inbound`.
+
 Viber echoes `tracking_data` (our attempt id) only on the user's replies, not on
 receipts, so receipts match attempts by `message_token`. The API takes no idempotency
 key: a send that timed out after Viber took it may be sent again by a retry. A user
@@ -27,7 +31,9 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from providers.base import (
     Accepted,
+    CallbackContents,
     Channel,
+    InboundMessage,
     InvalidSignature,
     MalformedCallback,
     OutboundMessage,
@@ -139,8 +145,18 @@ class ViberProvider:
         }
 
     async def parse_status(self, callback: ProviderCallback) -> list[StatusUpdate]:
+        return (await self.parse_callback(callback)).statuses
+
+    async def parse_inbound(self, callback: ProviderCallback) -> list[InboundMessage]:
+        return (await self.parse_callback(callback)).inbound
+
+    async def parse_callback(self, callback: ProviderCallback) -> CallbackContents:
+        """A receipt or a subscriber's text message: the bot has one webhook for both."""
         verify_signature(self._config.auth_token.get_secret_value(), callback)
-        return status_updates(callback.body)
+        payload = _event(callback.body)
+        if payload["event"] == "message":
+            return CallbackContents(inbound=inbound_messages(payload))
+        return CallbackContents(statuses=status_updates(payload))
 
     async def aclose(self) -> None:
         if self._owns_http:
@@ -187,27 +203,57 @@ def verify_signature(auth_token: str, callback: ProviderCallback) -> None:
         raise InvalidSignature("X-Viber-Content-Signature does not match")
 
 
-def status_updates(body: bytes) -> list[StatusUpdate]:
-    """The receipt one verified webhook request carries; [] for other events."""
+def _event(body: bytes) -> dict[str, Any]:
     try:
         payload = json.loads(body)
     except ValueError as exc:
         raise MalformedCallback("Viber callback is not JSON") from exc
     if not isinstance(payload, dict) or not isinstance(payload.get("event"), str):
         raise MalformedCallback("Viber callback without an event")
-    event: str = payload["event"]
-    status = _RECEIPT_EVENTS.get(event)
-    if status is None:
-        # subscribed, unsubscribed, conversation_started, message, webhook, ...
-        return []
+    return payload
 
+
+def _message_token(payload: Mapping[str, Any]) -> str:
     token = payload.get("message_token")
     if isinstance(token, bool) or not (
         isinstance(token, int) or (isinstance(token, str) and token.isdigit())
     ):
-        raise MalformedCallback(f"Viber {event} event without a message_token")
+        raise MalformedCallback(f"Viber {payload['event']} event without a message_token")
     # Tokens exceed 2**53: JSON numbers read as Python ints stay exact; keep them as text.
-    message_token = str(token)
+    return str(token)
+
+
+def inbound_messages(payload: Mapping[str, Any]) -> list[InboundMessage]:
+    """A `message` event's text (a subscriber's reply); [] for pictures, stickers, …"""
+    sender, message = payload.get("sender"), payload.get("message")
+    if not isinstance(sender, dict) or not isinstance(message, dict):
+        return []
+    sender_id, text = sender.get("id"), message.get("text")
+    if message.get("type") != "text" or not isinstance(text, str):
+        return []
+    if not isinstance(sender_id, str) or not sender_id:
+        raise MalformedCallback("Viber text message without sender.id")
+    token = _message_token(payload)
+    return [
+        InboundMessage(
+            channel=Channel.MESSENGER,
+            sender=sender_id,
+            text=text,
+            event_id=token,
+            sent_at=_event_time(payload.get("timestamp")),
+        )
+    ]
+
+
+def status_updates(payload: Mapping[str, Any]) -> list[StatusUpdate]:
+    """The receipt one verified webhook event carries; [] for other events."""
+    event: str = payload["event"]
+    status = _RECEIPT_EVENTS.get(event)
+    if status is None:
+        # subscribed, unsubscribed, conversation_started, webhook, ...
+        return []
+
+    message_token = _message_token(payload)
     failed = status is ReceiptStatus.FAILED
     desc = payload.get("desc")
     return [

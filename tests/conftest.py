@@ -36,6 +36,7 @@ from tests.simulators.smpp import SmscSimulator
 from tests.simulators.smtp import SmtpSimulator
 from tests.simulators.telegram import TelegramSimulator
 from tests.simulators.twilio import TwilioSimulator
+from tests.simulators.viber import ViberSimulator
 from tests.simulators.whatsapp import WhatsAppSimulator
 
 
@@ -94,6 +95,7 @@ class Simulators:
     fcm: FcmSimulator
     smtp: SmtpSimulator
     smsc: SmscSimulator
+    viber: ViberSimulator
 
 
 @pytest.fixture(scope="session")
@@ -122,6 +124,14 @@ async def simulators(api_port: int) -> AsyncIterator[Simulators]:
             fcm=fcm,
             smtp=smtp,
             smsc=await stack.enter_async_context(SmscSimulator(system_id="cascade")),
+            viber=await stack.enter_async_context(
+                # Viber's receipts name no attempt: one before the send's answer is
+                # recorded is dropped (`status_for_unknown_attempt`), so they come later.
+                ViberSimulator(
+                    webhook_url=f"http://127.0.0.1:{api_port}/v1/providers/viber/status",
+                    callback_delay_seconds=0.3,
+                )
+            ),
         )
 
 
@@ -224,6 +234,15 @@ def provider_accounts(sims: Simulators, api_port: int) -> list[dict[str, object]
                 "system_id": sims.smsc.system_id,
                 "password": sims.smsc.password,
                 "source_addr": "Cascade",
+            },
+        },
+        {
+            "type": "viber",
+            "name": "viber",
+            "config": {
+                "base_url": sims.viber.base_url,
+                "auth_token": sims.viber.auth_token,
+                "sender_name": "Cascade",
             },
         },
         {

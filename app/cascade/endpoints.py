@@ -1,6 +1,6 @@
 """Provider status callbacks: verify the provider's signature, record, answer fast.
 
-Where a provider sends replies on the same URL (WhatsApp), they are kept and
+Where a provider sends replies on the same URL (WhatsApp, Viber), they are kept and
 STOP/START applied as on the inbound route (`app.policy.endpoints.provider_inbound`)."""
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ class CallbackReceipt(BaseModel):
     "/{provider}/status",
     summary=(
         "Delivery-status callback from a provider (signed with the provider's own scheme);"
-        " WhatsApp sends replies here too"
+        " WhatsApp and Viber send replies here too"
     ),
 )
 async def provider_status(

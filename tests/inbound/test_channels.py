@@ -131,3 +131,66 @@ async def test_a_forged_whatsapp_reply_is_refused_and_stores_nothing(
     assert await stored_rows(service, "whatsapp", wamid) == 0
     assert (await timeline(tenant, phone))["data"][0]["type"] == "message"
     assert (await outcome(tenant, whatsapp_to(phone, "marketing")))["status"] == "delivered"
+
+
+def new_viber_id() -> str:
+    # Base64-like, as Viber's are; no simulator ending, so Viber delivers.
+    return f"{uuid.uuid4().hex[:22]}Ab=="
+
+
+def viber_to(viber_id: str, category: str = "transactional") -> dict[str, Any]:
+    return message_body(
+        category=category,
+        to={"viber_id": viber_id},
+        content={"text": "Your table is ready"},
+        cascade=[{"channel": "messenger", "provider": "viber"}],
+    )
+
+
+async def test_a_viber_reply_on_the_bot_webhook_is_kept_once_and_sent_on(
+    service: Service, tenant: Tenant, simulators: Simulators, receiver: Receiver
+) -> None:
+    endpoint = await inbound_endpoint(tenant, receiver)
+    subscriber = new_viber_id()
+    message = await outcome(tenant, viber_to(subscriber))
+    assert message["status"] == "delivered", message
+
+    reply = await simulators.viber.send_text(subscriber, "See you at 8")
+    again = await simulators.viber.redeliver(reply)
+
+    assert (reply.response_status, reply.answer_json()) == (200, {"received": 1, "applied": 0})
+    assert again.response_status == 200
+    assert await stored_rows(service, "viber", str(reply.json()["message_token"])) == 1
+    [webhook] = await receiver.wait_for(1)
+    assert Webhook(endpoint["secret"]).verify(webhook.body, webhook.headers)
+    assert webhook.type == "inbound.received"
+    data = webhook.data
+    assert {k: data[k] for k in ("channel", "provider", "from", "text", "in_reply_to")} == {
+        "channel": "messenger",
+        "provider": "viber",
+        "from": subscriber,
+        "text": "See you at 8",
+        "in_reply_to": message["id"],
+    }
+    page = await timeline(tenant, subscriber)
+    assert kinds(page) == [("inbound", data["inbound_id"]), ("message", message["id"])]
+
+
+async def test_a_viber_stop_suppresses_marketing_and_a_forged_one_stores_nothing(
+    service: Service, tenant: Tenant, simulators: Simulators
+) -> None:
+    viber = simulators.viber
+    subscriber = new_viber_id()
+    assert (await outcome(tenant, viber_to(subscriber, "marketing")))["status"] == "delivered"
+    forged_stop = viber.message_payload(subscriber, "STOP")
+
+    forged = await viber.post_callback(forged_stop, auth_token="not-the-auth-token")
+    still = await outcome(tenant, viber_to(subscriber, "marketing"))
+    stop = await viber.send_text(subscriber, "stop")
+    stopped = await outcome(tenant, viber_to(subscriber, "marketing"))
+
+    assert forged.response_status == 401
+    assert await stored_rows(service, "viber", str(forged_stop["message_token"])) == 0
+    assert still["status"] == "delivered"
+    assert stop.answer_json() == {"received": 1, "applied": 1}
+    assert stopped["status"] == "suppressed"

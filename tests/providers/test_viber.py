@@ -19,6 +19,7 @@ from providers.base import (
     Category,
     Channel,
     Content,
+    InboundMessage,
     InvalidSignature,
     MalformedCallback,
     OutboundMessage,
@@ -505,3 +506,41 @@ def test_address_is_the_viber_subscriber_id(provider: ViberProvider) -> None:
 def test_config_is_validated(viber: ViberSimulator, overrides: dict[str, object]) -> None:
     with pytest.raises(pydantic.ValidationError):
         make_config(viber, **overrides)
+
+
+async def test_a_subscribers_text_message_is_a_reply_keyed_by_its_message_token(
+    provider: ViberProvider, viber: ViberSimulator
+) -> None:
+    payload = viber.message_payload("01234567890A=", "Thanks!", message_token=4912661846655238145)
+
+    contents = await provider.parse_callback(signed(payload))
+
+    assert contents.statuses == []
+    assert contents.inbound == [
+        InboundMessage(
+            channel=Channel.MESSENGER,
+            sender="01234567890A=",
+            text="Thanks!",
+            event_id="4912661846655238145",
+            sent_at=datetime.fromtimestamp(NOW_MS / 1000, UTC),
+        )
+    ]
+    assert await provider.parse_inbound(signed(payload)) == contents.inbound
+
+
+async def test_a_picture_from_a_subscriber_is_no_reply(
+    provider: ViberProvider, viber: ViberSimulator
+) -> None:
+    payload = viber.message_payload("01234567890A=", "ignored")
+    payload["message"] = {"type": "picture", "media": "https://example.com/p.jpg"}
+
+    assert await provider.parse_inbound(signed(payload)) == []
+
+
+async def test_a_message_signed_with_another_token_is_refused(
+    provider: ViberProvider, viber: ViberSimulator
+) -> None:
+    forged = signed(viber.message_payload("01234567890A=", "STOP"), token="not-the-token")
+
+    with pytest.raises(InvalidSignature):
+        await provider.parse_inbound(forged)

@@ -6,7 +6,8 @@ or a non-zero `status` with its `status_message`. After accepting, the simulator
 receipt events (`delivered`, `seen`, `failed`) to the bot's webhook, signed with
 `X-Viber-Content-Signature` = hex HMAC-SHA256(auth token, raw body). The webhook is
 `webhook_url`, or whatever `POST /pa/set_webhook` last set (which, like Viber, first
-sends a signed `webhook` event to the new URL).
+sends a signed `webhook` event to the new URL). `send_text` posts a subscriber's text
+message there as a signed `message` event, as Viber does; `redeliver` posts one again.
 
 What happens depends on how the receiver id ends (see `SimulatedReceiver`):
 
@@ -105,9 +106,13 @@ class SentCallback:
     headers: Mapping[str, str]
     body: bytes
     response_status: int | None  # None: not reachable, or not a loopback URL
+    answer: bytes = b""  # the receiver's response body
 
     def json(self) -> Any:
         return json.loads(self.body)
+
+    def answer_json(self) -> Any:
+        return json.loads(self.answer)
 
 
 class ViberSimulator:
@@ -190,27 +195,69 @@ class ViberSimulator:
             payload["desc"] = desc
         return payload
 
+    def message_payload(
+        self, sender_id: str, text: str, *, message_token: int | None = None
+    ) -> dict[str, Any]:
+        """A subscriber's text message to the bot, as Viber's `message` callback."""
+        return {
+            "event": "message",
+            "timestamp": int(self.clock() * 1000),
+            "chat_hostname": CHAT_HOSTNAME,
+            "message_token": message_token or secrets.randbelow(2**62) + 2**60,
+            "sender": {
+                "id": sender_id,
+                "name": "Sim Subscriber",
+                "avatar": "https://avatar.example.com/sim.jpg",
+                "country": "PL",
+                "language": "pl",
+                "api_version": 10,
+            },
+            "message": {"type": "text", "text": text},
+            "silent": False,
+        }
+
+    async def send_text(self, sender_id: str, text: str) -> SentCallback:
+        """A subscriber's text message, signed and POSTed to the bot's one webhook."""
+        return await self.post_callback(self.message_payload(sender_id, text))
+
     async def post_callback(
-        self, payload: Mapping[str, Any], url: str | None = None
+        self,
+        payload: Mapping[str, Any],
+        url: str | None = None,
+        *,
+        auth_token: str | None = None,
     ) -> SentCallback:
-        """Sign and POST `payload` to the webhook the way Viber does."""
+        """Sign and POST `payload` to the webhook the way Viber does (`auth_token`: sign
+        with another token, as a forger would)."""
         target = url or self.webhook_url
         if target is None:
             raise RuntimeError("no webhook_url set")
         body = json.dumps(payload).encode()
-        headers = {
-            "content-type": "application/json",
-            "x-viber-content-signature": self.sign(body),
-        }
+        signature = (
+            self.sign(body)
+            if auth_token is None
+            else hmac.new(auth_token.encode(), body, hashlib.sha256).hexdigest()
+        )
+        headers = {"content-type": "application/json", "x-viber-content-signature": signature}
+        return await self._post(SentCallback(target, headers, body, None))
+
+    async def redeliver(self, sent: SentCallback) -> SentCallback:
+        """POST a callback again, same bytes and signature (Viber retries unanswered ones)."""
+        return await self._post(sent)
+
+    async def _post(self, callback: SentCallback) -> SentCallback:
         status: int | None = None
+        answer = b""
         # Tests never reach the network: a non-local webhook is recorded, not called.
-        if urlsplit(target).hostname in LOOPBACK_HOSTS:
+        if urlsplit(callback.url).hostname in LOOPBACK_HOSTS:
             try:
-                response = await self._http.post(target, content=body, headers=headers)
-                status = response.status_code
+                response = await self._http.post(
+                    callback.url, content=callback.body, headers=dict(callback.headers)
+                )
+                status, answer = response.status_code, response.content
             except httpx.HTTPError:
                 status = None
-        sent = SentCallback(target, headers, body, status)
+        sent = SentCallback(callback.url, callback.headers, callback.body, status, answer)
         self.callbacks.append(sent)
         return sent
 
