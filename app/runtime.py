@@ -25,12 +25,13 @@ from app.settings import Settings
 from app.webhooks.presence import EndpointPresence
 from providers.accounts import (
     AdapterContext,
+    InboundSink,
     ProviderAccount,
     StatusSink,
     check_currencies,
     load_accounts,
 )
-from providers.base import StatusUpdate
+from providers.base import InboundMessage, StatusUpdate
 from providers.pricing import Price
 from providers.registry import ProviderRegistry
 
@@ -100,12 +101,16 @@ SANDBOX_PRICE = Price.model_validate(
 )
 
 
-def build_providers(settings: Settings, on_status: StatusSink | None = None) -> ProviderRegistry:
+def build_providers(
+    settings: Settings,
+    on_status: StatusSink | None = None,
+    on_inbound: InboundSink | None = None,
+) -> ProviderRegistry:
     """The configured accounts' adapters, each HTTP one with a client of its own."""
     return ProviderRegistry.from_accounts(
         provider_accounts(settings),
         settings.default_providers,
-        AdapterContext(on_status=on_status),
+        AdapterContext(on_status=on_status, on_inbound=on_inbound),
     )
 
 
@@ -118,6 +123,20 @@ def _status_sink(
     async def record(provider_name: str, update: StatusUpdate) -> None:
         async with transaction(engine, queue, endpoint_presence=endpoint_presence) as tx:
             await record_status(tx, provider_name, update, utcnow())
+
+    return record
+
+
+def _inbound_sink(
+    engine: AsyncEngine, queue: JobQueue, endpoint_presence: EndpointPresence, settings: Settings
+) -> InboundSink:
+    """Where adapters whose replies arrive on their own connection (SMPP MOs) report
+    them: kept and STOP/START applied as on the inbound route."""
+    from app.inbound.service import receive_all
+
+    async def record(provider_name: str, message: InboundMessage) -> None:
+        async with transaction(engine, queue, endpoint_presence=endpoint_presence) as tx:
+            await receive_all(tx, provider_name, [message], settings, utcnow)
 
     return record
 
@@ -212,7 +231,11 @@ class Runtime:
             engine=engine,
             redis=redis,
             queue=queue,
-            providers=build_providers(settings, _status_sink(engine, queue, presence)),
+            providers=build_providers(
+                settings,
+                _status_sink(engine, queue, presence),
+                _inbound_sink(engine, queue, presence, settings),
+            ),
             endpoint_presence=presence,
         )
 

@@ -36,13 +36,14 @@ from typing import Any, Literal
 import httpx2
 from pydantic import BaseModel, ConfigDict, Field
 
-from providers.base import Category, Channel, Provider, StatusUpdate
+from providers.base import Category, Channel, InboundMessage, Provider, StatusUpdate
 from providers.pricing import Price
 
 ProviderType = Literal[
     "sandbox", "twilio", "smpp", "whatsapp", "telegram", "viber", "fcm", "webpush", "smtp"
 ]
 StatusSink = Callable[[str, StatusUpdate], Awaitable[None]]
+InboundSink = Callable[[str, InboundMessage], Awaitable[None]]
 
 
 class ProviderAccount(BaseModel):
@@ -123,15 +124,16 @@ def check_currencies(accounts: list[ProviderAccount]) -> str | None:
 
 @dataclass
 class AdapterContext:
-    """What adapters share: the SMPP status sink, and HTTP clients, one per account, whose
-    pool holds as many connections as the account allows requests in flight (`http`: one
-    client for every account instead, e.g. in tests). A pool as large as its in-flight
-    limit never queues a request, and keeps few idle connections: httpcore 1.0's pool
-    pays per request for every connection it holds, squared for the idle ones (a shared
-    200-connection pool spent 80 % of a busy worker's CPU there)."""
+    """What adapters share: the SMPP status and inbound sinks, and HTTP clients, one per
+    account, whose pool holds as many connections as the account allows requests in
+    flight (`http`: one client for every account instead, e.g. in tests). A pool as
+    large as its in-flight limit never queues a request, and keeps few idle connections:
+    httpcore 1.0's pool pays per request for every connection it holds, squared for the
+    idle ones (a shared 200-connection pool spent 80 % of a busy worker's CPU there)."""
 
     http: httpx2.AsyncClient | None = None
     on_status: StatusSink | None = None
+    on_inbound: InboundSink | None = None
     timeout_seconds: float = 10.0
     _clients: list[httpx2.AsyncClient] = field(default_factory=list)
 
@@ -192,13 +194,17 @@ def build_adapters(account: ProviderAccount, context: AdapterContext) -> list[Pr
     if account.type == "smtp":
         return [cls(config)]
     if account.type == "smpp":
-        sink = context.on_status
+        sink, inbound_sink = context.on_status, context.on_inbound
 
         async def on_status(update: StatusUpdate) -> None:
             if sink is not None:
                 await sink(account.name, update)
 
-        return [cls(config, on_status=on_status)]
+        async def on_inbound(message: InboundMessage) -> None:
+            assert inbound_sink is not None
+            await inbound_sink(account.name, message)
+
+        return [cls(config, on_status=on_status, on_inbound=on_inbound if inbound_sink else None)]
     return [cls(config, http=context.client_for(account))]
 
 

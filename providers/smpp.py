@@ -59,6 +59,12 @@ the given id with the default sender and a NULL destination (§4.9.1 allows it w
 message_id): another category's sender, or the earlier parts of a long message, are
 then not reached.
 
+A `deliver_sm` without those bits is a mobile-originated message (a reply, e.g. STOP):
+passed to `on_inbound` as an `InboundMessage` (`mobile_originated`), answered like a
+receipt. It names no message id, so its event id is a digest of its content and the
+10-minute window it arrived in: an SMSC's redelivery inside that window is kept once,
+the same text sent twice by the handset inside it too.
+
 Receipts arrive on the session as `deliver_sm` with `esm_class & 0x04`, not over HTTP,
 so `parse_status()` refuses every callback. Each receipt (TLVs `receipted_message_id`
 and `message_state` win over the `id:… stat:… err:…` text) becomes a `StatusUpdate`
@@ -99,6 +105,7 @@ from providers.base import (
     Accepted,
     Category,
     Channel,
+    InboundMessage,
     MalformedCallback,
     OutboundMessage,
     ProviderCallback,
@@ -126,6 +133,7 @@ from providers.smpp_pdu import (
     Tag,
     concatenation_udh,
     decode_pdu,
+    decode_text,
     encode_pdu,
     read_frame,
     split_text,
@@ -137,6 +145,7 @@ from providers.smpp_pdu import (
 log = structlog.get_logger()
 
 OnStatus = Callable[[StatusUpdate], Awaitable[None]]
+OnInbound = Callable[[InboundMessage], Awaitable[None]]
 
 TRANSIENT_STATUSES = frozenset(
     {
@@ -249,10 +258,17 @@ def time_zone(name: str) -> tzinfo:
 class SmppProvider:
     channel = Channel.SMS
 
-    def __init__(self, config: SmppConfig, *, on_status: OnStatus | None = None) -> None:
+    def __init__(
+        self,
+        config: SmppConfig,
+        *,
+        on_status: OnStatus | None = None,
+        on_inbound: OnInbound | None = None,
+    ) -> None:
         self.name = config.name
         self._config = config
         self._on_status = on_status
+        self._on_inbound = on_inbound
         self._session: SmppSession | None = None
         self._keep_bound_task: asyncio.Task[None] | None = None
         self._bind_state = asyncio.Condition()
@@ -584,19 +600,32 @@ class SmppProvider:
 
     async def _answer_deliver_sm(self, session: SmppSession, pdu: Pdu) -> None:
         status = CommandStatus.ESME_ROK
+        body = pdu.body
         try:
-            update = await self._status_update_for(pdu)
-            if update is not None and self._on_status is not None:
-                await self._on_status(update)
+            if isinstance(body, ShortMessage) and not body.esm_class & EsmClass.DELIVERY_RECEIPT:
+                await self._receive_mobile_originated(body)
+            else:
+                update = await self._status_update_for(pdu)
+                if update is not None and self._on_status is not None:
+                    await self._on_status(update)
         except Exception:
-            log.exception("smpp_receipt_not_recorded", provider=self.name)
+            log.exception("smpp_deliver_sm_not_recorded", provider=self.name)
             status = CommandStatus.ESME_RX_T_APPN
         await session.respond(pdu, CommandId.DELIVER_SM_RESP, status, MessageIdResp())
 
+    async def _receive_mobile_originated(self, body: ShortMessage) -> None:
+        if self._on_inbound is None:
+            log.info("smpp_mobile_originated_ignored", provider=self.name)
+            return
+        message = mobile_originated(body, datetime.now(UTC))
+        if message is None:
+            log.warning("smpp_mobile_originated_unreadable", provider=self.name)
+            return
+        await self._on_inbound(message)
+
     async def _status_update_for(self, pdu: Pdu) -> StatusUpdate | None:
         body = pdu.body
-        if not isinstance(body, ShortMessage) or not body.esm_class & EsmClass.DELIVERY_RECEIPT:
-            log.info("smpp_mobile_originated_ignored", provider=self.name)
+        if not isinstance(body, ShortMessage):
             return None
         receipt = parse_delivery_receipt(body)
         if receipt is None:
@@ -719,6 +748,49 @@ def parse_delivery_receipt(body: ShortMessage) -> DeliveryReceipt | None:
         err=fields.get("err") or None,
         done_date=fields.get("done date") or None,
         network_error=network_error.hex() if network_error else None,
+    )
+
+
+# -- mobile-originated messages -------------------------------------------------------
+
+# deliver_sm carries no id for a mobile-originated message: its redelivery (after an
+# unanswered or refused deliver_sm_resp) is known by its content, within this window.
+MO_REDELIVERY_WINDOW_SECONDS = 600
+
+
+def mobile_originated(body: ShortMessage, received_at: datetime) -> InboundMessage | None:
+    """A deliver_sm without the receipt bits: a text the handset (`source_addr`) sent to
+    our number (`destination_addr`), in `short_message` or `message_payload`, decoded by
+    its `data_coding`; None when it carries neither. A concatenated part's UDH is cut
+    off (parts are kept as they come, not joined)."""
+    raw = body.short_message or body.tlvs.get(Tag.MESSAGE_PAYLOAD, b"")
+    if not raw or not body.source_addr:
+        return None
+    if body.esm_class & EsmClass.UDH_INDICATOR:
+        raw = raw[raw[0] + 1 :]
+    sender = body.source_addr.strip()
+    if body.source_addr_ton == TON_INTERNATIONAL and sender.isdigit():
+        sender = "+" + sender
+    to = body.destination_addr.strip() or None
+    window = int(received_at.timestamp()) // MO_REDELIVERY_WINDOW_SECONDS
+    digest = hashlib.sha256(
+        b"\n".join(
+            (
+                sender.encode(),
+                (to or "").encode(),
+                bytes((body.esm_class, body.data_coding)),
+                body.short_message,
+                body.tlvs.get(Tag.MESSAGE_PAYLOAD, b""),
+                body.tlvs.get(Tag.USER_MESSAGE_REFERENCE, b""),
+            )
+        )
+    ).hexdigest()[:32]
+    return InboundMessage(
+        channel=Channel.SMS,
+        sender=sender,
+        text=decode_text(body.data_coding, raw),
+        event_id=f"mo:{digest}:{window}",
+        to=to,
     )
 
 

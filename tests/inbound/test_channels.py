@@ -8,8 +8,11 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+from sqlalchemy import func, select
 from standardwebhooks import Webhook
 
+from app.inbound.tables import inbound_messages
+from providers.smpp_pdu import CommandStatus
 from tests.conftest import Service, Simulators, Tenant
 from tests.helpers import message_body, send, wait_until_final
 from tests.inbound.test_timeline import kinds, stored_rows, timeline
@@ -193,4 +196,61 @@ async def test_a_viber_stop_suppresses_marketing_and_a_forged_one_stores_nothing
     assert await stored_rows(service, "viber", str(forged_stop["message_token"])) == 0
     assert still["status"] == "delivered"
     assert stop.answer_json() == {"received": 1, "applied": 1}
+    assert stopped["status"] == "suppressed"
+
+
+def sms_over_smpp(phone: str, category: str = "transactional") -> dict[str, Any]:
+    return message_body(
+        category=category,
+        to={"phone": phone},
+        content={"text": "Your table is ready"},
+        cascade=[{"channel": "sms", "provider": "smpp"}],
+    )
+
+
+async def test_an_smpp_mobile_originated_reply_is_kept_once_and_sent_on(
+    service: Service, tenant: Tenant, simulators: Simulators, receiver: Receiver
+) -> None:
+    endpoint = await inbound_endpoint(tenant, receiver)
+    phone = new_phone()
+    message = await outcome(tenant, sms_over_smpp(phone))
+    assert message["status"] == "delivered", message
+
+    first = await simulators.smsc.send_mo(phone, "Spóźnię się 10 minut")  # UCS-2
+    again = await simulators.smsc.send_mo(phone, "Spóźnię się 10 minut")  # redelivered
+
+    assert (first, again) == (CommandStatus.ESME_ROK, CommandStatus.ESME_ROK)
+    [webhook] = await receiver.wait_for(1)
+    assert Webhook(endpoint["secret"]).verify(webhook.body, webhook.headers)
+    assert webhook.type == "inbound.received"
+    data = webhook.data
+    assert {k: data[k] for k in ("channel", "provider", "from", "to", "text", "in_reply_to")} == {
+        "channel": "sms",
+        "provider": "smpp",
+        "from": phone,
+        "to": "Cascade",
+        "text": "Spóźnię się 10 minut",
+        "in_reply_to": message["id"],
+    }
+    page = await timeline(tenant, phone)
+    assert kinds(page) == [("inbound", data["inbound_id"]), ("message", message["id"])]
+    async with service.api_runtime.engine.connect() as conn:
+        rows = await conn.scalar(
+            select(func.count()).where(
+                inbound_messages.c.provider == "smpp", inbound_messages.c.address == phone
+            )
+        )
+    assert rows == 1
+
+
+async def test_an_smpp_stop_in_message_payload_suppresses_marketing(
+    tenant: Tenant, simulators: Simulators
+) -> None:
+    phone = new_phone()
+    assert (await outcome(tenant, sms_over_smpp(phone, "marketing")))["status"] == "delivered"
+
+    answer = await simulators.smsc.send_mo(phone, "STOP", in_payload=True)
+    stopped = await outcome(tenant, sms_over_smpp(phone, "marketing"))
+
+    assert answer == CommandStatus.ESME_ROK
     assert stopped["status"] == "suppressed"

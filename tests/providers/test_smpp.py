@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 import pydantic
@@ -18,6 +19,7 @@ from providers.base import (
     Category,
     Channel,
     Content,
+    InboundMessage,
     MalformedCallback,
     OutboundMessage,
     Provider,
@@ -35,6 +37,7 @@ from providers.smpp import (
     SubmittedMessages,
     classify_submit_response,
     message_id_forms,
+    mobile_originated,
     parse_delivery_receipt,
     receipt_fields,
     relative_validity_period,
@@ -46,6 +49,7 @@ from providers.smpp_pdu import (
     CommandId,
     CommandStatus,
     DataCoding,
+    EsmClass,
     MessageIdResp,
     Pdu,
     PduError,
@@ -847,3 +851,109 @@ async def test_sends_fail_fast_while_it_waits_to_bind_again(smsc: SmscSimulator)
         assert len(smsc.binds) == 1
     finally:
         await adapter.aclose()
+
+
+# --- mobile-originated messages --------------------------------------------------------
+
+
+class InboundRecorder:
+    """The `on_inbound` callback: keeps every message; can be told to fail."""
+
+    def __init__(self) -> None:
+        self.messages: list[InboundMessage] = []
+        self.fail = False
+
+    async def __call__(self, message: InboundMessage) -> None:
+        if self.fail:
+            raise RuntimeError("ledger unavailable")
+        self.messages.append(message)
+
+
+async def bound_with_inbound(smsc: SmscSimulator, inbound: InboundRecorder) -> SmppProvider:
+    adapter = SmppProvider(make_config(smsc), on_inbound=inbound)
+    await adapter.start()
+    await smsc.wait_until(lambda: len(smsc.bound_sessions) == 1)
+    return adapter
+
+
+@pytest.mark.parametrize(
+    ("text", "in_payload", "data_coding"),
+    [
+        ("STOP", False, DataCoding.SMSC_DEFAULT),
+        ("Za 10 minut, dziękuję!", False, DataCoding.SMSC_DEFAULT),  # UCS-2
+        ("Running late", True, DataCoding.SMSC_DEFAULT),
+        ("Running late", False, DataCoding.LATIN1),
+    ],
+)
+async def test_a_deliver_sm_without_receipt_bits_is_a_reply_from_the_handset(
+    smsc: SmscSimulator, text: str, in_payload: bool, data_coding: int
+) -> None:
+    inbound = InboundRecorder()
+    adapter = await bound_with_inbound(smsc, inbound)
+    try:
+        answer = await smsc.send_mo(
+            "+48600100200", text, to="4790", in_payload=in_payload, data_coding=data_coding
+        )
+    finally:
+        await adapter.aclose()
+
+    assert answer == CommandStatus.ESME_ROK
+    [message] = inbound.messages
+    assert (message.channel, message.sender, message.to, message.text) == (
+        Channel.SMS,
+        "+48600100200",
+        "4790",
+        text,
+    )
+    assert message.event_id.startswith("mo:")
+
+
+async def test_the_same_mo_delivered_again_has_the_same_event_id(smsc: SmscSimulator) -> None:
+    inbound = InboundRecorder()
+    adapter = await bound_with_inbound(smsc, inbound)
+    try:
+        for text in ("STOP", "STOP", "START"):
+            await smsc.send_mo("+48600100200", text)
+    finally:
+        await adapter.aclose()
+
+    first, again, other = (m.event_id for m in inbound.messages)
+    assert first == again != other
+
+
+async def test_an_mo_the_ledger_could_not_take_is_refused_for_redelivery(
+    smsc: SmscSimulator,
+) -> None:
+    inbound = InboundRecorder()
+    inbound.fail = True
+    adapter = await bound_with_inbound(smsc, inbound)
+    try:
+        answer = await smsc.send_mo("+48600100200", "STOP")
+    finally:
+        await adapter.aclose()
+
+    assert answer == CommandStatus.ESME_RX_T_APPN
+
+
+def test_a_concatenated_parts_header_is_cut_off() -> None:
+    udh = bytes((5, 0x00, 3, 7, 2, 1))
+    body = ShortMessage(
+        source_addr_ton=1,
+        source_addr="48600100200",
+        destination_addr="Cascade",
+        esm_class=EsmClass.UDH_INDICATOR,
+        short_message=udh + encode_text("Hello")[1],
+    )
+
+    message = mobile_originated(body, datetime.now(UTC))
+
+    assert message is not None and message.text == "Hello"
+
+
+def test_a_national_sender_is_kept_as_given_and_an_empty_mo_is_none() -> None:
+    national = ShortMessage(source_addr_ton=2, source_addr="600100200", short_message=b"hi")
+
+    message = mobile_originated(national, datetime.now(UTC))
+
+    assert message is not None and message.sender == "600100200"
+    assert mobile_originated(ShortMessage(source_addr="1"), datetime.now(UTC)) is None

@@ -13,6 +13,7 @@ address differs), returns hex or decimal message ids, and sends delivery receipt
 `deliver_sm` (esm_class 0x04) with the Appendix B text and the `receipted_message_id`,
 `message_state` and `network_error_code` TLVs. A receipt for a session that is gone
 waits, as on a real SMSC, until an ESME binds as receiver or transceiver again.
+`send_mo` sends a mobile-originated message (deliver_sm, esm_class 0) on a bound session.
 
 What happens depends on how the destination number ends (see `SimulatedNumber`):
 
@@ -69,6 +70,7 @@ from providers.smpp_pdu import (
     decode_gsm7,
     decode_pdu,
     encode_pdu,
+    encode_text,
     read_frame,
 )
 
@@ -305,6 +307,37 @@ class SmscSimulator:
         receipt = self._receipt(message_id, stat, err, STAT_STATES[stat], to, "", "Hello")
         await self._deliver(receipt)
         return receipt
+
+    async def send_mo(
+        self,
+        handset: str,
+        text: str,
+        *,
+        to: str = "Cascade",
+        in_payload: bool = False,
+        data_coding: int = DataCoding.SMSC_DEFAULT,
+    ) -> int:
+        """A mobile-originated message from `handset` (E.164, sent as TON 1 digits) to our
+        `to`, as deliver_sm with esm_class 0: the text in the default alphabet when it fits
+        (`data_coding`), else UCS-2, in short_message or (`in_payload`) the
+        message_payload TLV. Returns the ESME's deliver_sm_resp command_status."""
+        coding, encoded = encode_text(text, data_coding)
+        deliver_sm = ShortMessage(
+            source_addr_ton=1,
+            source_addr_npi=1,
+            source_addr=handset.removeprefix("+"),
+            dest_addr_ton=5 if not to.isdigit() else 1,
+            dest_addr_npi=0 if not to.isdigit() else 1,
+            destination_addr=to,
+            esm_class=EsmClass.DEFAULT,
+            data_coding=coding,
+            short_message=b"" if in_payload else encoded,
+            tlvs={Tag.MESSAGE_PAYLOAD: encoded} if in_payload else {},
+        )
+        [session] = [s for s in self._sessions.values() if s.can_receive][:1]
+        response = await self._request(session, CommandId.DELIVER_SM, deliver_sm)
+        self.events.append(f"deliver_sm_resp mo {response.command_status}")
+        return response.command_status
 
     # -- connection ------------------------------------------------------------------
 
