@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import quote
 
 import typer
 from rich.console import Console
@@ -433,6 +434,49 @@ def status(
     show_message(message)
 
 
+# --- timeline ------------------------------------------------------------------------
+
+
+def _timeline_line(item: dict[str, Any]) -> str:
+    if item["type"] == "inbound":
+        reply = item["inbound"]
+        return (
+            f"{_when(item['at'])}  ← {reply['channel']}/{reply['provider']}  "
+            f"{escape(reply['from'])}: {escape(reply['text'])}"
+        )
+    message = item["message"]
+    steps = ", ".join(f"{a['channel']} {a['status']}" for a in item["attempts"]) or "no attempt"
+    return (
+        f"{_when(item['at'])}  → {message['id']}  {message['category']:<13} "
+        f"{_status_style(message['status'])}  ({steps})"
+    )
+
+
+def timeline(
+    address: Annotated[str, typer.Argument(help="Any one address: +48…, ann@…, a token")],
+    channel: Annotated[str | None, typer.Option(help="Only this channel's messages.")] = None,
+    limit: Annotated[int, typer.Option(help="How many items, newest first.")] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="The raw API answer.")] = False,
+    url: Url = None,
+    key: Key = None,
+) -> None:
+    """One person's messages (with their attempts) and replies, newest first."""
+    params: dict[str, Any] = {"limit": limit}
+    if channel:
+        params["channel"] = channel
+    with api(url, key) as client:
+        page = client.request(
+            "GET", f"/v1/recipients/{quote(address, safe='+@')}/timeline", params=params
+        )
+    if as_json:
+        typer.echo(json.dumps(page, indent=2))
+        return
+    if not page["data"]:
+        console.print(f"nothing sent to or received from {escape(page['address'])}")
+    for item in page["data"]:
+        console.print(_timeline_line(item), highlight=False, soft_wrap=True)
+
+
 # --- tail ----------------------------------------------------------------------------
 
 
@@ -803,6 +847,7 @@ def register(cli: typer.Typer, keys_cli: typer.Typer) -> None:
     cli.command()(send)
     cli.command()(status)
     cli.command()(tail)
+    cli.command()(timeline)
     cli.command()(stats)
     keys_cli.command("list")(keys_list)
     keys_cli.command("revoke")(keys_revoke)

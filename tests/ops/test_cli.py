@@ -9,14 +9,19 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
+import orjson
 import pytest
 import typer
 from typer.testing import CliRunner, Result
 
 from app.cli import cli
+from providers.sandbox import sign
 from tests.conftest import Service, Tenant
 from tests.helpers import message_body, send, wait_until_final
 from tests.webhooks.receiver import Receiver
@@ -347,3 +352,31 @@ def test_cascade_dev_takes_its_data_dir_and_public_url_from_the_environment(
         Path("elsewhere"),
         "https://other.example",
     )
+
+
+async def test_timeline_shows_a_persons_messages_and_replies_newest_first(
+    service: Service, tenant: Tenant
+) -> None:
+    phone = "+48604" + str(uuid.uuid4().int % 10_000).zfill(4) + "55"
+    sent = await wait_until_final(
+        tenant.client,
+        await send(tenant.client, message_body(to={"phone": phone}, cascade=[{"channel": "sms"}])),
+    )
+    reply = orjson.dumps(
+        {"event_id": f"mo-{uuid.uuid4().hex}", "channel": "sms", "from": phone, "text": "thanks"}
+    )
+    secret = service.settings.sandbox_secret.get_secret_value()
+    async with httpx.AsyncClient(base_url=service.base_url) as provider:
+        await provider.post(
+            "/v1/providers/sandbox/inbound",
+            content=reply,
+            headers={"x-sandbox-signature": sign(secret, reply, int(time.time()))},
+        )
+
+    out = ok(await cascade(service, tenant, "timeline", phone))
+    nobody = ok(await cascade(service, tenant, "timeline", "+48604999955"))
+
+    lines = out.strip().splitlines()
+    assert "← sms/sandbox" in lines[0] and "thanks" in lines[0]
+    assert sent["id"] in lines[1] and "sms delivered" in lines[1]
+    assert "nothing sent to or received from +48604999955" in nobody
