@@ -932,8 +932,11 @@ async def _apply_report(
     values: dict[str, Any] = {}
     if update.provider_message_id and current.provider_message_id is None:
         values["provider_message_id"] = update.provider_message_id
-    price = prices(provider_name) if prices is not None and update.price is not None else None
-    if price is not None and update.price is not None:
+    if (
+        prices is not None
+        and update.price is not None
+        and (price := prices(provider_name)) is not None
+    ):
         # The provider's word on the price replaces our estimate (or comes before it).
         values["cost"] = price.reported(Channel(current.channel), update.price, current.cost)
         values["currency"] = price.currency

@@ -338,10 +338,9 @@ async def prefetch(
                 reasons[(r.tenant_id, r.channel, r.address)] = r.reason
             elif r.kind == "h":
                 failed[(r.tenant_id, r.channel, r.address)] = list(r.failed_at)
-            else:
-                opt_out = orjson.loads(r.reason)
-                preferences[(r.tenant_id, r.address)] = Preferences(
-                    {c: frozenset(v) for c, v in opt_out.items()}, r.channel, r.at
+            else:  # its opt-outs as JSON text, its preferred channel in `channel`
+                preferences[(r.tenant_id, r.address)] = _preferences(
+                    orjson.loads(r.reason), r.channel, r.at
                 )
     return Prefetched(
         addresses={given: key[2] if key else None for given, key in normalised.items()},
@@ -928,12 +927,10 @@ def merge_preferences(found: Iterable[Preferences]) -> Preferences | None:
     return Preferences(opt_out, preferred, ordered[-1].updated_at)
 
 
-def _preferences(row: Any) -> Preferences:
-    return Preferences(
-        {c: frozenset(v) for c, v in (row.opt_out or {}).items()},
-        row.preferred_channel,
-        row.updated_at,
-    )
+def _preferences(
+    opt_out: Mapping[str, Iterable[str]] | None, preferred: str | None, updated_at: datetime
+) -> Preferences:
+    return Preferences({c: frozenset(v) for c, v in (opt_out or {}).items()}, preferred, updated_at)
 
 
 async def preferences_of(
@@ -943,7 +940,9 @@ async def preferences_of(
     rows = await conn.execute(
         select(recipient_preferences).where(p.tenant_id == tenant_id, p.address_key.in_(keys))
     )
-    return merge_preferences(_preferences(r) for r in rows)
+    return merge_preferences(
+        _preferences(r.opt_out, r.preferred_channel, r.updated_at) for r in rows
+    )
 
 
 def _preferences_view(key: str, prefs: Preferences) -> PreferencesView:
