@@ -677,7 +677,9 @@ async def find_duplicate(
 
     Like the frequency cap, concurrent sends to a shared address serialise on advisory
     locks per address, so two identical messages never both go out."""
-    keys = address_keys(message.recipient, [Channel(step["channel"]) for step in message.cascade])
+    # The person's addresses, whichever field or channel carries them (`phone` and
+    # `whatsapp` are one number), as preferences key them.
+    keys = recipient_keys(message.recipient)
     if not keys:
         return None
     digest = content_hash(message.content)

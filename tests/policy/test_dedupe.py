@@ -83,3 +83,24 @@ async def test_without_a_window_identical_messages_are_all_sent(tenant: Tenant) 
     final = [await wait_until_final(tenant.client, await send(tenant.client, body)) for _ in "ab"]
 
     assert [m["status"] for m in final] == ["delivered", "delivered"]
+
+
+async def test_one_number_is_one_address_whether_it_came_as_phone_or_whatsapp(
+    tenant: Tenant,
+) -> None:
+    await put_policy(tenant, dedupe_window=600)
+    number = phone()
+    by_sms = message_body(
+        to={"phone": number}, content={"text": "Your code is 4711"}, cascade=[{"channel": "sms"}]
+    )
+    by_whatsapp = message_body(
+        to={"whatsapp": number},
+        content={"text": "Your code is 4711"},
+        cascade=[{"channel": "messenger", "provider": "sandbox"}],
+    )
+
+    first = await wait_until_final(tenant.client, await send(tenant.client, by_sms))
+    again = await wait_until_final(tenant.client, await send(tenant.client, by_whatsapp))
+
+    assert first["status"] == "delivered"
+    assert (again["status"], again["duplicate_of"]) == ("suppressed", first["id"])
