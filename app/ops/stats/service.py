@@ -162,6 +162,12 @@ def final_status_rollup(
     return Rollup(rows, message.category, channel, status.value)
 
 
+def _counted_step(message: MessageRow) -> int:
+    """The step a final message's rollup rows were written on: the one it was delivered on,
+    else the one it ended on."""
+    return message.current_step if message.delivered_step is None else message.delivered_step
+
+
 def cost_correction(message: MessageRow, total: TotalCost) -> Rollup | None:
     """A final message's cost changed to `total` (a late receipt's price): its rollup rows
     take the difference, counting no message again. None when nothing changed."""
@@ -170,9 +176,7 @@ def cost_correction(message: MessageRow, total: TotalCost) -> Rollup | None:
     if message.completed_at is None:
         return None
     delivered = message.status is MessageStatus.DELIVERED
-    step = message.current_step
-    if delivered and message.delivered_step is not None:
-        step = message.delivered_step
+    step = _counted_step(message)
     fallback = message.fallback_cost
     before = None if message.unpriced else (message.cost or Decimal(0))
     change = _cost_fields(total, fallback, delivered, 1).minus(
@@ -224,11 +228,8 @@ def observe_outcome(
         if message.status in FINAL_MESSAGE and message.completed_at is not None:
             # Revived (a late delivery of a failed message): it moves to its new status,
             # out of the one it was counted in, so each message counts once.
-            was = message.current_step
-            if message.delivered_step is not None:
-                was = message.delivered_step
             before = final_status_rollup(
-                message, message.status, was, message.completed_at, count=-1
+                message, message.status, _counted_step(message), message.completed_at, count=-1
             )
             rollup = replace(rollup, rows=rollup.rows + before.rows)
         return rollup
